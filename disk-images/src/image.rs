@@ -1,0 +1,636 @@
+//! [`DiskImage`]: a raw image file plus its checksum sidecar, both memory-mapped
+//! shared. This module owns the rules that keep data and checksums in step: every
+//! write updates the CRC of each block it touches under that block's lock, every
+//! read checks it, and a mismatch is a [`MediaError`], never silently returned data.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::{RwLock, RwLockWriteGuard};
+use serde::Serialize;
+
+use crate::mapping::SharedMapping;
+use crate::sidecar::{SidecarHeader, BLOCK_SIZE, HEADER_LEN};
+use crate::{ImageError, MediaError};
+
+/// Bytes per checksummed block, as a `usize` for slicing.
+pub const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
+/// Number of lock stripes; block `b` is guarded by stripe `b % LOCK_STRIPES`.
+const LOCK_STRIPES: usize = 4096;
+/// How many blocks one zeroing step locks at once (must not exceed `LOCK_STRIPES`).
+const ZERO_BATCH_BLOCKS: u64 = 256;
+/// How many times a read re-checks a block whose CRC does not match before calling
+/// it a media error. A writer in *another process* updates data and CRC one after
+/// the other, so a reader there can catch the pair half-way; a real media error
+/// persists across re-reads.
+const MISMATCH_REREADS: usize = 3;
+
+/// The CRC32 of a block of zeros (what a freshly created or trimmed block holds).
+pub fn zero_block_crc() -> u32 {
+    static ZERO: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
+    crc32fast::hash(&ZERO)
+}
+
+/// The sidecar path for an image: the image path with `.crc` appended.
+pub fn sidecar_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".crc");
+    PathBuf::from(name)
+}
+
+/// Checks that `size` is usable as an image size.
+pub fn validate_size(size: u64) -> Result<(), ImageError> {
+    if size == 0 {
+        return Err(ImageError::InvalidSize {
+            size,
+            reason: "size must be greater than zero",
+        });
+    }
+    if size % u64::from(BLOCK_SIZE) != 0 {
+        return Err(ImageError::InvalidSize {
+            size,
+            reason: "size must be a multiple of 4 KiB",
+        });
+    }
+    Ok(())
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only; the files are opened and mapped read-only.
+    ReadOnly,
+    /// Reads and writes.
+    ReadWrite,
+}
+
+/// One extent reported by [`DiskImage::allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    /// Length in bytes.
+    pub length: u64,
+    /// True for a hole (unallocated, reads as zeros).
+    pub hole: bool,
+}
+
+/// A block whose data does not match its stored CRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BadBlock {
+    /// Block index.
+    pub block: u64,
+    /// Byte offset of the block in the image.
+    pub offset: u64,
+    /// CRC stored in the sidecar.
+    pub expected_crc: u32,
+    /// CRC of the data found.
+    pub actual_crc: u32,
+}
+
+/// Result of [`DiskImage::verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Image path.
+    pub image: PathBuf,
+    /// Blocks checked.
+    pub blocks_checked: u64,
+    /// Every block that failed its checksum.
+    pub bad_blocks: Vec<BadBlock>,
+}
+
+/// Facts about an image, for `image info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageInfo {
+    /// Image path.
+    pub image: PathBuf,
+    /// Sidecar path.
+    pub sidecar: PathBuf,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+    /// Bytes per checksummed block.
+    pub block_size: u32,
+    /// Number of blocks.
+    pub block_count: u64,
+    /// Bytes actually allocated on the host file system.
+    pub allocated_bytes: u64,
+    /// Sidecar format version.
+    pub sidecar_version: u32,
+}
+
+/// A raw disk image with a CRC32-per-block sidecar, memory-mapped shared.
+#[derive(Debug)]
+pub struct DiskImage {
+    path: PathBuf,
+    data_file: File,
+    data: SharedMapping,
+    crcs: SharedMapping,
+    size: u64,
+    block_count: u64,
+    locks: Box<[RwLock<()>]>,
+}
+
+fn io_error<'a>(
+    path: &'a Path,
+    operation: &'static str,
+) -> impl FnOnce(io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        operation,
+        source,
+    }
+}
+
+impl DiskImage {
+    /// Creates a sparse image of `size` bytes at `path` and its sidecar. Without
+    /// `force`, an existing image or sidecar is an error and nothing is touched.
+    pub fn create(path: &Path, size: u64, force: bool) -> Result<Self, ImageError> {
+        validate_size(size)?;
+        let sidecar = sidecar_path(path);
+        if !force {
+            for existing in [path, sidecar.as_path()] {
+                if existing.exists() {
+                    return Err(ImageError::Exists {
+                        path: existing.to_path_buf(),
+                    });
+                }
+            }
+        }
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if force {
+            options.create(true).truncate(true);
+        } else {
+            options.create_new(true);
+        }
+        let data_file = options.open(path).map_err(io_error(path, "create image"))?;
+        data_file
+            .set_len(size)
+            .map_err(io_error(path, "size image"))?;
+
+        let header = SidecarHeader::for_image(size);
+        let write_sidecar = || -> io::Result<()> {
+            let file = options.open(&sidecar)?;
+            let mut out = io::BufWriter::with_capacity(1 << 20, &file);
+            out.write_all(&header.encode())?;
+            let entry = zero_block_crc().to_le_bytes();
+            let chunk: Vec<u8> = entry.iter().copied().cycle().take(64 * 1024).collect();
+            let mut remaining = header.block_count * 4;
+            while remaining > 0 {
+                let step = remaining.min(chunk.len() as u64) as usize;
+                out.write_all(&chunk[..step])?;
+                remaining -= step as u64;
+            }
+            out.flush()?;
+            drop(out);
+            file.sync_all()
+        };
+        if let Err(source) = write_sidecar() {
+            // Leave nothing half-made behind: the image we just created is useless
+            // without its sidecar.
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&sidecar);
+            return Err(ImageError::Io {
+                path: sidecar,
+                operation: "write checksum file",
+                source,
+            });
+        }
+        data_file.sync_all().map_err(io_error(path, "sync image"))?;
+        drop(data_file);
+        Self::open(path, Access::ReadWrite)
+    }
+
+    /// Opens an existing image and its sidecar, validating that they belong together.
+    pub fn open(path: &Path, access: Access) -> Result<Self, ImageError> {
+        let writable = access == Access::ReadWrite;
+        let open = |p: &Path| OpenOptions::new().read(true).write(writable).open(p);
+        let data_file = open(path).map_err(io_error(path, "open image"))?;
+        let metadata = data_file.metadata().map_err(io_error(path, "stat image"))?;
+        if !metadata.is_file() {
+            return Err(ImageError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
+        let size = metadata.len();
+        validate_size(size).map_err(|_| ImageError::BadImageSize {
+            path: path.to_path_buf(),
+            size,
+        })?;
+
+        let sidecar = sidecar_path(path);
+        let crc_file = match open(&sidecar) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::SidecarMissing { path: sidecar })
+            }
+            Err(source) => {
+                return Err(ImageError::Io {
+                    path: sidecar,
+                    operation: "open checksum file",
+                    source,
+                })
+            }
+        };
+        let crc_len = crc_file
+            .metadata()
+            .map_err(io_error(&sidecar, "stat checksum file"))?
+            .len();
+        let mut header_bytes = [0u8; HEADER_LEN];
+        {
+            use std::os::unix::fs::FileExt;
+            let got = crc_file
+                .read_at(&mut header_bytes, 0)
+                .map_err(io_error(&sidecar, "read checksum header"))?;
+            if got < HEADER_LEN {
+                return Err(ImageError::SidecarTruncated {
+                    path: sidecar,
+                    expected: HEADER_LEN as u64,
+                    actual: crc_len,
+                });
+            }
+        }
+        let header =
+            SidecarHeader::decode(&header_bytes).map_err(|problem| ImageError::SidecarInvalid {
+                path: sidecar.clone(),
+                problem: problem.to_string(),
+            })?;
+        if header.image_size != size {
+            return Err(ImageError::SizeMismatch {
+                image: path.to_path_buf(),
+                image_size: size,
+                sidecar_size: header.image_size,
+            });
+        }
+        if crc_len != header.file_len() {
+            return Err(ImageError::SidecarTruncated {
+                path: sidecar,
+                expected: header.file_len(),
+                actual: crc_len,
+            });
+        }
+        let map = |file: &File, len: u64, what: &'static str, p: &Path| {
+            if writable {
+                SharedMapping::map_writable(file, len)
+            } else {
+                SharedMapping::map_read_only(file, len)
+            }
+            .map_err(io_error(p, what))
+        };
+        let data = map(&data_file, size, "map image", path)?;
+        let crcs = map(&crc_file, header.file_len(), "map checksum file", &sidecar)?;
+        let locks = (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            data_file,
+            data,
+            crcs,
+            size,
+            block_count: header.block_count,
+            locks,
+        })
+    }
+
+    /// Image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether writes are allowed.
+    pub fn is_writable(&self) -> bool {
+        self.data.is_writable()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(ImageError::OutOfRange {
+                offset,
+                length: len,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), ImageError> {
+        if self.is_writable() {
+            Ok(())
+        } else {
+            Err(ImageError::ReadOnly {
+                path: self.path.clone(),
+            })
+        }
+    }
+
+    fn lock(&self, block: u64) -> &RwLock<()> {
+        &self.locks[(block % LOCK_STRIPES as u64) as usize]
+    }
+
+    fn stored_crc(&self, block: u64) -> u32 {
+        self.crcs
+            .load_u32_le(SidecarHeader::entry_offset(block) as usize)
+    }
+
+    fn store_crc(&self, block: u64, crc: u32) {
+        self.crcs
+            .store_u32_le(SidecarHeader::entry_offset(block) as usize, crc);
+    }
+
+    /// Reads a whole block into `dst` and checks it, re-reading a few times if the
+    /// check fails (see [`MISMATCH_REREADS`]). The caller holds the block's lock.
+    fn read_checked_block(&self, block: u64, dst: &mut [u8]) -> Result<(), MediaError> {
+        debug_assert_eq!(dst.len(), BLOCK_BYTES);
+        let offset = (block * u64::from(BLOCK_SIZE)) as usize;
+        let mut attempt = 0;
+        loop {
+            self.data.read_into(offset, dst);
+            let expected = self.stored_crc(block);
+            let actual = crc32fast::hash(dst);
+            if expected == actual {
+                return Ok(());
+            }
+            attempt += 1;
+            if attempt > MISMATCH_REREADS {
+                return Err(MediaError {
+                    image: self.path.clone(),
+                    block,
+                    expected_crc: expected,
+                    actual_crc: actual,
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, checking the CRC of every block touched.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut scratch = [0u8; BLOCK_BYTES];
+        let mut done = 0usize;
+        while done < buf.len() {
+            let position = offset + done as u64;
+            let block = position / u64::from(BLOCK_SIZE);
+            let within = (position % u64::from(BLOCK_SIZE)) as usize;
+            let step = (BLOCK_BYTES - within).min(buf.len() - done);
+            let _guard = self.lock(block).read();
+            if step == BLOCK_BYTES {
+                self.read_checked_block(block, &mut buf[done..done + step])?;
+            } else {
+                self.read_checked_block(block, &mut scratch)?;
+                buf[done..done + step].copy_from_slice(&scratch[within..within + step]);
+            }
+            done += step;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, keeping every touched block's CRC current. A
+    /// partial-block write first checks the block's old contents: patching a
+    /// corrupt block would bless the corruption with a fresh CRC.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let mut scratch = [0u8; BLOCK_BYTES];
+        let mut done = 0usize;
+        while done < data.len() {
+            let position = offset + done as u64;
+            let block = position / u64::from(BLOCK_SIZE);
+            let within = (position % u64::from(BLOCK_SIZE)) as usize;
+            let step = (BLOCK_BYTES - within).min(data.len() - done);
+            let chunk = &data[done..done + step];
+            let _guard = self.lock(block).write();
+            if step == BLOCK_BYTES {
+                self.data.write_from(position as usize, chunk);
+                self.store_crc(block, crc32fast::hash(chunk));
+            } else {
+                self.read_checked_block(block, &mut scratch)?;
+                scratch[within..within + step].copy_from_slice(chunk);
+                self.data.write_from(position as usize, chunk);
+                self.store_crc(block, crc32fast::hash(&scratch));
+            }
+            done += step;
+        }
+        Ok(())
+    }
+
+    /// Locks the blocks `[first, first+count)` for writing, in stripe order so two
+    /// threads locking overlapping ranges cannot deadlock.
+    fn lock_blocks(&self, first: u64, count: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
+        debug_assert!(count as usize <= LOCK_STRIPES);
+        let mut stripes: Vec<usize> = (first..first + count)
+            .map(|b| (b % LOCK_STRIPES as u64) as usize)
+            .collect();
+        stripes.sort_unstable();
+        stripes
+            .into_iter()
+            .map(|stripe| self.locks[stripe].write())
+            .collect()
+    }
+
+    /// Zeroes `[offset, offset+len)`. With `punch_hole`, whole blocks are
+    /// deallocated (they read back as zeros); otherwise zeros are written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, punch_hole: bool) -> Result<(), ImageError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let block_size = u64::from(BLOCK_SIZE);
+        let end = offset + len;
+        let first_full = offset.div_ceil(block_size);
+        let end_full = end / block_size;
+        if first_full >= end_full {
+            // No whole block inside: write zeros through the normal path.
+            return self.write_at(offset, &vec![0u8; len as usize]);
+        }
+        let head = first_full * block_size - offset;
+        if head > 0 {
+            self.write_at(offset, &vec![0u8; head as usize])?;
+        }
+        let tail = end - end_full * block_size;
+        if tail > 0 {
+            self.write_at(end_full * block_size, &vec![0u8; tail as usize])?;
+        }
+        let zero_crc = zero_block_crc();
+        let mut block = first_full;
+        let mut can_punch = punch_hole;
+        while block < end_full {
+            let count = (end_full - block).min(ZERO_BATCH_BLOCKS);
+            let _guards = self.lock_blocks(block, count);
+            let byte_offset = block * block_size;
+            let byte_len = count * block_size;
+            if can_punch {
+                if let Err(err) = punch_hole_in(&self.data_file, byte_offset, byte_len) {
+                    if err == nix::errno::Errno::EOPNOTSUPP {
+                        can_punch = false;
+                    } else {
+                        return Err(ImageError::Io {
+                            path: self.path.clone(),
+                            operation: "punch hole",
+                            source: err.into(),
+                        });
+                    }
+                }
+            }
+            if !can_punch {
+                self.data.fill_zero(byte_offset as usize, byte_len as usize);
+            }
+            for b in block..block + count {
+                self.store_crc(b, zero_crc);
+            }
+            block += count;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` and its checksums durable.
+    pub fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.check_range(offset, len)?;
+        if !self.is_writable() || len == 0 {
+            return Ok(());
+        }
+        self.data
+            .flush_range(offset as usize, len as usize)
+            .map_err(io_error(&self.path, "msync image"))?;
+        let first = offset / u64::from(BLOCK_SIZE);
+        let last = (offset + len - 1) / u64::from(BLOCK_SIZE);
+        let crc_offset = SidecarHeader::entry_offset(first) as usize;
+        let crc_len = ((last - first + 1) * 4) as usize;
+        self.crcs
+            .flush_range(crc_offset, crc_len)
+            .map_err(io_error(&self.path, "msync checksum file"))
+    }
+
+    /// Makes everything written so far durable, including punched holes.
+    pub fn flush(&self) -> Result<(), ImageError> {
+        if !self.is_writable() {
+            return Ok(());
+        }
+        self.data
+            .flush_range(0, self.data.len())
+            .map_err(io_error(&self.path, "msync image"))?;
+        self.data_file
+            .sync_data()
+            .map_err(io_error(&self.path, "fdatasync image"))?;
+        self.crcs
+            .flush_range(0, self.crcs.len())
+            .map_err(io_error(&self.path, "msync checksum file"))
+    }
+
+    /// Describes allocation of `[offset, offset+len)`: data extents and holes, from
+    /// the host file system (`SEEK_DATA`/`SEEK_HOLE`). Extents cover the range
+    /// exactly, in order.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ImageError> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut extents = Vec::new();
+        let mut position = offset;
+        let fd = self.data_file.as_raw_fd();
+        while position < end {
+            let next_data =
+                match nix::unistd::lseek(fd, position as i64, nix::unistd::Whence::SeekData) {
+                    Ok(at) => at as u64,
+                    Err(nix::errno::Errno::ENXIO) => end,
+                    Err(err) => {
+                        // File systems without SEEK_DATA: report the rest as data.
+                        if err == nix::errno::Errno::EINVAL {
+                            extents.push(Extent {
+                                length: end - position,
+                                hole: false,
+                            });
+                            break;
+                        }
+                        return Err(ImageError::Io {
+                            path: self.path.clone(),
+                            operation: "seek data",
+                            source: err.into(),
+                        });
+                    }
+                };
+            if next_data > position {
+                let hole_end = next_data.min(end);
+                extents.push(Extent {
+                    length: hole_end - position,
+                    hole: true,
+                });
+                position = hole_end;
+                continue;
+            }
+            let next_hole =
+                match nix::unistd::lseek(fd, position as i64, nix::unistd::Whence::SeekHole) {
+                    Ok(at) => at as u64,
+                    Err(err) => {
+                        return Err(ImageError::Io {
+                            path: self.path.clone(),
+                            operation: "seek hole",
+                            source: err.into(),
+                        })
+                    }
+                };
+            let data_end = next_hole.min(end).max(position + 1);
+            extents.push(Extent {
+                length: data_end - position,
+                hole: false,
+            });
+            position = data_end;
+        }
+        Ok(extents)
+    }
+
+    /// Checks every block against its CRC. `progress` is called with the number of
+    /// blocks checked so far, now and then.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> VerifyReport {
+        let mut bad_blocks = Vec::new();
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        for block in 0..self.block_count {
+            let _guard = self.lock(block).read();
+            if let Err(err) = self.read_checked_block(block, &mut buf) {
+                bad_blocks.push(BadBlock {
+                    block,
+                    offset: block * u64::from(BLOCK_SIZE),
+                    expected_crc: err.expected_crc,
+                    actual_crc: err.actual_crc,
+                });
+            }
+            if block % 4096 == 4095 {
+                progress(block + 1);
+            }
+        }
+        progress(self.block_count);
+        VerifyReport {
+            image: self.path.clone(),
+            blocks_checked: self.block_count,
+            bad_blocks,
+        }
+    }
+
+    /// Facts about the image.
+    pub fn info(&self) -> Result<ImageInfo, ImageError> {
+        let metadata = self
+            .data_file
+            .metadata()
+            .map_err(io_error(&self.path, "stat image"))?;
+        Ok(ImageInfo {
+            image: self.path.clone(),
+            sidecar: sidecar_path(&self.path),
+            size_bytes: self.size,
+            block_size: BLOCK_SIZE,
+            block_count: self.block_count,
+            allocated_bytes: metadata.blocks() * 512,
+            sidecar_version: crate::sidecar::VERSION,
+        })
+    }
+}
+
+fn punch_hole_in(file: &File, offset: u64, len: u64) -> Result<(), nix::errno::Errno> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    fallocate(
+        file.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+}

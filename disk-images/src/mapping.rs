@@ -1,0 +1,262 @@
+//! The one module that touches memory shared with other processes.
+//!
+//! A [`SharedMapping`] is a `MAP_SHARED` mapping of a file. Another process (the
+//! other controller) may map the same file and write to it at any moment, so this
+//! module never hands out `&[u8]` or `&mut [u8]` into the mapping: bytes are moved
+//! in and out by copy, and words that several processes update concurrently (CRC
+//! entries, coordination slots) are accessed through atomics for the duration of a
+//! single operation. Every `unsafe` block of the crate lives here.
+//!
+//! What this module must never do: return a reference into the mapping that
+//! outlives the call that created it.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A shared, fixed-length mapping of a file, accessed by copy and by atomics.
+#[derive(Debug)]
+pub struct SharedMapping {
+    map: MmapRaw,
+    len: usize,
+    writable: bool,
+}
+
+impl SharedMapping {
+    /// Maps the first `len` bytes of `file` shared and writable.
+    pub fn map_writable(file: &File, len: u64) -> io::Result<Self> {
+        let len = checked_len(len)?;
+        let map = MmapOptions::new().len(len).map_raw(file)?;
+        Ok(Self {
+            map,
+            len,
+            writable: true,
+        })
+    }
+
+    /// Maps the first `len` bytes of `file` shared and read-only.
+    pub fn map_read_only(file: &File, len: u64) -> io::Result<Self> {
+        let len = checked_len(len)?;
+        let map = MmapOptions::new().len(len).map_raw_read_only(file)?;
+        Ok(Self {
+            map,
+            len,
+            writable: false,
+        })
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never true: zero-length maps are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether writes are allowed.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn check_range(&self, offset: usize, len: usize) {
+        let end = offset.checked_add(len);
+        assert!(
+            end.is_some_and(|end| end <= self.len),
+            "mapping access out of range: offset {offset} len {len} mapping {}",
+            self.len
+        );
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` out of the mapping.
+    ///
+    /// Panics if the range is outside the mapping (callers validate first).
+    pub fn read_into(&self, offset: usize, dst: &mut [u8]) {
+        self.check_range(offset, dst.len());
+        // SAFETY: the range [offset, offset+len) lies inside the live mapping (checked
+        // above, and the mapping lives as long as `self`). `dst` is ordinary process
+        // memory that cannot overlap a file mapping we own. Another process may write
+        // the same bytes concurrently; we copy raw bytes and never form a reference
+        // into the mapping, so a racing writer can only make us observe a mix of old
+        // and new bytes, which the CRC layer above detects.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            );
+        }
+    }
+
+    /// Copies `src` into the mapping at `offset`.
+    ///
+    /// Panics if the mapping is read-only or the range is outside it.
+    pub fn write_from(&self, offset: usize, src: &[u8]) {
+        assert!(self.writable, "write to a read-only mapping");
+        self.check_range(offset, src.len());
+        // SAFETY: the range is inside the live, writable mapping (checked above). We
+        // copy from ordinary memory into it without forming a reference into the
+        // mapping; concurrent readers see bytes change, which is the nature of a
+        // shared disk and is arbitrated by the block locks and CRCs above us.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.map.as_mut_ptr().add(offset),
+                src.len(),
+            );
+        }
+    }
+
+    /// Sets `len` bytes at `offset` to zero.
+    pub fn fill_zero(&self, offset: usize, len: usize) {
+        assert!(self.writable, "write to a read-only mapping");
+        self.check_range(offset, len);
+        // SAFETY: same invariants as `write_from`: in range, writable, no references.
+        unsafe {
+            std::ptr::write_bytes(self.map.as_mut_ptr().add(offset), 0, len);
+        }
+    }
+
+    fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+        self.check_range(offset, 4);
+        assert_eq!(offset % 4, 0, "unaligned atomic u32 at {offset}");
+        // SAFETY: the 4 bytes are inside the mapping and 4-aligned (the mapping itself
+        // is page-aligned). AtomicU32 has the same layout as u32 and atomics are the
+        // sanctioned way for processes sharing a mapping to access one word. The
+        // returned reference borrows `self`, so it cannot outlive the mapping, and
+        // callers in this module use it for one operation only.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU32) }
+    }
+
+    fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
+        self.check_range(offset, 8);
+        assert_eq!(offset % 8, 0, "unaligned atomic u64 at {offset}");
+        // SAFETY: as for `atomic_u32`, with 8 bytes and 8-byte alignment.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
+    }
+
+    /// Atomically loads a little-endian `u32` at `offset` (4-aligned).
+    pub fn load_u32_le(&self, offset: usize) -> u32 {
+        u32::from_le(self.atomic_u32(offset).load(Ordering::Acquire))
+    }
+
+    /// Atomically stores a little-endian `u32` at `offset` (4-aligned).
+    pub fn store_u32_le(&self, offset: usize, value: u32) {
+        assert!(self.writable, "write to a read-only mapping");
+        self.atomic_u32(offset)
+            .store(value.to_le(), Ordering::Release);
+    }
+
+    /// Atomically loads a little-endian `u64` at `offset` (8-aligned).
+    pub fn load_u64_le(&self, offset: usize) -> u64 {
+        u64::from_le(self.atomic_u64(offset).load(Ordering::Acquire))
+    }
+
+    /// Atomically stores a little-endian `u64` at `offset` (8-aligned).
+    pub fn store_u64_le(&self, offset: usize, value: u64) {
+        assert!(self.writable, "write to a read-only mapping");
+        self.atomic_u64(offset)
+            .store(value.to_le(), Ordering::Release);
+    }
+
+    /// Compare-and-swap of a little-endian `u64` at `offset`: the semaphore that two
+    /// controller processes use to claim work. Returns the value found.
+    pub fn compare_exchange_u64_le(
+        &self,
+        offset: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        assert!(self.writable, "write to a read-only mapping");
+        self.atomic_u64(offset)
+            .compare_exchange(
+                current.to_le(),
+                new.to_le(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .map(u64::from_le)
+            .map_err(u64::from_le)
+    }
+
+    /// Makes `[offset, offset+len)` durable (msync `MS_SYNC`).
+    pub fn flush_range(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.check_range(offset, len);
+        if !self.writable || len == 0 {
+            return Ok(());
+        }
+        self.map.flush_range(offset, len)
+    }
+}
+
+fn checked_len(len: u64) -> io::Result<usize> {
+    if len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "cannot map zero bytes",
+        ));
+    }
+    usize::try_from(len).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "mapping larger than the address space",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(len: u64) -> File {
+        let file = tempfile::tempfile().expect("tempfile");
+        file.set_len(len).expect("set_len");
+        file
+    }
+
+    #[test]
+    fn copy_round_trip_and_zero() {
+        let file = temp_file(8192);
+        let map = SharedMapping::map_writable(&file, 8192).expect("map");
+        map.write_from(4000, b"hello across a page");
+        let mut out = [0u8; 19];
+        map.read_into(4000, &mut out);
+        assert_eq!(&out, b"hello across a page");
+        map.fill_zero(4002, 3);
+        map.read_into(4000, &mut out);
+        assert_eq!(&out[..8], b"he\0\0\0 ac");
+    }
+
+    #[test]
+    fn two_mappings_of_one_file_see_each_other() {
+        let file = temp_file(4096);
+        let a = SharedMapping::map_writable(&file, 4096).expect("map a");
+        let b = SharedMapping::map_writable(&file, 4096).expect("map b");
+        a.store_u64_le(8, 7);
+        assert_eq!(b.load_u64_le(8), 7);
+        assert_eq!(b.compare_exchange_u64_le(8, 7, 9), Ok(7));
+        assert_eq!(a.compare_exchange_u64_le(8, 7, 11), Err(9));
+        a.store_u32_le(4, 0xdead_beef);
+        let mut raw = [0u8; 4];
+        b.read_into(4, &mut raw);
+        assert_eq!(u32::from_le_bytes(raw), 0xdead_beef);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn out_of_range_panics() {
+        let file = temp_file(4096);
+        let map = SharedMapping::map_writable(&file, 4096).expect("map");
+        let mut out = [0u8; 2];
+        map.read_into(4095, &mut out);
+    }
+
+    #[test]
+    fn zero_length_is_refused() {
+        let file = temp_file(0);
+        assert!(SharedMapping::map_writable(&file, 0).is_err());
+    }
+}

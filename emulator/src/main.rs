@@ -1,0 +1,258 @@
+//! The `emulator` command line: image administration and the NBD server.
+//!
+//! Exit status: 0 success; 1 `image verify` found bad blocks; 2 bad input or any
+//! other error (with one line on stderr naming what was wrong).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use disk_images::{Access, DiskImage};
+use emulator::nbd::export::{Export, ExportSet};
+use emulator::nbd::server::{self, ListenAddress, Listener, ServerConfig};
+use emulator::units::parse_size;
+
+/// Hardware-in-the-loop emulator of dual-controller storage systems.
+#[derive(Debug, Parser)]
+#[command(name = "emulator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect and verify disk images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Serve a disk image over NBD.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Create a sparse raw image and its checksum file (PATH.crc).
+    Create {
+        /// Image file to create.
+        path: PathBuf,
+        /// Size, e.g. 1GiB, 256MiB, 4096 (a positive multiple of 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Overwrite an existing image and checksum file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show an image's size, allocation and checksum file.
+    Info {
+        /// Image file.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every block against its checksum; exit 1 if any is bad.
+    Verify {
+        /// Image file.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Image file to export.
+    #[arg(long)]
+    image: PathBuf,
+    /// Export name (default: the image's file name without extension).
+    #[arg(long)]
+    export: Option<String>,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// TCP address to listen on.
+    #[arg(long, conflicts_with = "socket", default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Unix socket path to listen on instead of TCP.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Connections served at once; further ones are refused.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("emulator: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Image(command) => image_command(command),
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ImageCommand::Create { path, size, force } => {
+            let image = DiskImage::create(&path, size, force)?;
+            println!(
+                "created {} ({} bytes, {} blocks) with checksums in {}",
+                path.display(),
+                image.size(),
+                image.size() / disk_images::BLOCK_BYTES as u64,
+                disk_images::sidecar_path(&path).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Info { path, json } => {
+            let info = DiskImage::open(&path, Access::ReadOnly)?.info()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("image:      {}", info.image.display());
+                println!("checksums:  {}", info.sidecar.display());
+                println!(
+                    "size:       {} bytes ({})",
+                    info.size_bytes,
+                    human(info.size_bytes)
+                );
+                println!("block size: {} bytes", info.block_size);
+                println!("blocks:     {}", info.block_count);
+                println!(
+                    "allocated:  {} bytes ({})",
+                    info.allocated_bytes,
+                    human(info.allocated_bytes)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Verify { path, json } => verify(&path, json),
+    }
+}
+
+fn verify(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let image = DiskImage::open(path, Access::ReadOnly)?;
+    let blocks = image.size() / disk_images::BLOCK_BYTES as u64;
+    let bar = indicatif::ProgressBar::new(blocks);
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "verifying {bar:40} {pos}/{len} blocks {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = image.verify(|done| bar.set_position(done));
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for bad in &report.bad_blocks {
+            println!(
+                "bad block {} (byte offset {}): stored CRC {:#010x}, data has {:#010x}",
+                bad.block, bad.offset, bad.expected_crc, bad.actual_crc
+            );
+        }
+        println!(
+            "{}: {} blocks checked, {} bad",
+            path.display(),
+            report.blocks_checked,
+            report.bad_blocks.len()
+        );
+    }
+    Ok(if report.bad_blocks.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let access = if args.read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let image = DiskImage::open(&args.image, access)?;
+    let name = match args.export {
+        Some(name) => name,
+        None => args
+            .image
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .context("cannot derive an export name from the image path; pass --export")?,
+    };
+    if name.len() > emulator::nbd::proto::MAX_STRING_LEN || name.contains('\0') {
+        bail!("export name must be at most 4096 bytes without NUL characters");
+    }
+    let size = image.size();
+    let export = Export {
+        description: format!("{} ({} bytes)", args.image.display(), size),
+        name: name.clone(),
+        device: Arc::new(image),
+        read_only: args.read_only,
+    };
+    let exports = ExportSet::new(vec![export]).map_err(anyhow::Error::msg)?;
+    let address = match args.socket {
+        Some(path) => ListenAddress::Unix(path),
+        None => ListenAddress::Tcp(args.listen),
+    };
+    let config = ServerConfig {
+        max_connections: args.max_connections as usize,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = Listener::bind(&address).await?;
+        tracing::info!(
+            export = %name,
+            size,
+            read_only = args.read_only,
+            address = %listener.local_address(),
+            "serving"
+        );
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            }
+        };
+        server::run(listener, exports, config, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,14 @@
+//! The NBD server, written on tokio: wire format ([`proto`]), negotiation
+//! ([`handshake`]), request handling ([`transmission`]), sockets and shutdown
+//! ([`server`]), and the device trait exports are served from ([`export`]).
+//!
+//! The protocol is `doc/proto.md` of the NetworkBlockDevice/nbd repository.
+
+pub mod export;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+/// Largest READ or WRITE payload served (advertised through `NBD_INFO_BLOCK_SIZE`).
+pub const MAX_PAYLOAD_BYTES: u32 = 32 * 1024 * 1024;
