@@ -49,7 +49,7 @@ pub fn validate_size(size: u64) -> Result<(), ImageError> {
             reason: "size must be greater than zero",
         });
     }
-    if size % u64::from(BLOCK_SIZE) != 0 {
+    if !size.is_multiple_of(u64::from(BLOCK_SIZE)) {
         return Err(ImageError::InvalidSize {
             size,
             reason: "size must be a multiple of 4 KiB",

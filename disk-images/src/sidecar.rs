@@ -147,7 +147,7 @@ impl SidecarHeader {
         }
         let image_size = u64_at(16);
         let block_count = u64_at(24);
-        if image_size % u64::from(BLOCK_SIZE) != 0
+        if !image_size.is_multiple_of(u64::from(BLOCK_SIZE))
             || block_count != image_size / u64::from(BLOCK_SIZE)
         {
             return Err(HeaderProblem::Inconsistent {

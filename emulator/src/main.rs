@@ -235,6 +235,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Handlers first: a signal that arrives once clients can connect must
+        // already mean "shut down in order", never the default "die".
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
         let listener = Listener::bind(&address).await?;
         tracing::info!(
             export = %name,
@@ -243,11 +248,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             address = %listener.local_address(),
             "serving"
         );
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
                 _ = terminate.recv() => tracing::info!("SIGTERM received"),
             }
         };

@@ -11,7 +11,7 @@
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 
 use super::export::{BlockDevice, DeviceError};
@@ -54,13 +54,13 @@ type ReplySender = mpsc::Sender<Vec<u8>>;
 /// Runs the transmission phase until DISC, EOF, shutdown or a fatal error. Every
 /// request read is answered before this returns.
 pub async fn transmit<R, W>(
-    reader: &mut R,
+    reader: &mut BufReader<R>,
     writer: W,
     session: &Negotiated,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Ending, TransmissionError>
 where
-    R: AsyncBufRead + Unpin,
+    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (replies, queue) = mpsc::channel(REPLY_QUEUE_DEPTH);
@@ -109,61 +109,131 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-async fn read_requests<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
+/// Replies produced inline are gathered here and handed to the writer as one
+/// message when the reader runs out of buffered requests, so a burst of small
+/// requests costs one wake-up and one syscall rather than one per reply.
+struct Outbox<'a> {
+    batch: Vec<u8>,
+    sender: &'a ReplySender,
+}
+
+impl Outbox<'_> {
+    async fn push(&mut self, reply: Vec<u8>) -> io::Result<()> {
+        self.flush().await?;
+        send(self.sender, reply).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_START_BYTES));
+        send(self.sender, batch).await
+    }
+}
+
+/// Initial capacity of an outbox batch.
+const BATCH_START_BYTES: usize = 64 * 1024;
+/// Reads up to this length are built straight into the batch; longer ones get a
+/// buffer of their own (no extra copy of large data).
+const INLINE_READ_BYTES: u32 = 64 * 1024;
+
+async fn read_requests<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
     session: &Negotiated,
     replies: &ReplySender,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Ending, TransmissionError> {
-    let mut header = [0u8; proto::REQUEST_LEN];
-    loop {
+    let mut outbox = Outbox {
+        batch: Vec::with_capacity(BATCH_START_BYTES),
+        sender: replies,
+    };
+    let ending = loop {
         if *shutdown.borrow() {
-            return Ok(Ending::Shutdown);
+            break Ending::Shutdown;
+        }
+        if reader.buffer().len() < proto::REQUEST_LEN || outbox.batch.len() >= WRITE_BATCH_BYTES {
+            // The next request is not fully here yet: send what we have before we
+            // wait, or a client that waits for replies would wait forever.
+            outbox.flush().await?;
         }
         // Wait for the next request or for shutdown. `fill_buf` is cancel-safe, so
         // losing the race to shutdown loses no bytes.
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return Ok(Ending::Shutdown),
+            _ = shutdown.changed() => break Ending::Shutdown,
             ready = reader.fill_buf() => {
                 if ready?.is_empty() {
-                    return Ok(Ending::ClientClosed);
+                    break Ending::ClientClosed;
                 }
             }
         }
-        reader.read_exact(&mut header).await?;
-        let request = Request::decode(&header).map_err(TransmissionError::BadMagic)?;
-        if request.command == cmd::DISC {
-            return Ok(Ending::Disconnect);
-        }
-        let payload = if request.command == cmd::WRITE {
-            if request.length > MAX_PAYLOAD_BYTES {
-                // Keep the stream in step: the payload follows whether we want it or not.
-                let length = u64::from(request.length);
-                let skipped =
-                    tokio::io::copy(&mut (&mut *reader).take(length), &mut tokio::io::sink())
-                        .await?;
-                if skipped < length {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-                }
+        // A request that is only partly here when shutdown comes was never
+        // accepted: drop it rather than wait for a client that may never finish it.
+        let incoming = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break Ending::Shutdown,
+            incoming = read_request(reader) => incoming?,
+        };
+        let (request, payload) = match incoming {
+            Incoming::Disconnect => break Ending::Disconnect,
+            Incoming::Request(request, payload) => (request, payload),
+            Incoming::OversizedWrite(request) => {
                 let message = format!(
                     "write of {} bytes exceeds the maximum payload of {MAX_PAYLOAD_BYTES}",
                     request.length
                 );
-                send(
-                    replies,
-                    error_reply(session, &request, errno::EINVAL, &message, None),
-                )
-                .await?;
+                error_reply(
+                    &mut outbox.batch,
+                    session,
+                    &request,
+                    errno::EINVAL,
+                    &message,
+                    None,
+                );
                 continue;
             }
+        };
+        execute(session, request, payload, &mut outbox).await?;
+    };
+    outbox.flush().await?;
+    Ok(ending)
+}
+
+/// One message read from the client.
+enum Incoming {
+    /// `NBD_CMD_DISC`.
+    Disconnect,
+    /// A request, with its payload for WRITE.
+    Request(Request, Option<Vec<u8>>),
+    /// A WRITE whose payload exceeded the maximum and was discarded.
+    OversizedWrite(Request),
+}
+
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+) -> Result<Incoming, TransmissionError> {
+    let mut header = [0u8; proto::REQUEST_LEN];
+    reader.read_exact(&mut header).await?;
+    let request = Request::decode(&header).map_err(TransmissionError::BadMagic)?;
+    match request.command {
+        cmd::DISC => Ok(Incoming::Disconnect),
+        cmd::WRITE if request.length > MAX_PAYLOAD_BYTES => {
+            // Keep the stream in step: the payload follows whether we want it or not.
+            let length = u64::from(request.length);
+            let skipped =
+                tokio::io::copy(&mut (&mut *reader).take(length), &mut tokio::io::sink()).await?;
+            if skipped < length {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            Ok(Incoming::OversizedWrite(request))
+        }
+        cmd::WRITE => {
             let mut data = vec![0u8; request.length as usize];
             reader.read_exact(&mut data).await?;
-            Some(data)
-        } else {
-            None
-        };
-        execute(session, request, payload, replies).await?;
+            Ok(Incoming::Request(request, Some(data)))
+        }
+        _ => Ok(Incoming::Request(request, None)),
     }
 }
 
@@ -174,28 +244,26 @@ async fn send(replies: &ReplySender, reply: Vec<u8>) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "reply writer stopped"))
 }
 
-/// An error reply in the form the session requires: a structured error chunk when
-/// structured replies are on (mandatory for READ), a simple reply otherwise.
+/// Appends an error reply in the form the session requires: a structured error
+/// chunk when structured replies are on (mandatory for READ), a simple reply
+/// otherwise.
 fn error_reply(
+    out: &mut Vec<u8>,
     session: &Negotiated,
     request: &Request,
     error: u32,
     message: &str,
     offset: Option<u64>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + message.len());
+) {
     if session.structured_replies {
-        proto::encode_error_chunk(&mut out, request.cookie, error, message, offset);
+        proto::encode_error_chunk(out, request.cookie, error, message, offset);
     } else {
-        proto::encode_simple_reply(&mut out, error, request.cookie);
+        proto::encode_simple_reply(out, error, request.cookie);
     }
-    out
 }
 
-fn ok_reply(request: &Request) -> Vec<u8> {
-    let mut out = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
-    proto::encode_simple_reply(&mut out, 0, request.cookie);
-    out
+fn ok_reply(out: &mut Vec<u8>, request: &Request) {
+    proto::encode_simple_reply(out, 0, request.cookie);
 }
 
 /// Flags each command accepts. FUA is accepted on every command (the spec says a
@@ -284,36 +352,47 @@ fn validate(session: &Negotiated, request: &Request) -> Result<(), (u32, String)
     Ok(())
 }
 
-fn device_error_reply(session: &Negotiated, request: &Request, err: &DeviceError) -> Vec<u8> {
+fn device_error_reply(
+    out: &mut Vec<u8>,
+    session: &Negotiated,
+    request: &Request,
+    err: &DeviceError,
+) {
     let offset = match err {
         // ERROR_OFFSET must point inside the request's range.
         DeviceError::Media { offset, .. } => Some((*offset).max(request.offset)),
         _ => None,
     };
     tracing::warn!(command = request.command, offset = request.offset, length = request.length, error = %err, "request failed");
-    error_reply(session, request, err.errno(), &err.to_string(), offset)
+    error_reply(out, session, request, err.errno(), &err.to_string(), offset);
 }
 
 async fn execute(
     session: &Negotiated,
     request: Request,
     payload: Option<Vec<u8>>,
-    replies: &ReplySender,
+    outbox: &mut Outbox<'_>,
 ) -> io::Result<()> {
+    let out = &mut outbox.batch;
     if let Err((error, message)) = validate(session, &request) {
         tracing::debug!(command = request.command, error, %message, "request rejected");
-        return send(
-            replies,
-            error_reply(session, &request, error, &message, None),
-        )
-        .await;
+        error_reply(out, session, &request, error, &message, None);
+        return Ok(());
     }
     let device = &session.export.device;
     let offset = request.offset;
     let length = u64::from(request.length);
     let fua = request.flags & cflag::FUA != 0;
     let result = match request.command {
-        cmd::READ => return send(replies, read_reply(session, &request)).await,
+        cmd::READ if request.length <= INLINE_READ_BYTES => {
+            read_reply(out, session, &request);
+            return Ok(());
+        }
+        cmd::READ => {
+            let mut own = Vec::new();
+            read_reply(&mut own, session, &request);
+            return outbox.push(own).await;
+        }
         cmd::WRITE => {
             let data = payload.unwrap_or_default();
             device.write_at(offset, &data)
@@ -324,74 +403,76 @@ async fn execute(
                 // Writing explicit zeros is no faster than a WRITE: the spec asks
                 // us to fail fast and leave the data alone.
                 let message = "zeroing with NO_HOLE is not faster than writing";
-                return send(
-                    replies,
-                    error_reply(session, &request, errno::ENOTSUP, message, None),
-                )
-                .await;
+                error_reply(out, session, &request, errno::ENOTSUP, message, None);
+                return Ok(());
             }
             device.write_zeroes(offset, length, !no_hole)
         }
         cmd::TRIM => device.write_zeroes(offset, length, true),
         cmd::CACHE => Ok(()),
-        cmd::BLOCK_STATUS => return send(replies, block_status_reply(session, &request)).await,
+        cmd::BLOCK_STATUS => {
+            block_status_reply(out, session, &request);
+            return Ok(());
+        }
         cmd::FLUSH => {
             let device = Arc::clone(device);
-            return durable_reply(session, request, replies, move || device.flush()).await;
+            durable_reply(session, request, outbox.sender, move || device.flush());
+            return Ok(());
         }
         _ => unreachable!("validate() admits only known commands"),
     };
     match result {
-        Err(err) => send(replies, device_error_reply(session, &request, &err)).await,
+        Err(err) => device_error_reply(out, session, &request, &err),
         Ok(()) if fua && length > 0 => {
             let device = Arc::clone(device);
-            durable_reply(session, request, replies, move || {
+            durable_reply(session, request, outbox.sender, move || {
                 device.flush_range(offset, length)
-            })
-            .await
+            });
         }
-        Ok(()) => send(replies, ok_reply(&request)).await,
+        Ok(()) => ok_reply(out, &request),
     }
+    Ok(())
 }
 
 /// Runs `persist` on the blocking pool and replies when it is done, without
 /// holding up the requests behind it.
-async fn durable_reply(
+fn durable_reply(
     session: &Negotiated,
     request: Request,
     replies: &ReplySender,
     persist: impl FnOnce() -> Result<(), DeviceError> + Send + 'static,
-) -> io::Result<()> {
+) {
     let replies = replies.clone();
     let session = session.clone();
     // Not detached for long: `transmit` waits for every sender (this task holds one)
     // before it returns.
     tokio::task::spawn_blocking(move || {
-        let reply = match persist() {
-            Ok(()) => ok_reply(&request),
-            Err(err) => device_error_reply(&session, &request, &err),
-        };
+        let mut reply = Vec::with_capacity(64);
+        match persist() {
+            Ok(()) => ok_reply(&mut reply, &request),
+            Err(err) => device_error_reply(&mut reply, &session, &request, &err),
+        }
         let _ = replies.blocking_send(reply);
     });
-    Ok(())
 }
 
-fn read_reply(session: &Negotiated, request: &Request) -> Vec<u8> {
+/// Appends the reply to a READ: header and data built in place, or an error.
+fn read_reply(out: &mut Vec<u8>, session: &Negotiated, request: &Request) {
     let device: &dyn BlockDevice = session.export.device.as_ref();
     let length = request.length as usize;
+    let start = out.len();
     let header_len = if session.structured_replies {
         proto::CHUNK_HEADER_LEN + 8
     } else {
         proto::SIMPLE_REPLY_LEN
     };
-    let mut out = Vec::with_capacity(header_len + length);
     if session.structured_replies {
         if length == 0 {
-            proto::encode_chunk_header(&mut out, chunk::FLAG_DONE, chunk::NONE, request.cookie, 0);
-            return out;
+            proto::encode_chunk_header(out, chunk::FLAG_DONE, chunk::NONE, request.cookie, 0);
+            return;
         }
         proto::encode_chunk_header(
-            &mut out,
+            out,
             chunk::FLAG_DONE,
             chunk::OFFSET_DATA,
             request.cookie,
@@ -399,16 +480,17 @@ fn read_reply(session: &Negotiated, request: &Request) -> Vec<u8> {
         );
         out.extend_from_slice(&request.offset.to_be_bytes());
     } else {
-        proto::encode_simple_reply(&mut out, 0, request.cookie);
+        proto::encode_simple_reply(out, 0, request.cookie);
     }
-    out.resize(header_len + length, 0);
-    match device.read_at(request.offset, &mut out[header_len..]) {
-        Ok(()) => out,
-        Err(err) => device_error_reply(session, request, &err),
+    out.resize(start + header_len + length, 0);
+    if let Err(err) = device.read_at(request.offset, &mut out[start + header_len..]) {
+        out.truncate(start);
+        device_error_reply(out, session, request, &err);
     }
 }
 
-fn block_status_reply(session: &Negotiated, request: &Request) -> Vec<u8> {
+/// Appends the reply to a BLOCK_STATUS for `base:allocation`.
+fn block_status_reply(out: &mut Vec<u8>, session: &Negotiated, request: &Request) {
     let context = session.base_allocation.unwrap_or_default();
     let extents = match session
         .export
@@ -416,7 +498,7 @@ fn block_status_reply(session: &Negotiated, request: &Request) -> Vec<u8> {
         .allocation(request.offset, u64::from(request.length))
     {
         Ok(extents) => extents,
-        Err(err) => return device_error_reply(session, request, &err),
+        Err(err) => return device_error_reply(out, session, request, &err),
     };
     let limit = if request.flags & cflag::REQ_ONE != 0 {
         1
@@ -441,11 +523,10 @@ fn block_status_reply(session: &Negotiated, request: &Request) -> Vec<u8> {
     }
     if descriptors.is_empty() {
         // Zero-length request: describe nothing, successfully.
-        return ok_reply(request);
+        return ok_reply(out, request);
     }
-    let mut out = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + descriptors.len() * 8);
     proto::encode_chunk_header(
-        &mut out,
+        out,
         chunk::FLAG_DONE,
         chunk::BLOCK_STATUS,
         request.cookie,
@@ -456,5 +537,4 @@ fn block_status_reply(session: &Negotiated, request: &Request) -> Vec<u8> {
         out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
     }
-    out
 }

@@ -1,0 +1,60 @@
+# The whole set-up on a fresh machine is `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+RUN_DIR ?= run
+IMAGE ?= $(RUN_DIR)/disk0.img
+IMAGE_SIZE ?= 1GiB
+LISTEN ?= 127.0.0.1:10809
+EMULATOR := target/release/emulator
+PYTHON := /usr/bin/python3
+FUZZ_SECONDS ?= 20
+
+.PHONY: run build test deps lint unit blackbox fuzz bench bench-nbd clean
+
+build:
+	$(CARGO) build --release --locked
+
+## Build, create a 1 GiB image in run/ (once) and serve it over NBD.
+run: build
+	@mkdir -p $(RUN_DIR)
+	@[ -f $(IMAGE) ] || $(EMULATOR) image create $(IMAGE) --size $(IMAGE_SIZE)
+	@name=$$(basename $(IMAGE) .img); host=$${LISTEN%:*}; port=$${LISTEN##*:}; \
+	echo; \
+	echo "Serving $(IMAGE) as NBD export '$$name' on $(LISTEN) (Ctrl-C stops it)."; \
+	echo "Attach it from another terminal:"; \
+	echo "  sudo modprobe nbd && sudo nbd-client $$host $$port /dev/nbd0 -N $$name"; \
+	echo "  qemu-img info nbd://$(LISTEN)/$$name"; \
+	echo "  nbdinfo nbd://$(LISTEN)/$$name"; \
+	echo; \
+	exec $(EMULATOR) serve --image $(IMAGE) --listen $(LISTEN)
+
+## Everything CI runs: lint, unit and property tests, black-box tests with real
+## clients, and a short fuzz pass.
+test: deps lint unit blackbox fuzz
+
+deps:
+	@scripts/install-deps.sh test
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked
+
+blackbox: build
+	EMULATOR_BIN=$(CURDIR)/$(EMULATOR) $(PYTHON) -m pytest -q tests/blackbox
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
+
+## Benchmarks (not tests): numbers, compared with nbdkit and qemu-nbd in one run.
+bench: bench-nbd
+
+bench-nbd: build
+	@scripts/install-deps.sh bench
+	scripts/bench-nbd.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(RUN_DIR)

@@ -1,0 +1,346 @@
+//! Tests of `DiskImage` through its public API: a reference model under random
+//! operations, checksum failures, bad files, and concurrent writers.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use disk_images::{sidecar_path, Access, DiskImage, ImageError, BLOCK_BYTES};
+use proptest::prelude::*;
+
+fn temp_image(size: u64) -> (tempfile::TempDir, PathBuf, DiskImage) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let image = DiskImage::create(&path, size, false).expect("create");
+    (dir, path, image)
+}
+
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for poke");
+    file.write_all_at(bytes, offset).expect("poke");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    Read { offset: u64, len: usize },
+    Zero { offset: u64, len: u64, punch: bool },
+}
+
+const MODEL_SIZE: u64 = 64 * 1024;
+
+fn op() -> impl Strategy<Value = Op> {
+    let offset = 0..MODEL_SIZE;
+    prop_oneof![
+        (
+            offset.clone(),
+            proptest::collection::vec(any::<u8>(), 1..9000)
+        )
+            .prop_map(|(offset, data)| Op::Write { offset, data }),
+        (offset.clone(), 1usize..12000).prop_map(|(offset, len)| Op::Read { offset, len }),
+        (offset, 1u64..20000, any::<bool>()).prop_map(|(offset, len, punch)| Op::Zero {
+            offset,
+            len,
+            punch
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random writes, reads and zeroing at arbitrary offsets and lengths behave
+    /// exactly like a plain byte array; out-of-range accesses are refused and
+    /// change nothing; the image verifies clean at the end and after reopening.
+    #[test]
+    fn behaves_like_a_byte_array(ops in proptest::collection::vec(op(), 1..40)) {
+        let (_dir, path, image) = temp_image(MODEL_SIZE);
+        let mut model = vec![0u8; MODEL_SIZE as usize];
+        for op in ops {
+            match op {
+                Op::Write { offset, data } => {
+                    let fits = offset + data.len() as u64 <= MODEL_SIZE;
+                    let result = image.write_at(offset, &data);
+                    prop_assert_eq!(result.is_ok(), fits, "write {}+{}", offset, data.len());
+                    if fits {
+                        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    }
+                }
+                Op::Read { offset, len } => {
+                    let mut buf = vec![0u8; len];
+                    let fits = offset + len as u64 <= MODEL_SIZE;
+                    let result = image.read_at(offset, &mut buf);
+                    prop_assert_eq!(result.is_ok(), fits, "read {}+{}", offset, len);
+                    if fits {
+                        prop_assert_eq!(&buf[..], &model[offset as usize..offset as usize + len]);
+                    }
+                }
+                Op::Zero { offset, len, punch } => {
+                    let fits = offset + len <= MODEL_SIZE;
+                    prop_assert_eq!(image.write_zeroes(offset, len, punch).is_ok(), fits);
+                    if fits {
+                        model[offset as usize..(offset + len) as usize].fill(0);
+                    }
+                }
+            }
+        }
+        image.flush().expect("flush");
+        let report = image.verify(|_| ());
+        prop_assert!(report.bad_blocks.is_empty());
+        drop(image);
+        let reopened = DiskImage::open(&path, Access::ReadOnly).expect("reopen");
+        let mut all = vec![0u8; MODEL_SIZE as usize];
+        reopened.read_at(0, &mut all).expect("read all");
+        prop_assert_eq!(all, model);
+    }
+}
+
+#[test]
+fn corruption_is_a_media_error_naming_the_block() {
+    let (_dir, path, image) = temp_image(16 * 4096);
+    image.write_at(0, &vec![0x5a; 16 * 4096]).expect("fill");
+    poke(&path, 3 * 4096 + 17, &[0x00]);
+
+    let mut buf = vec![0u8; 4096];
+    let err = image
+        .read_at(3 * 4096, &mut buf)
+        .expect_err("corrupt block must not read");
+    let ImageError::Media(media) = err else {
+        panic!("expected a media error, got {err}")
+    };
+    assert_eq!(media.block, 3);
+    assert_eq!(media.image, path);
+    assert_ne!(media.expected_crc, media.actual_crc);
+    let text = media.to_string();
+    assert!(
+        text.contains("block 3") && text.contains("disk.img"),
+        "{text}"
+    );
+
+    // A read that merely touches the bad block fails too; neighbours are fine.
+    assert!(image.read_at(3 * 4096 + 4000, &mut [0u8; 200]).is_err());
+    image.read_at(2 * 4096, &mut buf).expect("block 2 is fine");
+    image.read_at(4 * 4096, &mut buf).expect("block 4 is fine");
+
+    // Verify names exactly the bad block.
+    let report = image.verify(|_| {});
+    assert_eq!(report.bad_blocks.len(), 1);
+    assert_eq!(report.bad_blocks[0].block, 3);
+    assert_eq!(report.bad_blocks[0].offset, 3 * 4096);
+
+    // Patching part of a corrupt block must not bless it with a fresh CRC...
+    assert!(matches!(
+        image.write_at(3 * 4096 + 10, &[1, 2, 3]),
+        Err(ImageError::Media(_))
+    ));
+    // ...but rewriting the whole block heals it.
+    image
+        .write_at(3 * 4096, &vec![0x11; 4096])
+        .expect("full-block rewrite");
+    image.read_at(3 * 4096, &mut buf).expect("healed");
+    assert!(buf.iter().all(|&b| b == 0x11));
+    assert!(image.verify(|_| {}).bad_blocks.is_empty());
+}
+
+#[test]
+fn corrupt_checksum_entry_is_caught_too() {
+    let (_dir, path, image) = temp_image(4 * 4096);
+    poke(&sidecar_path(&path), 64 + 4, &[0xff, 0xff, 0xff, 0xff]);
+    assert!(
+        matches!(image.read_at(4096, &mut [0u8; 1]), Err(ImageError::Media(m)) if m.block == 1)
+    );
+}
+
+#[test]
+fn create_refuses_bad_sizes_and_existing_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d.img");
+    assert!(matches!(
+        DiskImage::create(&path, 0, false),
+        Err(ImageError::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        DiskImage::create(&path, 4097, false),
+        Err(ImageError::InvalidSize { .. })
+    ));
+    assert!(!path.exists(), "nothing is created for a bad size");
+
+    let image = DiskImage::create(&path, 8192, false).expect("create");
+    image.write_at(0, b"keep me").expect("write");
+    image.flush().expect("flush");
+    drop(image);
+    assert!(matches!(
+        DiskImage::create(&path, 8192, false),
+        Err(ImageError::Exists { .. })
+    ));
+    let image = DiskImage::open(&path, Access::ReadOnly).expect("still opens");
+    let mut buf = [0u8; 7];
+    image.read_at(0, &mut buf).expect("read");
+    assert_eq!(&buf, b"keep me", "a refused create must not touch the data");
+    drop(image);
+
+    let image = DiskImage::create(&path, 16384, true).expect("force recreates");
+    assert_eq!(image.size(), 16384);
+    image.read_at(0, &mut buf).expect("read");
+    assert_eq!(buf, [0u8; 7]);
+}
+
+#[test]
+fn open_refuses_sidecars_that_do_not_belong() {
+    let (dir, path, image) = temp_image(8192);
+    drop(image);
+    let sidecar = sidecar_path(&path);
+    let good = std::fs::read(&sidecar).expect("read sidecar");
+
+    std::fs::write(&sidecar, &good[..good.len() - 2]).expect("truncate");
+    assert!(matches!(
+        DiskImage::open(&path, Access::ReadWrite),
+        Err(ImageError::SidecarTruncated { .. })
+    ));
+
+    std::fs::write(&sidecar, vec![0x42u8; good.len()]).expect("foreign");
+    let err = DiskImage::open(&path, Access::ReadWrite).expect_err("foreign");
+    assert!(matches!(err, ImageError::SidecarInvalid { .. }), "{err}");
+
+    std::fs::write(&sidecar, &good[..10]).expect("short header");
+    assert!(matches!(
+        DiskImage::open(&path, Access::ReadWrite),
+        Err(ImageError::SidecarTruncated { .. })
+    ));
+
+    std::fs::write(&sidecar, &good).expect("restore");
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(12288)
+        .expect("grow");
+    assert!(matches!(
+        DiskImage::open(&path, Access::ReadWrite),
+        Err(ImageError::SizeMismatch { .. })
+    ));
+
+    std::fs::remove_file(&sidecar).expect("remove");
+    assert!(matches!(
+        DiskImage::open(&path, Access::ReadWrite),
+        Err(ImageError::SidecarMissing { .. })
+    ));
+
+    assert!(matches!(
+        DiskImage::open(dir.path(), Access::ReadOnly),
+        Err(ImageError::NotAFile { .. })
+    ));
+    assert!(matches!(
+        DiskImage::open(&dir.path().join("nope"), Access::ReadOnly),
+        Err(ImageError::Io { .. })
+    ));
+}
+
+#[test]
+fn read_only_images_refuse_writes() {
+    let (_dir, path, image) = temp_image(8192);
+    drop(image);
+    let image = DiskImage::open(&path, Access::ReadOnly).expect("open");
+    assert!(matches!(
+        image.write_at(0, b"x"),
+        Err(ImageError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        image.write_zeroes(0, 4096, true),
+        Err(ImageError::ReadOnly { .. })
+    ));
+}
+
+#[test]
+fn two_openers_share_data_and_checksums() {
+    // Two `DiskImage`s on one file stand in for two controller processes: each has
+    // its own mapping of the same file.
+    let (_dir, path, a) = temp_image(8 * 4096);
+    let b = DiskImage::open(&path, Access::ReadWrite).expect("second opener");
+    a.write_at(4096, &vec![7u8; 4096]).expect("a writes");
+    let mut buf = vec![0u8; 4096];
+    b.read_at(4096, &mut buf)
+        .expect("b reads a's write with a's checksum");
+    assert!(buf.iter().all(|&x| x == 7));
+    b.write_at(4096 + 100, b"from b").expect("b patches");
+    a.read_at(4096 + 100, &mut buf[..6])
+        .expect("a reads b's write");
+    assert_eq!(&buf[..6], b"from b");
+}
+
+#[test]
+fn allocation_reports_holes_and_data() {
+    let (_dir, _path, image) = temp_image(1 << 20);
+    let extents = image.allocation(0, 1 << 20).expect("allocation");
+    assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+    assert!(
+        extents.iter().all(|e| e.hole),
+        "fresh image is all hole: {extents:?}"
+    );
+
+    image
+        .write_at(256 * 1024, &vec![1u8; 64 * 1024])
+        .expect("write");
+    let extents = image.allocation(0, 1 << 20).expect("allocation");
+    assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+    let mut position = 0;
+    let mut data_covers_write = false;
+    for extent in &extents {
+        if !extent.hole && position <= 256 * 1024 && position + extent.length >= 320 * 1024 {
+            data_covers_write = true;
+        }
+        position += extent.length;
+    }
+    assert!(data_covers_write, "{extents:?}");
+
+    image.write_zeroes(0, 1 << 20, true).expect("punch");
+    let extents = image.allocation(0, 1 << 20).expect("allocation");
+    assert!(
+        extents.iter().all(|e| e.hole),
+        "punched image is all hole: {extents:?}"
+    );
+}
+
+#[test]
+fn concurrent_writers_never_leave_a_block_with_a_stale_checksum() {
+    const BLOCKS: u64 = 32;
+    let (_dir, _path, image) = temp_image(BLOCKS * 4096);
+    let image = Arc::new(image);
+    let seed: u64 = std::env::var("TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    println!("seed {seed}");
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let image = Arc::clone(&image);
+            std::thread::spawn(move || {
+                let mut state = seed ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut next = || {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state
+                };
+                let mut buf = vec![0u8; 3 * BLOCK_BYTES];
+                for _ in 0..2000 {
+                    let offset = next() % (BLOCKS * 4096 - buf.len() as u64);
+                    let len = 1 + (next() % buf.len() as u64) as usize;
+                    buf[..len].fill(next() as u8);
+                    image.write_at(offset, &buf[..len]).expect("write");
+                    image
+                        .read_at(offset, &mut buf[..len])
+                        .expect("read back consistent");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("writer thread");
+    }
+    assert!(image.verify(|_| {}).bad_blocks.is_empty());
+}
