@@ -1,28 +1,45 @@
 //! The transmission phase of one connection: decode requests, validate them at
 //! the boundary, run them against the export's device, and send replies.
 //!
-//! Shape: the connection's task reads and executes requests in order; replies go
-//! through a bounded queue to a writer task that batches them into few syscalls.
-//! Slow, durable operations (FLUSH, FUA) run on the blocking pool and reply when
-//! done, so replies can complete out of order while later requests keep flowing.
-//! The queue bound is the connection's backpressure: when the client stops reading
-//! replies, we stop reading requests.
+//! Shape: one task per connection is an event loop over four things: shutdown,
+//! progress writing queued replies, replies coming back from offloaded work, and
+//! new requests. Small requests run in place and append their replies to a batch
+//! that is queued when no further complete request is buffered, so a burst of
+//! small requests costs one read and one write syscall and no thread hand-off.
+//! Large reads and writes, FLUSH and FUA run on the blocking pool (a bounded
+//! number at a time per connection) and hand their replies back through a
+//! channel, so replies may complete out of order and several large requests use
+//! every core. Writing never stops reading: a client may pipeline requests without
+//! reading replies, up to [`MAX_QUEUED_REPLY_BYTES`] of unread replies; past that
+//! the connection stops reading requests until the client catches up.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::export::{BlockDevice, DeviceError};
 use super::handshake::Negotiated;
 use super::proto::{self, cflag, chunk, cmd, errno, state, Request};
 use super::MAX_PAYLOAD_BYTES;
 
-/// Replies queued for the writer before the reader waits.
-const REPLY_QUEUE_DEPTH: usize = 256;
-/// The writer coalesces queued replies into one write up to this many bytes.
+/// Unread replies a connection may hold before it stops reading requests.
+pub const MAX_QUEUED_REPLY_BYTES: usize = 64 * 1024 * 1024;
+/// The reply batch is queued once it reaches this size even if more requests are
+/// waiting.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Initial capacity of the reply batch.
+const BATCH_START_BYTES: usize = 64 * 1024;
+/// Reads up to this length are built straight into the batch; longer ones are
+/// offloaded and get a buffer of their own.
+const INLINE_READ_BYTES: u32 = 64 * 1024;
+/// Writes up to this length run in place; longer ones are offloaded.
+const INLINE_WRITE_BYTES: u32 = 64 * 1024;
+/// Offloaded requests running at once per connection; the request loop waits for
+/// a slot, which bounds threads and memory per client.
+const OFFLOAD_SLOTS: usize = 8;
 /// Most extents returned by one BLOCK_STATUS reply (the spec allows fewer than the
 /// whole range).
 const MAX_EXTENTS_PER_REPLY: usize = 1024;
@@ -49,122 +66,180 @@ pub enum TransmissionError {
     BadMagic(u32),
 }
 
-type ReplySender = mpsc::Sender<Vec<u8>>;
+/// Replies of one connection on their way to the socket.
+struct Replies {
+    /// Replies of requests run in place, not yet queued.
+    batch: Vec<u8>,
+    /// Replies ready to write, oldest first, and how much of the first is written.
+    queue: VecDeque<Vec<u8>>,
+    written: usize,
+    queued_bytes: usize,
+    /// Where offloaded work sends its replies.
+    done: mpsc::Sender<Vec<u8>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Replies {
+    fn enqueue(&mut self, reply: Vec<u8>) {
+        if !reply.is_empty() {
+            self.queued_bytes += reply.len();
+            self.queue.push_back(reply);
+        }
+    }
+
+    fn enqueue_batch(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_START_BYTES));
+            self.enqueue(batch);
+        }
+    }
+
+    fn wrote(&mut self, count: usize) {
+        self.written += count;
+        self.queued_bytes -= count;
+        if self
+            .queue
+            .front()
+            .is_some_and(|front| self.written == front.len())
+        {
+            self.queue.pop_front();
+            self.written = 0;
+        }
+    }
+
+    async fn write_all<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.enqueue_batch();
+        while let Some(front) = self.queue.front() {
+            writer.write_all(&front[self.written..]).await?;
+            let remaining = front.len() - self.written;
+            self.wrote(remaining);
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on the blocking pool, where it builds a reply that is written
+    /// as soon as it is ready.
+    async fn offload(
+        &mut self,
+        request: Request,
+        work: impl FnOnce(&mut Vec<u8>) + Send + 'static,
+    ) -> io::Result<()> {
+        let slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("offload slots closed"))?;
+        let done = self.done.clone();
+        // Not detached for long: `transmit` drains every reply (this task holds a
+        // sender) before it returns.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let mut reply = Vec::new();
+            work(&mut reply);
+            if done.blocking_send(reply).is_err() {
+                tracing::debug!(cookie = request.cookie, "reply dropped: connection closed");
+            }
+        });
+        Ok(())
+    }
+}
 
 /// Runs the transmission phase until DISC, EOF, shutdown or a fatal error. Every
-/// request read is answered before this returns.
+/// request read is answered before this returns (unless the socket itself fails).
 pub async fn transmit<R, W>(
     reader: &mut BufReader<R>,
-    writer: W,
+    mut writer: W,
     session: &Negotiated,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Ending, TransmissionError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
-    let (replies, queue) = mpsc::channel(REPLY_QUEUE_DEPTH);
-    let writer_task = tokio::spawn(write_replies(writer, queue));
-    let outcome = read_requests(reader, session, &replies, &mut shutdown).await;
-    // Dropping our sender lets the writer finish once every in-flight request
-    // (including those on the blocking pool, which hold clones) has replied.
-    drop(replies);
-    let written = writer_task
-        .await
-        .map_err(|join| io::Error::other(join.to_string()))?;
+    let (done, mut completed) = mpsc::channel(OFFLOAD_SLOTS);
+    let mut replies = Replies {
+        batch: Vec::with_capacity(BATCH_START_BYTES),
+        queue: VecDeque::new(),
+        written: 0,
+        queued_bytes: 0,
+        done,
+        slots: Arc::new(Semaphore::new(OFFLOAD_SLOTS)),
+    };
+    let outcome = serve_requests(
+        reader,
+        &mut writer,
+        session,
+        &mut replies,
+        &mut completed,
+        &mut shutdown,
+    )
+    .await;
+    // Our sender goes; offloaded work holds the others until it has replied.
+    let (dummy, _) = mpsc::channel(1);
+    drop(std::mem::replace(&mut replies.done, dummy));
+    let drained = match &outcome {
+        Ok(_) => {
+            async {
+                // Finish what was accepted: queued replies, then offloaded ones.
+                replies.write_all(&mut writer).await?;
+                while let Some(reply) = completed.recv().await {
+                    writer.write_all(&reply).await?;
+                }
+                writer.flush().await?;
+                writer.shutdown().await
+            }
+            .await
+        }
+        Err(_) => {
+            // The socket is unusable; still wait for offloaded work so that
+            // nothing outlives the connection.
+            while completed.recv().await.is_some() {}
+            Ok(())
+        }
+    };
     let ending = outcome?;
-    written?;
+    drained?;
     Ok(ending)
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    mut queue: mpsc::Receiver<Vec<u8>>,
-) -> io::Result<()> {
-    let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES);
-    while let Some(first) = queue.recv().await {
-        if first.len() >= WRITE_BATCH_BYTES {
-            writer.write_all(&first).await?;
-        } else {
-            batch.clear();
-            batch.extend_from_slice(&first);
-            while batch.len() < WRITE_BATCH_BYTES {
-                match queue.try_recv() {
-                    Ok(next) if next.len() >= WRITE_BATCH_BYTES => {
-                        writer.write_all(&batch).await?;
-                        batch.clear();
-                        writer.write_all(&next).await?;
-                        break;
-                    }
-                    Ok(next) => batch.extend_from_slice(&next),
-                    Err(_) => break,
-                }
-            }
-            if !batch.is_empty() {
-                writer.write_all(&batch).await?;
-            }
-        }
-    }
-    writer.flush().await?;
-    writer.shutdown().await
-}
-
-/// Replies produced inline are gathered here and handed to the writer as one
-/// message when the reader runs out of buffered requests, so a burst of small
-/// requests costs one wake-up and one syscall rather than one per reply.
-struct Outbox<'a> {
-    batch: Vec<u8>,
-    sender: &'a ReplySender,
-}
-
-impl Outbox<'_> {
-    async fn push(&mut self, reply: Vec<u8>) -> io::Result<()> {
-        self.flush().await?;
-        send(self.sender, reply).await
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_START_BYTES));
-        send(self.sender, batch).await
-    }
-}
-
-/// Initial capacity of an outbox batch.
-const BATCH_START_BYTES: usize = 64 * 1024;
-/// Reads up to this length are built straight into the batch; longer ones get a
-/// buffer of their own (no extra copy of large data).
-const INLINE_READ_BYTES: u32 = 64 * 1024;
-
-async fn read_requests<R: AsyncRead + Unpin>(
+async fn serve_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: &mut BufReader<R>,
+    writer: &mut W,
     session: &Negotiated,
-    replies: &ReplySender,
+    replies: &mut Replies,
+    completed: &mut mpsc::Receiver<Vec<u8>>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Ending, TransmissionError> {
-    let mut outbox = Outbox {
-        batch: Vec::with_capacity(BATCH_START_BYTES),
-        sender: replies,
-    };
-    let ending = loop {
+    loop {
         if *shutdown.borrow() {
-            break Ending::Shutdown;
+            return Ok(Ending::Shutdown);
         }
-        if reader.buffer().len() < proto::REQUEST_LEN || outbox.batch.len() >= WRITE_BATCH_BYTES {
-            // The next request is not fully here yet: send what we have before we
+        if reader.buffer().len() < proto::REQUEST_LEN || replies.batch.len() >= WRITE_BATCH_BYTES {
+            // The next request is not fully here yet: queue what we have before we
             // wait, or a client that waits for replies would wait forever.
-            outbox.flush().await?;
+            replies.enqueue_batch();
         }
-        // Wait for the next request or for shutdown. `fill_buf` is cancel-safe, so
-        // losing the race to shutdown loses no bytes.
+        let may_read = replies.queued_bytes < MAX_QUEUED_REPLY_BYTES;
+        let writing = !replies.queue.is_empty();
+        // Every branch is cancel-safe (`write` writes nothing if cancelled,
+        // `recv` and `fill_buf` take nothing), so losing a race loses nothing.
         tokio::select! {
             biased;
-            _ = shutdown.changed() => break Ending::Shutdown,
-            ready = reader.fill_buf() => {
+            _ = shutdown.changed() => return Ok(Ending::Shutdown),
+            written = write_front(writer, replies), if writing => {
+                let count = written?;
+                if count == 0 {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                }
+                replies.wrote(count);
+                continue;
+            }
+            Some(reply) = completed.recv(), if may_read => {
+                replies.enqueue(reply);
+                continue;
+            }
+            ready = reader.fill_buf(), if may_read => {
                 if ready?.is_empty() {
-                    break Ending::ClientClosed;
+                    return Ok(Ending::ClientClosed);
                 }
             }
         }
@@ -172,32 +247,40 @@ async fn read_requests<R: AsyncRead + Unpin>(
         // accepted: drop it rather than wait for a client that may never finish it.
         let incoming = tokio::select! {
             biased;
-            _ = shutdown.changed() => break Ending::Shutdown,
+            _ = shutdown.changed() => return Ok(Ending::Shutdown),
             incoming = read_request(reader) => incoming?,
         };
-        let (request, payload) = match incoming {
-            Incoming::Disconnect => break Ending::Disconnect,
-            Incoming::Request(request, payload) => (request, payload),
+        match incoming {
+            Incoming::Disconnect => return Ok(Ending::Disconnect),
+            Incoming::Request(request, payload) => {
+                execute(session, request, payload, replies).await?
+            }
             Incoming::OversizedWrite(request) => {
                 let message = format!(
                     "write of {} bytes exceeds the maximum payload of {MAX_PAYLOAD_BYTES}",
                     request.length
                 );
                 error_reply(
-                    &mut outbox.batch,
+                    &mut replies.batch,
                     session,
                     &request,
                     errno::EINVAL,
                     &message,
                     None,
                 );
-                continue;
             }
-        };
-        execute(session, request, payload, &mut outbox).await?;
-    };
-    outbox.flush().await?;
-    Ok(ending)
+        }
+    }
+}
+
+async fn write_front<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    replies: &Replies,
+) -> io::Result<usize> {
+    match replies.queue.front() {
+        Some(front) => writer.write(&front[replies.written..]).await,
+        None => Ok(0),
+    }
 }
 
 /// One message read from the client.
@@ -229,19 +312,20 @@ async fn read_request<R: AsyncRead + Unpin>(
             Ok(Incoming::OversizedWrite(request))
         }
         cmd::WRITE => {
-            let mut data = vec![0u8; request.length as usize];
-            reader.read_exact(&mut data).await?;
+            // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+            let length = request.length as usize;
+            let mut data = Vec::with_capacity(length);
+            (&mut *reader)
+                .take(length as u64)
+                .read_to_end(&mut data)
+                .await?;
+            if data.len() < length {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
             Ok(Incoming::Request(request, Some(data)))
         }
         _ => Ok(Incoming::Request(request, None)),
     }
-}
-
-async fn send(replies: &ReplySender, reply: Vec<u8>) -> io::Result<()> {
-    replies
-        .send(reply)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "reply writer stopped"))
 }
 
 /// Appends an error reply in the form the session requires: a structured error
@@ -371,9 +455,9 @@ async fn execute(
     session: &Negotiated,
     request: Request,
     payload: Option<Vec<u8>>,
-    outbox: &mut Outbox<'_>,
+    replies: &mut Replies,
 ) -> io::Result<()> {
-    let out = &mut outbox.batch;
+    let out = &mut replies.batch;
     if let Err((error, message)) = validate(session, &request) {
         tracing::debug!(command = request.command, error, %message, "request rejected");
         error_reply(out, session, &request, error, &message, None);
@@ -389,9 +473,32 @@ async fn execute(
             return Ok(());
         }
         cmd::READ => {
-            let mut own = Vec::new();
-            read_reply(&mut own, session, &request);
-            return outbox.push(own).await;
+            // Large reads run beside the request loop so that several of them (and
+            // the next requests' socket reads) use every core.
+            let session = session.clone();
+            return replies
+                .offload(request, move |reply| read_reply(reply, &session, &request))
+                .await;
+        }
+        cmd::WRITE if request.length > INLINE_WRITE_BYTES => {
+            let data = payload.unwrap_or_default();
+            let session = session.clone();
+            return replies
+                .offload(request, move |reply| {
+                    let device = &session.export.device;
+                    let result = device.write_at(offset, &data).and_then(|()| {
+                        if fua {
+                            device.flush_range(offset, length)
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    match result {
+                        Ok(()) => ok_reply(reply, &request),
+                        Err(err) => device_error_reply(reply, &session, &request, &err),
+                    }
+                })
+                .await;
         }
         cmd::WRITE => {
             let data = payload.unwrap_or_default();
@@ -415,45 +522,32 @@ async fn execute(
             return Ok(());
         }
         cmd::FLUSH => {
-            let device = Arc::clone(device);
-            durable_reply(session, request, outbox.sender, move || device.flush());
-            return Ok(());
+            let session = session.clone();
+            return replies
+                .offload(request, move |reply| match session.export.device.flush() {
+                    Ok(()) => ok_reply(reply, &request),
+                    Err(err) => device_error_reply(reply, &session, &request, &err),
+                })
+                .await;
         }
         _ => unreachable!("validate() admits only known commands"),
     };
     match result {
         Err(err) => device_error_reply(out, session, &request, &err),
         Ok(()) if fua && length > 0 => {
-            let device = Arc::clone(device);
-            durable_reply(session, request, outbox.sender, move || {
-                device.flush_range(offset, length)
-            });
+            let session = session.clone();
+            replies
+                .offload(request, move |reply| {
+                    match session.export.device.flush_range(offset, length) {
+                        Ok(()) => ok_reply(reply, &request),
+                        Err(err) => device_error_reply(reply, &session, &request, &err),
+                    }
+                })
+                .await?;
         }
         Ok(()) => ok_reply(out, &request),
     }
     Ok(())
-}
-
-/// Runs `persist` on the blocking pool and replies when it is done, without
-/// holding up the requests behind it.
-fn durable_reply(
-    session: &Negotiated,
-    request: Request,
-    replies: &ReplySender,
-    persist: impl FnOnce() -> Result<(), DeviceError> + Send + 'static,
-) {
-    let replies = replies.clone();
-    let session = session.clone();
-    // Not detached for long: `transmit` waits for every sender (this task holds one)
-    // before it returns.
-    tokio::task::spawn_blocking(move || {
-        let mut reply = Vec::with_capacity(64);
-        match persist() {
-            Ok(()) => ok_reply(&mut reply, &request),
-            Err(err) => device_error_reply(&mut reply, &session, &request, &err),
-        }
-        let _ = replies.blocking_send(reply);
-    });
 }
 
 /// Appends the reply to a READ: header and data built in place, or an error.
