@@ -390,6 +390,68 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Appends `len` bytes read at `offset` to `out`, checking the CRC of every block
+    /// touched. Whole blocks are copied straight into `out`'s spare capacity (no
+    /// zero-fill, no second copy), which is what large reads want. On error, `out`
+    /// is left as it was.
+    pub fn read_append(
+        &self,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ImageError> {
+        self.check_range(offset, len as u64)?;
+        let start = out.len();
+        out.reserve(len);
+        let mut scratch = [0u8; BLOCK_BYTES];
+        let mut done = 0usize;
+        while done < len {
+            let position = offset + done as u64;
+            let block = position / u64::from(BLOCK_SIZE);
+            let within = (position % u64::from(BLOCK_SIZE)) as usize;
+            let step = (BLOCK_BYTES - within).min(len - done);
+            let _guard = self.lock(block).read();
+            let result = if step == BLOCK_BYTES {
+                self.append_checked_block(block, out)
+            } else {
+                self.read_checked_block(block, &mut scratch)
+                    .map(|()| out.extend_from_slice(&scratch[within..within + step]))
+            };
+            if let Err(err) = result {
+                out.truncate(start);
+                return Err(err.into());
+            }
+            done += step;
+        }
+        Ok(())
+    }
+
+    /// Like [`Self::read_checked_block`], appending the block to `out`.
+    fn append_checked_block(&self, block: u64, out: &mut Vec<u8>) -> Result<(), MediaError> {
+        let offset = (block * u64::from(BLOCK_SIZE)) as usize;
+        let start = out.len();
+        let mut attempt = 0;
+        loop {
+            self.data.append_to(offset, BLOCK_BYTES, out);
+            let expected = self.stored_crc(block);
+            let actual = crc32fast::hash(&out[start..]);
+            if expected == actual {
+                return Ok(());
+            }
+            out.truncate(start);
+            attempt += 1;
+            if attempt > MISMATCH_REREADS {
+                return Err(MediaError {
+                    image: self.path.clone(),
+                    block,
+                    expected_crc: expected,
+                    actual_crc: actual,
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// Writes `data` at `offset`, keeping every touched block's CRC current. A
     /// partial-block write first checks the block's old contents: patching a
     /// corrupt block would bless the corruption with a fresh CRC.

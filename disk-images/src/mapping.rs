@@ -91,6 +91,26 @@ impl SharedMapping {
         }
     }
 
+    /// Appends `len` bytes copied from the mapping at `offset` to `out`, without
+    /// first zero-filling the destination.
+    pub fn append_to(&self, offset: usize, len: usize, out: &mut Vec<u8>) {
+        self.check_range(offset, len);
+        out.reserve(len);
+        let filled = out.len();
+        // SAFETY: the source range is inside the live mapping (checked above) and is
+        // copied without forming a reference into it. `reserve` guarantees capacity
+        // for `len` more bytes after `filled`, the copy initialises exactly those
+        // bytes, and only then does `set_len` expose them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset),
+                out.as_mut_ptr().add(filled),
+                len,
+            );
+            out.set_len(filled + len);
+        }
+    }
+
     /// Copies `src` into the mapping at `offset`.
     ///
     /// Panics if the mapping is read-only or the range is outside it.
@@ -225,6 +245,9 @@ mod tests {
         let mut out = [0u8; 19];
         map.read_into(4000, &mut out);
         assert_eq!(&out, b"hello across a page");
+        let mut appended = b"prefix:".to_vec();
+        map.append_to(4000, 5, &mut appended);
+        assert_eq!(&appended, b"prefix:hello");
         map.fill_zero(4002, 3);
         map.read_into(4000, &mut out);
         assert_eq!(&out[..8], b"he\0\0\0 ac");

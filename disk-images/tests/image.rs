@@ -75,8 +75,14 @@ proptest! {
                     let fits = offset + len as u64 <= MODEL_SIZE;
                     let result = image.read_at(offset, &mut buf);
                     prop_assert_eq!(result.is_ok(), fits, "read {}+{}", offset, len);
+                    let mut appended = b"prefix".to_vec();
+                    prop_assert_eq!(image.read_append(offset, len, &mut appended).is_ok(), fits);
                     if fits {
                         prop_assert_eq!(&buf[..], &model[offset as usize..offset as usize + len]);
+                        prop_assert_eq!(&appended[..6], b"prefix");
+                        prop_assert_eq!(&appended[6..], &buf[..]);
+                    } else {
+                        prop_assert_eq!(&appended[..], b"prefix");
                     }
                 }
                 Op::Zero { offset, len, punch } => {
@@ -119,6 +125,16 @@ fn corruption_is_a_media_error_naming_the_block() {
     assert!(
         text.contains("block 3") && text.contains("disk.img"),
         "{text}"
+    );
+
+    let mut appended = vec![9u8; 3];
+    assert!(
+        matches!(image.read_append(2 * 4096, 3 * 4096, &mut appended), Err(ImageError::Media(m)) if m.block == 3)
+    );
+    assert_eq!(
+        appended,
+        [9, 9, 9],
+        "a failed append leaves the buffer as it was"
     );
 
     // A read that merely touches the bad block fails too; neighbours are fine.

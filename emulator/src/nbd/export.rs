@@ -61,6 +61,15 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug + 'static {
     fn size(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
+    /// Appends `len` bytes read at `offset` to `out`; on error `out` is unchanged.
+    /// The default zero-fills then reads; devices that can copy straight into
+    /// spare capacity override it.
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), DeviceError> {
+        let start = out.len();
+        out.resize(start + len, 0);
+        self.read_at(offset, &mut out[start..])
+            .inspect_err(|_| out.truncate(start))
+    }
     /// Writes `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
     /// Zeroes a range, deallocating it when `punch_hole` is set.
@@ -79,6 +88,9 @@ impl BlockDevice for DiskImage {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         Ok(DiskImage::read_at(self, offset, buf)?)
+    }
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), DeviceError> {
+        Ok(DiskImage::read_append(self, offset, len, out)?)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         Ok(DiskImage::write_at(self, offset, data)?)

@@ -560,6 +560,7 @@ fn read_reply(out: &mut Vec<u8>, session: &Negotiated, request: &Request) {
     } else {
         proto::SIMPLE_REPLY_LEN
     };
+    out.reserve(header_len + length);
     if session.structured_replies {
         if length == 0 {
             proto::encode_chunk_header(out, chunk::FLAG_DONE, chunk::NONE, request.cookie, 0);
@@ -576,8 +577,7 @@ fn read_reply(out: &mut Vec<u8>, session: &Negotiated, request: &Request) {
     } else {
         proto::encode_simple_reply(out, 0, request.cookie);
     }
-    out.resize(start + header_len + length, 0);
-    if let Err(err) = device.read_at(request.offset, &mut out[start + header_len..]) {
+    if let Err(err) = device.read_append(request.offset, length, out) {
         out.truncate(start);
         device_error_reply(out, session, request, &err);
     }
