@@ -145,60 +145,46 @@ fn io_error<'a>(
 impl DiskImage {
     /// Creates a sparse image of `size` bytes at `path` and its sidecar. Without
     /// `force`, an existing image or sidecar is an error and nothing is touched.
+    ///
+    /// Both files are built under temporary names and renamed into place only
+    /// when complete, so a failure (a size the file system refuses, a full disk)
+    /// leaves nothing behind and, with `force`, leaves the old image intact. The
+    /// sidecar is renamed first: an interruption between the two renames leaves a
+    /// pair that `open` refuses (sizes disagree) or that fails its checksums,
+    /// never one that silently mixes old data with new checksums.
     pub fn create(path: &Path, size: u64, force: bool) -> Result<Self, ImageError> {
         validate_size(size)?;
         let sidecar = sidecar_path(path);
-        if !force {
+        let refuse_existing = || -> Result<(), ImageError> {
             for existing in [path, sidecar.as_path()] {
-                if existing.exists() {
+                if !force && existing.exists() {
                     return Err(ImageError::Exists {
                         path: existing.to_path_buf(),
                     });
                 }
             }
-        }
-        let mut options = OpenOptions::new();
-        options.read(true).write(true);
-        if force {
-            options.create(true).truncate(true);
-        } else {
-            options.create_new(true);
-        }
-        let data_file = options.open(path).map_err(io_error(path, "create image"))?;
-        data_file
-            .set_len(size)
-            .map_err(io_error(path, "size image"))?;
-
-        let header = SidecarHeader::for_image(size);
-        let write_sidecar = || -> io::Result<()> {
-            let file = options.open(&sidecar)?;
-            let mut out = io::BufWriter::with_capacity(1 << 20, &file);
-            out.write_all(&header.encode())?;
-            let entry = zero_block_crc().to_le_bytes();
-            let chunk: Vec<u8> = entry.iter().copied().cycle().take(64 * 1024).collect();
-            let mut remaining = header.block_count * 4;
-            while remaining > 0 {
-                let step = remaining.min(chunk.len() as u64) as usize;
-                out.write_all(&chunk[..step])?;
-                remaining -= step as u64;
-            }
-            out.flush()?;
-            drop(out);
-            file.sync_all()
+            Ok(())
         };
-        if let Err(source) = write_sidecar() {
-            // Leave nothing half-made behind: the image we just created is useless
-            // without its sidecar.
-            let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_file(&sidecar);
-            return Err(ImageError::Io {
-                path: sidecar,
-                operation: "write checksum file",
-                source,
-            });
+        refuse_existing()?;
+        let temp_image = temporary_sibling(path);
+        let temp_sidecar = temporary_sibling(&sidecar);
+        let built = build_files(&temp_image, &temp_sidecar, size).and_then(|()| {
+            refuse_existing()?;
+            std::fs::rename(&temp_sidecar, &sidecar)
+                .map_err(io_error(&sidecar, "create checksum file"))?;
+            std::fs::rename(&temp_image, path).map_err(io_error(path, "create image"))
+        });
+        if let Err(err) = built {
+            let _ = std::fs::remove_file(&temp_image);
+            let _ = std::fs::remove_file(&temp_sidecar);
+            return Err(err);
         }
-        data_file.sync_all().map_err(io_error(path, "sync image"))?;
-        drop(data_file);
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // Make the renames themselves durable.
+            File::open(parent)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io_error(parent, "sync directory"))?;
+        }
         Self::open(path, Access::ReadWrite)
     }
 
@@ -685,6 +671,52 @@ impl DiskImage {
             sidecar_version: crate::sidecar::VERSION,
         })
     }
+}
+
+/// A name next to `path` for building a file before it is renamed into place.
+fn temporary_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes a sparse image of `size` bytes and its sidecar under the given names.
+fn build_files(image: &Path, sidecar: &Path, size: u64) -> Result<(), ImageError> {
+    let create = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)
+    };
+    let data_file = create(image).map_err(io_error(image, "create image"))?;
+    data_file
+        .set_len(size)
+        .map_err(io_error(image, "size image"))?;
+    data_file
+        .sync_all()
+        .map_err(io_error(image, "sync image"))?;
+
+    let header = SidecarHeader::for_image(size);
+    let write_sidecar = || -> io::Result<()> {
+        let file = create(sidecar)?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, &file);
+        out.write_all(&header.encode())?;
+        let entry = zero_block_crc().to_le_bytes();
+        let chunk: Vec<u8> = entry.iter().copied().cycle().take(64 * 1024).collect();
+        let mut remaining = header.block_count * 4;
+        while remaining > 0 {
+            let step = remaining.min(chunk.len() as u64) as usize;
+            out.write_all(&chunk[..step])?;
+            remaining -= step as u64;
+        }
+        out.flush()?;
+        drop(out);
+        file.sync_all()
+    };
+    write_sidecar().map_err(io_error(sidecar, "write checksum file"))
 }
 
 fn punch_hole_in(file: &File, offset: u64, len: u64) -> Result<(), nix::errno::Errno> {

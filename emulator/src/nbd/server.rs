@@ -222,6 +222,25 @@ pub async fn run(
     tracing::info!("stopped");
 }
 
+/// Socket buffer size asked for on every connection (the kernel caps it at
+/// `net.core.wmem_max`/`rmem_max`).
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Asks for socket buffers large enough to hold a few large replies, so a 1 MiB
+/// read reply goes out in one syscall instead of trickling through the default
+/// ~200 KiB. Failure is harmless (the defaults stay), so it is only logged.
+fn enlarge_socket_buffers(socket: &impl std::os::fd::AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    for result in [
+        setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER_BYTES),
+        setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER_BYTES),
+    ] {
+        if let Err(err) = result {
+            tracing::debug!(%err, "could not enlarge socket buffer");
+        }
+    }
+}
+
 type BoxedRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxedWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -230,11 +249,13 @@ async fn accept(listener: &Listener) -> std::io::Result<(BoxedRead, BoxedWrite, 
         Listener::Tcp(listener) => {
             let (stream, peer) = listener.accept().await?;
             stream.set_nodelay(true)?;
+            enlarge_socket_buffers(&stream);
             let (reader, writer) = stream.into_split();
             Ok((Box::new(reader), Box::new(writer), peer.to_string()))
         }
         Listener::Unix(listener, _) => {
             let (stream, _) = listener.accept().await?;
+            enlarge_socket_buffers(&stream);
             let (reader, writer) = stream.into_split();
             Ok((Box::new(reader), Box::new(writer), "unix".to_string()))
         }

@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -36,10 +37,14 @@ const BATCH_START_BYTES: usize = 64 * 1024;
 /// offloaded and get a buffer of their own.
 const INLINE_READ_BYTES: u32 = 64 * 1024;
 /// Writes up to this length run in place; longer ones are offloaded.
-const INLINE_WRITE_BYTES: u32 = 64 * 1024;
+const INLINE_WRITE_BYTES: u32 = MAX_PAYLOAD_BYTES;
 /// Offloaded requests running at once per connection; the request loop waits for
 /// a slot, which bounds threads and memory per client.
 const OFFLOAD_SLOTS: usize = 8;
+/// At most this many already-sent requests are answered `ESHUTDOWN` on shutdown.
+const MAX_REFUSED_ON_SHUTDOWN: usize = 65_536;
+/// On shutdown, how long to wait for the rest of a request already begun.
+const REST_OF_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most extents returned by one BLOCK_STATUS reply (the spec allows fewer than the
 /// whole range).
 const MAX_EXTENTS_PER_REPLY: usize = 1024;
@@ -211,9 +216,10 @@ async fn serve_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 ) -> Result<Ending, TransmissionError> {
     loop {
         if *shutdown.borrow() {
+            refuse_received(reader, session, replies).await?;
             return Ok(Ending::Shutdown);
         }
-        if reader.buffer().len() < proto::REQUEST_LEN || replies.batch.len() >= WRITE_BATCH_BYTES {
+        if !next_request_is_buffered(reader.buffer()) || replies.batch.len() >= WRITE_BATCH_BYTES {
             // The next request is not fully here yet: queue what we have before we
             // wait, or a client that waits for replies would wait forever.
             replies.enqueue_batch();
@@ -224,7 +230,10 @@ async fn serve_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         // `recv` and `fill_buf` take nothing), so losing a race loses nothing.
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return Ok(Ending::Shutdown),
+            _ = shutdown.changed() => {
+                refuse_received(reader, session, replies).await?;
+                return Ok(Ending::Shutdown);
+            }
             written = write_front(writer, replies), if writing => {
                 let count = written?;
                 if count == 0 {
@@ -270,6 +279,58 @@ async fn serve_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 );
             }
         }
+    }
+}
+
+/// On shutdown, requests the client has already sent (buffered here or waiting
+/// in the socket) are answered with `NBD_ESHUTDOWN`, as the spec asks, rather
+/// than dropped unanswered. Only what is already here counts: this never waits
+/// for the client to send more, and a request cut off part-way was never
+/// accepted.
+async fn refuse_received<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    session: &Negotiated,
+    replies: &mut Replies,
+) -> Result<(), TransmissionError> {
+    for _ in 0..MAX_REFUSED_ON_SHUTDOWN {
+        match tokio::time::timeout(Duration::ZERO, reader.fill_buf()).await {
+            Ok(Ok(buffered)) if !buffered.is_empty() => {}
+            _ => return Ok(()),
+        }
+        let incoming =
+            match tokio::time::timeout(REST_OF_REQUEST_TIMEOUT, read_request(reader)).await {
+                Ok(incoming) => incoming?,
+                Err(_) => return Ok(()),
+            };
+        match incoming {
+            Incoming::Disconnect => return Ok(()),
+            Incoming::Request(request, _) | Incoming::OversizedWrite(request) => {
+                let message = "server is shutting down";
+                error_reply(
+                    &mut replies.batch,
+                    session,
+                    &request,
+                    errno::ESHUTDOWN,
+                    message,
+                    None,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `buffered` holds the whole next request (header and any payload), so
+/// that it can run without waiting on the client.
+fn next_request_is_buffered(buffered: &[u8]) -> bool {
+    let Some(header) = buffered.first_chunk::<{ proto::REQUEST_LEN }>() else {
+        return false;
+    };
+    match Request::decode(header) {
+        Ok(request) if request.command == cmd::WRITE => {
+            buffered.len() - proto::REQUEST_LEN >= request.length as usize
+        }
+        _ => true,
     }
 }
 
