@@ -358,12 +358,13 @@ impl DiskImage {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.check_range(offset, buf.len() as u64)?;
         let mut scratch = [0u8; BLOCK_BYTES];
-        let mut done = 0usize;
-        while done < buf.len() {
-            let position = offset + done as u64;
-            let block = position / u64::from(BLOCK_SIZE);
-            let within = (position % u64::from(BLOCK_SIZE)) as usize;
-            let step = (BLOCK_BYTES - within).min(buf.len() - done);
+        for Piece {
+            block,
+            within,
+            step,
+            done,
+        } in pieces(offset, buf.len())
+        {
             let _guard = self.lock(block).read();
             if step == BLOCK_BYTES {
                 self.read_checked_block(block, &mut buf[done..done + step])?;
@@ -371,7 +372,6 @@ impl DiskImage {
                 self.read_checked_block(block, &mut scratch)?;
                 buf[done..done + step].copy_from_slice(&scratch[within..within + step]);
             }
-            done += step;
         }
         Ok(())
     }
@@ -390,12 +390,13 @@ impl DiskImage {
         let start = out.len();
         out.reserve(len);
         let mut scratch = [0u8; BLOCK_BYTES];
-        let mut done = 0usize;
-        while done < len {
-            let position = offset + done as u64;
-            let block = position / u64::from(BLOCK_SIZE);
-            let within = (position % u64::from(BLOCK_SIZE)) as usize;
-            let step = (BLOCK_BYTES - within).min(len - done);
+        for Piece {
+            block,
+            within,
+            step,
+            ..
+        } in pieces(offset, len)
+        {
             let _guard = self.lock(block).read();
             let result = if step == BLOCK_BYTES {
                 self.append_checked_block(block, out)
@@ -407,7 +408,6 @@ impl DiskImage {
                 out.truncate(start);
                 return Err(err.into());
             }
-            done += step;
         }
         Ok(())
     }
@@ -445,12 +445,14 @@ impl DiskImage {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let mut scratch = [0u8; BLOCK_BYTES];
-        let mut done = 0usize;
-        while done < data.len() {
+        for Piece {
+            block,
+            within,
+            step,
+            done,
+        } in pieces(offset, data.len())
+        {
             let position = offset + done as u64;
-            let block = position / u64::from(BLOCK_SIZE);
-            let within = (position % u64::from(BLOCK_SIZE)) as usize;
-            let step = (BLOCK_BYTES - within).min(data.len() - done);
             let chunk = &data[done..done + step];
             let _guard = self.lock(block).write();
             if step == BLOCK_BYTES {
@@ -462,7 +464,6 @@ impl DiskImage {
                 self.data.write_from(position as usize, chunk);
                 self.store_crc(block, crc32fast::hash(&scratch));
             }
-            done += step;
         }
         Ok(())
     }
@@ -671,6 +672,36 @@ impl DiskImage {
             sidecar_version: crate::sidecar::VERSION,
         })
     }
+}
+
+/// One block's share of an access: the block, where in it the access starts,
+/// how many bytes, and how many bytes of the access came before.
+struct Piece {
+    block: u64,
+    within: usize,
+    step: usize,
+    done: usize,
+}
+
+/// Splits the access `[offset, offset+len)` at block boundaries.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let position = offset + done as u64;
+        let within = (position % u64::from(BLOCK_SIZE)) as usize;
+        let step = (BLOCK_BYTES - within).min(len - done);
+        let piece = Piece {
+            block: position / u64::from(BLOCK_SIZE),
+            within,
+            step,
+            done,
+        };
+        done += step;
+        Some(piece)
+    })
 }
 
 /// A name next to `path` for building a file before it is renamed into place.

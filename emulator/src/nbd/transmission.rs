@@ -37,7 +37,7 @@ const BATCH_START_BYTES: usize = 64 * 1024;
 /// offloaded and get a buffer of their own.
 const INLINE_READ_BYTES: u32 = 64 * 1024;
 /// Writes up to this length run in place; longer ones are offloaded.
-const INLINE_WRITE_BYTES: u32 = MAX_PAYLOAD_BYTES;
+const INLINE_WRITE_BYTES: u32 = 64 * 1024;
 /// Offloaded requests running at once per connection; the request loop waits for
 /// a slot, which bounds threads and memory per client.
 const OFFLOAD_SLOTS: usize = 8;
