@@ -35,10 +35,17 @@ else
 fi
 
 failed=()
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 for target in "${targets[@]}"; do
     echo "== fuzzing $target for ${FUZZ_SECONDS}s" >&2
-    if ! cargo fuzz run --sanitizer "$FUZZ_SANITIZER" "$target" -- \
-        -max_total_time="$FUZZ_SECONDS" -timeout="$FUZZ_TIMEOUT" -print_final_stats=1; then
+    # libFuzzer prints a line per new input: keep it in a log, show it on failure.
+    if cargo fuzz run --sanitizer "$FUZZ_SANITIZER" "$target" -- \
+        -max_total_time="$FUZZ_SECONDS" -timeout="$FUZZ_TIMEOUT" -print_final_stats=1 \
+        >"$logs/$target.log" 2>&1; then
+        grep -E '^stat::number_of_executed_units|^Done' "$logs/$target.log" >&2 || true
+    else
+        tail -n 60 "$logs/$target.log" >&2
         failed+=("$target")
     fi
 done
