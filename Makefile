@@ -18,7 +18,7 @@ build:
 run: build
 	@mkdir -p $(RUN_DIR)
 	@[ -f $(IMAGE) ] || $(EMULATOR) image create $(IMAGE) --size $(IMAGE_SIZE)
-	@name=$$(basename $(IMAGE) .img); host=$${LISTEN%:*}; port=$${LISTEN##*:}; \
+	@name=$$(basename $(IMAGE) .img); listen=$(LISTEN); host=$${listen%:*}; port=$${listen##*:}; \
 	echo; \
 	echo "Serving $(IMAGE) as NBD export '$$name' on $(LISTEN) (Ctrl-C stops it)."; \
 	echo "Attach it from another terminal:"; \
