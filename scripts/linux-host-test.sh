@@ -1,0 +1,595 @@
+#!/usr/bin/env bash
+# Proves that a real Linux host attaches and uses the emulator's NBD export with
+# the kernel's own nbd driver and nbd-client, on a machine that has no nbd
+# module: a Debian kernel boots under QEMU (TCG, no network) from an initramfs
+# that holds the emulator binary, nbd-client and e2fsprogs. Inside the guest:
+#
+#   round 1, TCP on the guest's loopback:
+#     emulator image create (64 MiB) + emulator serve --listen 127.0.0.1:10809,
+#     nbd-client -l, nbd-client attach of /dev/nbd0, mkfs.ext4, mount, write
+#     files with known SHA-256 sums, sync, umount, nbd-client -d,
+#     e2fsck -fn of the image file itself, reattach, e2fsck -fn /dev/nbd0,
+#     mount and check every sum, write more, umount, detach,
+#     SIGTERM (exit status 0), emulator image verify (exit status 0);
+#   round 2, a fresh server on a Unix socket over the same image:
+#     nbd-client -unix with two connections (multi-conn), read-only mount,
+#     every sum from round 1 checked again, detach, SIGTERM (exit 0),
+#     e2fsck -fn and emulator image verify of the image.
+#
+# Every step prints `PASS <step>` or `FAIL <step>` on the serial console; the
+# script exits 0 only when every expected PASS marker is there and no FAIL.
+#
+# Usage: scripts/linux-host-test.sh
+#
+# Needs Debian's apt. Missing tools are installed as root (sudo when not root):
+# busybox-static, nbd-client, cpio, e2fsprogs. The kernel (the package that
+# `apt-cache depends linux-image-amd64` names) is fetched with `apt-get download`
+# and unpacked with `dpkg -x` under run/linux-host/; nothing is installed for it.
+# qemu-system-x86_64 is used from PATH when installed; otherwise qemu-system-x86
+# and the dependencies the machine lacks are downloaded and unpacked the same
+# way, because installing Debian's qemu-system-x86 removes a newer qemu-utils
+# (from backports), which the black-box tests use.
+#
+# Environment:
+#   EMULATOR            emulator binary to put in the guest (default: run
+#                       `cargo build --release --locked` and use
+#                       target/release/emulator); EMULATOR_BIN is accepted too
+#   LINUX_HOST_DIR      cache and work directory (default <repo>/run/linux-host)
+#   LINUX_HOST_TIMEOUT  seconds QEMU may run (default 300)
+#   LINUX_HOST_KERNEL   kernel image package to use instead of the one that
+#                       linux-image-amd64 names (e.g. linux-image-6.1.0-56-amd64)
+#   QEMU_SYSTEM         qemu-system-x86_64 binary to use instead of the above
+#
+# Output: the guest's console in $LINUX_HOST_DIR/console.log.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${LINUX_HOST_DIR:-$REPO/run/linux-host}
+TIMEOUT=${LINUX_HOST_TIMEOUT:-300}
+EMULATOR=${EMULATOR:-${EMULATOR_BIN:-}}
+
+# Guest parameters (kept small: TCG runs the guest ~10x slower than native).
+IMAGE_MIB=64
+DATA_MIB=8
+PORT=10809
+EXPORT=disk0
+case $TIMEOUT in '' | *[!0-9]*) echo "linux-host-test: error: LINUX_HOST_TIMEOUT must be whole seconds" >&2; exit 2 ;; esac
+# The guest gives up (printing FAIL watchdog) a little before QEMU is killed.
+GUEST_WATCHDOG=$((TIMEOUT > 60 ? TIMEOUT - 30 : TIMEOUT * 3 / 4 + 1))
+
+# Every marker a passing run prints, in order.
+EXPECTED=(
+    modules loopback image-create
+    serve-tcp list-exports attach-tcp mkfs-ext4 write-files umount-detach
+    fsck-image reattach-tcp fsck-nbd verify-data write-more detach-tcp
+    sigterm-exit-0 image-verify
+    serve-unix attach-unix-multiconn verify-after-restart detach-unix
+    sigterm-exit-0-unix fsck-image-final image-verify-final kernel-log-clean
+    all
+)
+
+export PATH="$PATH:/usr/sbin:/sbin"
+export DEBIAN_FRONTEND=noninteractive
+START=$SECONDS
+
+die() {
+    echo "linux-host-test: error: $*" >&2
+    exit 2
+}
+log() { echo "linux-host-test: $*" >&2; }
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=()
+    # apt-get download drops to the _apt user unless told otherwise; as root
+    # write straight into the cache instead of warning about its permissions.
+    APT_DL=(apt-get -o APT::Sandbox::User=root -q download)
+else
+    SUDO=(sudo)
+    APT_DL=(apt-get -q download)
+fi
+
+# ---------------------------------------------------------------- host tools
+install_missing_tools() {
+    local missing=() bb
+    bb=$(command -v busybox || true)
+    # A static busybox: the guest has no libc of its own for it.
+    if [ -z "$bb" ] || ldd "$bb" >/dev/null 2>&1; then missing+=(busybox-static); fi
+    command -v nbd-client >/dev/null || missing+=(nbd-client)
+    command -v cpio >/dev/null || missing+=(cpio)
+    { command -v mke2fs && command -v e2fsck; } >/dev/null || missing+=(e2fsprogs)
+    command -v apt-get >/dev/null || die "needs Debian's apt-get"
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        if [ ${#SUDO[@]} -gt 0 ] && ! command -v sudo >/dev/null; then
+            die "missing packages ${missing[*]} and not root; install them with apt-get"
+        fi
+        "${SUDO[@]}" apt-get update -qq
+        "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# apt-get download PKG into $CACHE/debs once; prints the .deb's path.
+fetch_deb() {
+    local pkg=$1 debs=$CACHE/debs f
+    mkdir -p "$debs"
+    f=$(find "$debs" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n 1)
+    if [ -z "$f" ]; then
+        log "downloading $pkg"
+        (cd "$debs" && "${APT_DL[@]}" "$pkg" >/dev/null) ||
+            { "${SUDO[@]}" apt-get update -qq && (cd "$debs" && "${APT_DL[@]}" "$pkg" >/dev/null); } ||
+            die "apt-get download $pkg failed"
+        f=$(find "$debs" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n 1)
+    fi
+    [ -n "$f" ] || die "no .deb for $pkg after apt-get download"
+    echo "$f"
+}
+
+# ---------------------------------------------------------------- kernel
+KERNEL_PKG=${LINUX_HOST_KERNEL:-}
+prepare_kernel() {
+    if [ -z "$KERNEL_PKG" ]; then
+        KERNEL_PKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
+            awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+        if [ -z "$KERNEL_PKG" ]; then
+            "${SUDO[@]}" apt-get update -qq
+            KERNEL_PKG=$(apt-cache depends linux-image-amd64 |
+                awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+        fi
+        [ -n "$KERNEL_PKG" ] || die "apt-cache depends linux-image-amd64 names no kernel package"
+    fi
+    KROOT=$CACHE/kernel/$KERNEL_PKG
+    if [ ! -e "$KROOT/.unpacked" ]; then
+        local deb
+        deb=$(fetch_deb "$KERNEL_PKG")
+        # Only one kernel is kept: drop any older one.
+        rm -rf "$CACHE/kernel"
+        mkdir -p "$KROOT"
+        dpkg -x "$deb" "$KROOT" || { rm -f "$deb"; die "dpkg -x of $deb failed (deleted it; run again)"; }
+        touch "$KROOT/.unpacked"
+        rm -f "$deb" # the unpacked tree is the cache
+    fi
+    VMLINUZ=$(find "$KROOT/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n 1)
+    [ -n "$VMLINUZ" ] || die "no boot/vmlinuz-* in $KERNEL_PKG"
+    KVER=${VMLINUZ##*/vmlinuz-}
+    MODDIR=$KROOT/lib/modules/$KVER
+    [ -d "$MODDIR/kernel" ] || die "no modules for $KVER in $KERNEL_PKG"
+}
+
+# Orders the modules the guest needs (dependencies first, from each module's
+# own `depends=` field: the unpacked package has no modules.dep) and copies
+# them into the initramfs. Built-in ones are skipped.
+declare -A MOD_SEEN=()
+MOD_ORDER=()
+MOD_BUILTIN=()
+add_module() {
+    local name=$1 file dep deps
+    [ -n "${MOD_SEEN[$name]:-}" ] && return 0
+    MOD_SEEN[$name]=1
+    if grep -qE "/(${name}|${name//_/-})\.ko(\.[a-z]+)?\$" "$MODDIR/modules.builtin"; then
+        MOD_BUILTIN+=("$name")
+        return 0
+    fi
+    file=$(find "$MODDIR/kernel" \( -name "${name}.ko*" -o -name "${name//_/-}.ko*" \) | head -n 1)
+    [ -n "$file" ] || die "kernel $KVER has no module $name, built-in or loadable"
+    deps=$(mod_cat "$file" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n 1)
+    for dep in ${deps//,/ }; do add_module "$dep"; done
+    MOD_ORDER+=("$name")
+    mod_cat "$file" >"$INITRD_ROOT/lib/modules/$name.ko"
+}
+mod_cat() {
+    case $1 in
+    *.ko) cat "$1" ;;
+    *.ko.xz) xz -dc "$1" ;;
+    *.ko.zst) zstd -qdc "$1" ;;
+    *.ko.gz) gzip -dc "$1" ;;
+    *) die "unknown module format: $1" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- qemu
+QEMU_ENV=()
+QEMU_EXTRA=()
+prepare_qemu() {
+    if [ -n "${QEMU_SYSTEM:-}" ]; then
+        QEMU=$QEMU_SYSTEM
+        return
+    fi
+    if command -v qemu-system-x86_64 >/dev/null; then
+        QEMU=$(command -v qemu-system-x86_64)
+        return
+    fi
+    # Not installed: unpack Debian's qemu-system-x86 (and whatever it depends
+    # on that the machine lacks) under the cache instead of installing it.
+    local qroot=$CACHE/qemu pkg deb status notfound
+    if [ ! -e "$qroot/.unpacked" ]; then
+        local pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
+        for pkg in $(apt-cache depends qemu-system-x86 | awk '$1 == "Depends:" { print $2 }' | sort -u); do
+            status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)
+            case $status in ii*) ;; *) pkgs+=("$pkg") ;; esac
+        done
+        rm -rf "$qroot"
+        mkdir -p "$qroot"
+        for pkg in $(printf '%s\n' "${pkgs[@]}" | sort -u); do
+            deb=$(fetch_deb "$pkg")
+            dpkg -x "$deb" "$qroot" || { rm -f "$deb"; die "dpkg -x of $deb failed (deleted it; run again)"; }
+        done
+        touch "$qroot/.unpacked"
+        rm -f "$CACHE"/debs/*.deb
+    fi
+    QEMU=$qroot/usr/bin/qemu-system-x86_64
+    [ -x "$QEMU" ] || die "no qemu-system-x86_64 in the unpacked qemu-system-x86"
+    QEMU_ENV=(
+        "LD_LIBRARY_PATH=$qroot/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        "QEMU_MODULE_DIR=$qroot/usr/lib/x86_64-linux-gnu/qemu"
+    )
+    notfound=$(env "${QEMU_ENV[@]}" ldd "$QEMU" | grep 'not found' || true)
+    [ -z "$notfound" ] || die "unpacked qemu-system-x86_64 lacks libraries: $notfound"
+    local d
+    for d in usr/share/qemu usr/share/seabios usr/lib/ipxe/qemu; do
+        [ -d "$qroot/$d" ] && QEMU_EXTRA+=(-L "$qroot/$d")
+    done
+}
+
+# ---------------------------------------------------------------- initramfs
+# Copies a dynamically linked program and the libraries ldd lists to the same
+# paths inside the initramfs.
+copy_with_libs() {
+    local src=$1 dest=$2 lib
+    mkdir -p "$INITRD_ROOT$(dirname "$dest")"
+    cp -L "$src" "$INITRD_ROOT$dest"
+    while read -r lib; do
+        [ -e "$INITRD_ROOT$lib" ] && continue
+        mkdir -p "$INITRD_ROOT$(dirname "$lib")"
+        cp -L "$lib" "$INITRD_ROOT$lib"
+    done < <(ldd "$src" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+    if ldd "$src" | grep -q 'not found'; then die "$src: libraries not found: $(ldd "$src" | grep 'not found')"; fi
+}
+
+build_initramfs() {
+    INITRD_ROOT=$CACHE/initramfs
+    rm -rf "$INITRD_ROOT"
+    mkdir -p "$INITRD_ROOT"/{bin,sbin,usr/bin,usr/sbin,etc,lib/modules,proc,sys,dev,tmp,data,mnt,run}
+
+    # busybox and its applets as symlinks (none over the real tools below).
+    cp -L "$(command -v busybox)" "$INITRD_ROOT/bin/busybox"
+    copy_with_libs "$EMULATOR" /usr/bin/emulator
+    copy_with_libs "$(command -v nbd-client)" /usr/sbin/nbd-client
+    copy_with_libs "$(command -v mke2fs)" /usr/sbin/mke2fs
+    copy_with_libs "$(command -v e2fsck)" /usr/sbin/e2fsck
+    ln -s mke2fs "$INITRD_ROOT/usr/sbin/mkfs.ext4"
+    [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$INITRD_ROOT/etc/"
+    local applet
+    while read -r applet; do
+        [ -e "$INITRD_ROOT/$applet" ] || [ -L "$INITRD_ROOT/$applet" ] && continue
+        mkdir -p "$INITRD_ROOT/$(dirname "$applet")"
+        ln -s /bin/busybox "$INITRD_ROOT/$applet"
+    done < <("$INITRD_ROOT/bin/busybox" --list-full)
+    # The kernel normally provides /dev/console from its built-in initramfs;
+    # add one in case (needs root; the guest's /init reopens it on devtmpfs).
+    mknod -m 600 "$INITRD_ROOT/dev/console" c 5 1 2>/dev/null || true
+
+    add_module nbd
+    # ext4 and jbd2 ask the crypto API for "crc32c" at mount time, which is
+    # not a symbol dependency: load the generic implementation explicitly.
+    add_module crc32c_generic
+    add_module ext4
+
+    cat >"$INITRD_ROOT/etc/linux-host-test.conf" <<EOF
+IMAGE_MIB=$IMAGE_MIB
+DATA_MIB=$DATA_MIB
+PORT=$PORT
+EXPORT=$EXPORT
+MODULES="${MOD_ORDER[*]}"
+WATCHDOG=$GUEST_WATCHDOG
+EOF
+    write_guest_init >"$INITRD_ROOT/init"
+    chmod 755 "$INITRD_ROOT/init"
+
+    (cd "$INITRD_ROOT" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --quiet | gzip -1) >"$CACHE/initrd.gz"
+}
+
+# The guest's /init (busybox sh). Each step prints PASS/FAIL on the console;
+# the first failure prints its output, the emulator's log and the kernel log,
+# then powers off.
+write_guest_init() {
+    cat <<'GUEST'
+#!/bin/busybox sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o size=256m tmpfs /data
+mount -t tmpfs tmpfs /run
+. /etc/linux-host-test.conf
+IMAGE=/data/$EXPORT.img
+SOCKET=/run/nbd.sock
+echo "guest: Linux $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPU, $(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo)"
+
+finish() {
+    sync
+    echo "guest: powering off"
+    poweroff -f
+    sleep 30
+}
+(sleep "$WATCHDOG"; echo "FAIL watchdog (guest steps took over ${WATCHDOG}s)"; finish) &
+
+step() {
+    name=$1
+    shift
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if "$@" >/tmp/step.out 2>&1; then
+        echo "PASS $name ($(awk -v t0="$t0" '{ printf "%.1f", $1 - t0 }' /proc/uptime)s)"
+    else
+        rc=$?
+        echo "FAIL $name (exit status $rc)"
+        tail -n 40 /tmp/step.out | sed 's/^/  | /'
+        if [ -s /tmp/emulator.log ]; then
+            echo "  emulator log (tail):"
+            tail -n 30 /tmp/emulator.log | sed 's/^/  | /'
+        fi
+        echo "  kernel log (tail):"
+        dmesg | tail -n 25 | sed 's/^/  | /'
+        finish
+    fi
+}
+
+# Waits up to $2 tenths of a second for the command in $1 to succeed.
+wait_for() {
+    n=0
+    until eval "$1"; do
+        n=$((n + 1))
+        [ "$n" -ge "$2" ] && return 1
+        sleep 0.1
+    done
+}
+
+load_modules() {
+    for m in $MODULES; do
+        echo "insmod $m"
+        insmod "/lib/modules/$m.ko" || return 1
+    done
+    wait_for '[ -b /dev/nbd0 ]' 50 || { echo "no /dev/nbd0"; return 1; }
+    grep -w ext4 /proc/filesystems
+}
+
+loopback_up() {
+    ip link set lo up && ip addr show dev lo && ip addr show dev lo | grep -q 'inet 127.0.0.1/'
+}
+
+server_alive() {
+    pid=$(cat /tmp/emulator.pid)
+    state=$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+start_server() {
+    : >/tmp/emulator.log
+    emulator serve --image "$IMAGE" "$@" >>/tmp/emulator.log 2>&1 &
+    echo $! >/tmp/emulator.pid
+}
+
+tcp_listening() {
+    hexport=$(printf '%04X' "$PORT")
+    grep -q ":$hexport 00000000:0000 0A" /proc/net/tcp
+}
+
+# Waits up to 30 s for the server to listen ($1: the check), giving up as soon
+# as the server has exited.
+wait_listening() {
+    wait_for "$1 || ! server_alive" 300
+    if ! server_alive; then
+        wait "$(cat /tmp/emulator.pid)"
+        echo "emulator exited with status $?"
+        return 1
+    fi
+    eval "$1" || { echo "not listening after 30s"; return 1; }
+}
+
+serve_tcp() {
+    start_server --listen "127.0.0.1:$PORT"
+    wait_listening tcp_listening
+}
+
+serve_unix() {
+    start_server --socket "$SOCKET"
+    wait_listening '[ -S "$SOCKET" ]'
+}
+
+list_exports() {
+    timeout 30 nbd-client -l 127.0.0.1 "$PORT" >/tmp/list.out 2>&1
+    rc=$?
+    cat /tmp/list.out
+    # One line per export: its name, then ": description" when it has one.
+    [ "$rc" -eq 0 ] && grep -qE "^$EXPORT(:|\$)" /tmp/list.out
+}
+
+# Checks that /dev/nbd0 is connected and has the image's size.
+attached() {
+    want=$((IMAGE_MIB * 2048))
+    wait_for '[ "$(cat /sys/block/nbd0/size)" = "$want" ]' 50 ||
+        { echo "/sys/block/nbd0/size is $(cat /sys/block/nbd0/size), want $want"; return 1; }
+    echo "nbd0: $(cat /sys/block/nbd0/size) sectors, logical block $(cat /sys/block/nbd0/queue/logical_block_size)," \
+        "discard max $(cat /sys/block/nbd0/queue/discard_max_bytes) bytes"
+}
+
+attach_tcp() {
+    timeout 60 nbd-client 127.0.0.1 "$PORT" /dev/nbd0 -N "$EXPORT" && attached
+}
+
+attach_unix_multiconn() {
+    timeout 60 nbd-client -unix "$SOCKET" /dev/nbd0 -N "$EXPORT" -connections 2 && attached || return 1
+    # The server's side of each connected stream socket names the path.
+    wait_for '[ "$(grep -c " 03 .*$SOCKET\$" /proc/net/unix)" -eq 2 ]' 50 ||
+        { echo "want 2 connections to $SOCKET:"; grep "$SOCKET" /proc/net/unix; return 1; }
+    echo "connections to $SOCKET: 2"
+}
+
+detach() {
+    nbd-client -d /dev/nbd0 || return 1
+    wait_for '[ "$(cat /sys/block/nbd0/size)" = 0 ]' 100 ||
+        { echo "/dev/nbd0 still has size $(cat /sys/block/nbd0/size) after nbd-client -d"; return 1; }
+    # Nothing of the device stays in the page cache: the next reads go over NBD.
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+mkfs_ext4() {
+    mkfs.ext4 -F /dev/nbd0
+}
+
+make_files() {
+    mkdir -p /tmp/src/dir
+    dd if=/dev/urandom of=/tmp/src/random.bin bs=1M count="$DATA_MIB" 2>&1
+    echo "written by $(uname -r) through /dev/nbd0" >/tmp/src/hello.txt
+    i=1
+    while [ "$i" -le 24 ]; do
+        dd if=/dev/urandom of="/tmp/src/dir/small-$i" bs=1k count=$((i * 3 % 17 + 1)) 2>/dev/null
+        i=$((i + 1))
+    done
+    # A sparse file with data at both ends.
+    dd if=/dev/urandom of=/tmp/src/sparse.bin bs=4k count=1 2>/dev/null
+    dd if=/dev/urandom of=/tmp/src/sparse.bin bs=4k count=1 seek=1000 conv=notrunc 2>/dev/null
+    (cd /tmp/src && find . -type f | sort | xargs sha256sum) >/tmp/sums
+}
+
+write_files() {
+    make_files && mount -t ext4 /dev/nbd0 /mnt && cp -a /tmp/src/. /mnt/ && sync && df -k /mnt &&
+        cat /tmp/sums
+}
+
+umount_detach() {
+    umount /mnt && detach
+}
+
+fsck_image() {
+    e2fsck -fn "$IMAGE"
+}
+
+fsck_nbd() {
+    e2fsck -fn /dev/nbd0
+}
+
+verify_data() {
+    mount -t ext4 /dev/nbd0 /mnt && (cd /mnt && sha256sum -c /tmp/sums) &&
+        [ "$(cd /mnt && find . -type f | grep -vc lost+found)" -eq "$(grep -c '' /tmp/sums)" ]
+}
+
+write_more() {
+    dd if=/dev/urandom of=/tmp/more.bin bs=64k count=16 2>&1 &&
+        cp /tmp/more.bin /mnt/more.bin && (cd /tmp && sha256sum more.bin) >>/tmp/sums &&
+        rm /mnt/dir/small-1 && sed -i '/dir\/small-1$/d' /tmp/sums &&
+        sync && umount /mnt
+}
+
+verify_after_restart() {
+    mount -t ext4 -o ro /dev/nbd0 /mnt && (cd /mnt && sha256sum -c /tmp/sums) &&
+        [ ! -e /mnt/dir/small-1 ] && umount /mnt
+}
+
+# SIGTERM: the server must finish in order and exit with status 0.
+stop_server() {
+    pid=$(cat /tmp/emulator.pid)
+    kill -TERM "$pid" || return 1
+    wait_for '! server_alive' 300 || { echo "emulator still running 30s after SIGTERM"; return 1; }
+    wait "$pid"
+    rc=$?
+    echo "emulator exit status $rc"
+    tail -n 5 /tmp/emulator.log
+    [ "$rc" -eq 0 ]
+}
+
+image_verify() {
+    emulator image verify "$IMAGE"
+}
+
+# No I/O error, NBD error or ext4 error was logged by the kernel at any point.
+kernel_log_clean() {
+    dmesg >/tmp/dmesg.out
+    grep -c '' /tmp/dmesg.out
+    ! grep -iE 'I/O error|nbd[0-9]*:.*(error|fail|timed out)|EXT4-fs error|EXT4-fs warning|JBD2:.*error|blk_update_request|Buffer I/O' /tmp/dmesg.out
+}
+
+step modules load_modules
+step loopback loopback_up
+step image-create emulator image create "$IMAGE" --size "${IMAGE_MIB}MiB"
+
+# Round 1: TCP on the loopback.
+step serve-tcp serve_tcp
+step list-exports list_exports
+step attach-tcp attach_tcp
+step mkfs-ext4 mkfs_ext4
+step write-files write_files
+step umount-detach umount_detach
+step fsck-image fsck_image
+step reattach-tcp attach_tcp
+step fsck-nbd fsck_nbd
+step verify-data verify_data
+step write-more write_more
+step detach-tcp detach
+step sigterm-exit-0 stop_server
+step image-verify image_verify
+
+# Round 2: a fresh server over the same image, Unix socket, two connections.
+step serve-unix serve_unix
+step attach-unix-multiconn attach_unix_multiconn
+step verify-after-restart verify_after_restart
+step detach-unix detach
+step sigterm-exit-0-unix stop_server
+step fsck-image-final fsck_image
+step image-verify-final image_verify
+step kernel-log-clean kernel_log_clean
+
+echo "PASS all"
+finish
+GUEST
+}
+
+# ---------------------------------------------------------------- main
+mkdir -p "$CACHE"
+install_missing_tools
+prepare_kernel
+prepare_qemu
+
+if [ -z "$EMULATOR" ]; then
+    log "building the emulator (cargo build --release --locked)"
+    (cd "$REPO" && cargo build --release --locked --quiet)
+    EMULATOR=$REPO/target/release/emulator
+fi
+[ -x "$EMULATOR" ] || die "emulator binary $EMULATOR is missing or not executable"
+
+build_initramfs
+log "kernel $KERNEL_PKG ($KVER); modules: ${MOD_ORDER[*]}${MOD_BUILTIN[*]:+; built in: ${MOD_BUILTIN[*]}}"
+log "initramfs $(du -h "$CACHE/initrd.gz" | cut -f1); qemu: $QEMU; prepared in $((SECONDS - START))s"
+
+LOG=$CACHE/console.log
+RAW=$CACHE/console.raw
+log "booting the guest (TCG, timeout ${TIMEOUT}s); console: $LOG"
+BOOT=$SECONDS
+set +e
+env "${QEMU_ENV[@]}" timeout -k 10 "$TIMEOUT" "$QEMU" "${QEMU_EXTRA[@]}" \
+    -accel tcg -m 1024 -nographic -no-reboot -nic none \
+    -kernel "$VMLINUZ" -initrd "$CACHE/initrd.gz" \
+    -append "console=ttyS0 panic=-1 quiet" </dev/null >"$RAW" 2>&1
+qemu_rc=$?
+set -e
+tr -d '\r' <"$RAW" >"$LOG"
+rm -f "$RAW"
+
+missing=()
+for marker in "${EXPECTED[@]}"; do
+    grep -qE "^PASS ${marker}( |\$)" "$LOG" || missing+=("$marker")
+done
+fails=$(grep -E '(^|[^[:alnum:]])FAIL ' "$LOG" || true)
+
+grep -E '^(PASS|FAIL) ' "$LOG" || true
+if [ ${#missing[@]} -eq 0 ] && [ -z "$fails" ]; then
+    log "PASS: real Linux $KVER attached and used the export (guest $((SECONDS - BOOT))s, total $((SECONDS - START))s)"
+    exit 0
+fi
+[ "$qemu_rc" -eq 124 ] && log "QEMU was stopped by the ${TIMEOUT}s timeout"
+log "FAIL: qemu exit status $qemu_rc; missing markers: ${missing[*]:-none}"
+echo "---- console log (tail) ----" >&2
+tail -n 80 "$LOG" >&2
+exit 1
