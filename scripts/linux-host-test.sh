@@ -145,6 +145,13 @@ prepare_kernel() {
         rm -rf "$CACHE/kernel"
         mkdir -p "$KROOT"
         dpkg -x "$deb" "$KROOT" || { rm -f "$deb"; die "dpkg -x of $deb failed (deleted it; run again)"; }
+        # Keep the cache small (~60 MiB instead of ~400): the guest's modules
+        # and their dependencies live under fs/, lib/, crypto/, drivers/block/.
+        local k
+        for k in "$KROOT"/lib/modules/*/kernel; do
+            rm -rf "$k/sound" "$k/net"
+            find "$k/drivers" -mindepth 1 -maxdepth 1 ! -name block -exec rm -rf {} +
+        done
         touch "$KROOT/.unpacked"
         rm -f "$deb" # the unpacked tree is the cache
     fi
@@ -170,7 +177,7 @@ add_module() {
         return 0
     fi
     file=$(find "$MODDIR/kernel" \( -name "${name}.ko*" -o -name "${name//_/-}.ko*" \) | head -n 1)
-    [ -n "$file" ] || die "kernel $KVER has no module $name, built-in or loadable"
+    [ -n "$file" ] || die "kernel $KVER has no module $name, built-in or loadable (or the cache pruned it: see prepare_kernel)"
     deps=$(mod_cat "$file" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n 1)
     for dep in ${deps//,/ }; do add_module "$dep"; done
     MOD_ORDER+=("$name")
@@ -554,10 +561,11 @@ prepare_qemu
 
 if [ -z "$EMULATOR" ]; then
     log "building the emulator (cargo build --release --locked)"
-    (cd "$REPO" && cargo build --release --locked --quiet)
+    (cd "$REPO" && cargo build --release --locked --quiet) || die "cargo build --release failed"
     EMULATOR=$REPO/target/release/emulator
 fi
 [ -x "$EMULATOR" ] || die "emulator binary $EMULATOR is missing or not executable"
+EMULATOR=$(readlink -f "$EMULATOR")
 
 build_initramfs
 log "kernel $KERNEL_PKG ($KVER); modules: ${MOD_ORDER[*]}${MOD_BUILTIN[*]:+; built in: ${MOD_BUILTIN[*]}}"
