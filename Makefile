@@ -9,7 +9,7 @@ EMULATOR := target/release/emulator
 PYTHON := /usr/bin/python3
 FUZZ_SECONDS ?= 20
 
-.PHONY: run build test deps lint unit blackbox fuzz bench bench-nbd clean
+.PHONY: run build test deps lint unit blackbox linux-host fuzz bench bench-nbd clean
 
 build:
 	$(CARGO) build --release --locked
@@ -29,8 +29,9 @@ run: build
 	exec $(EMULATOR) serve --image $(IMAGE) --listen $(LISTEN)
 
 ## Everything CI runs: lint, unit and property tests, black-box tests with real
-## clients, and a short fuzz pass.
-test: deps lint unit blackbox fuzz
+## clients, a real Linux kernel attaching with nbd-client (QEMU TCG guest), and a
+## short fuzz pass.
+test: deps lint unit blackbox linux-host fuzz
 
 deps:
 	@scripts/install-deps.sh test
@@ -44,6 +45,9 @@ unit:
 
 blackbox: build
 	EMULATOR_BIN=$(CURDIR)/$(EMULATOR) $(PYTHON) -m pytest -q tests/blackbox
+
+linux-host: build
+	EMULATOR=$(CURDIR)/$(EMULATOR) scripts/linux-host-test.sh
 
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh

@@ -384,13 +384,23 @@ async fn read_request<R: AsyncRead + Unpin>(
             Ok(Incoming::OversizedWrite(request))
         }
         cmd::WRITE => {
-            // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+            // What is already buffered is copied; the rest goes straight from the
+            // socket into the payload's spare capacity (no zero-fill, and no second
+            // copy through the read buffer).
             let length = request.length as usize;
             let mut data = Vec::with_capacity(length);
-            (&mut *reader)
-                .take(length as u64)
-                .read_to_end(&mut data)
-                .await?;
+            let buffered = reader.buffer();
+            let from_buffer = buffered.len().min(length);
+            data.extend_from_slice(&buffered[..from_buffer]);
+            reader.consume(from_buffer);
+            if data.len() < length {
+                // The read buffer is empty now, so reading past it keeps order.
+                reader
+                    .get_mut()
+                    .take((length - data.len()) as u64)
+                    .read_to_end(&mut data)
+                    .await?;
+            }
             if data.len() < length {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
