@@ -328,16 +328,18 @@ impl DiskImage {
             .store_u32_le(SidecarHeader::entry_offset(block) as usize, crc);
     }
 
-    /// Reads a whole block into `dst` and checks it, re-reading a few times if the
-    /// check fails (see [`MISMATCH_REREADS`]). The caller holds the block's lock.
-    fn read_checked_block(&self, block: u64, dst: &mut [u8]) -> Result<(), MediaError> {
-        debug_assert_eq!(dst.len(), BLOCK_BYTES);
-        let offset = (block * u64::from(BLOCK_SIZE)) as usize;
+    /// Runs `read_block` (which copies block `block` somewhere and returns the
+    /// CRC of what it copied) until the CRC matches the stored one, a few times at
+    /// most (see [`MISMATCH_REREADS`]). The caller holds the block's lock.
+    fn reread_until_valid(
+        &self,
+        block: u64,
+        mut read_block: impl FnMut() -> u32,
+    ) -> Result<(), MediaError> {
         let mut attempt = 0;
         loop {
-            self.data.read_into(offset, dst);
+            let actual = read_block();
             let expected = self.stored_crc(block);
-            let actual = crc32fast::hash(dst);
             if expected == actual {
                 return Ok(());
             }
@@ -352,6 +354,16 @@ impl DiskImage {
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Reads a whole block into `dst` and checks it.
+    fn read_checked_block(&self, block: u64, dst: &mut [u8]) -> Result<(), MediaError> {
+        debug_assert_eq!(dst.len(), BLOCK_BYTES);
+        let offset = (block * u64::from(BLOCK_SIZE)) as usize;
+        self.reread_until_valid(block, || {
+            self.data.read_into(offset, dst);
+            crc32fast::hash(dst)
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset`, checking the CRC of every block touched.
@@ -412,30 +424,17 @@ impl DiskImage {
         Ok(())
     }
 
-    /// Like [`Self::read_checked_block`], appending the block to `out`.
+    /// Like [`Self::read_checked_block`], appending the block to `out`; on error
+    /// `out` is as it was.
     fn append_checked_block(&self, block: u64, out: &mut Vec<u8>) -> Result<(), MediaError> {
         let offset = (block * u64::from(BLOCK_SIZE)) as usize;
         let start = out.len();
-        let mut attempt = 0;
-        loop {
-            self.data.append_to(offset, BLOCK_BYTES, out);
-            let expected = self.stored_crc(block);
-            let actual = crc32fast::hash(&out[start..]);
-            if expected == actual {
-                return Ok(());
-            }
+        self.reread_until_valid(block, || {
             out.truncate(start);
-            attempt += 1;
-            if attempt > MISMATCH_REREADS {
-                return Err(MediaError {
-                    image: self.path.clone(),
-                    block,
-                    expected_crc: expected,
-                    actual_crc: actual,
-                });
-            }
-            std::thread::yield_now();
-        }
+            self.data.append_to(offset, BLOCK_BYTES, out);
+            crc32fast::hash(&out[start..])
+        })
+        .inspect_err(|_| out.truncate(start))
     }
 
     /// Writes `data` at `offset`, keeping every touched block's CRC current. A

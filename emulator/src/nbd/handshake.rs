@@ -232,11 +232,7 @@ fn handle_option(
                 Err(problem) => return error(out, reply::ERR_INVALID, &format!("{problem:?}")),
             };
             let Some(export) = exports.find(&request.name) else {
-                return error(
-                    out,
-                    reply::ERR_UNKNOWN,
-                    &format!("no export named {:?}", request.name),
-                );
+                return unknown_export(out, opt, &request.name);
             };
             let flags = transmission_flags(export, state.structured_replies);
             let mut data = Vec::with_capacity(64);
@@ -301,11 +297,7 @@ fn handle_option(
                 Err(problem) => return error(out, reply::ERR_INVALID, &format!("{problem:?}")),
             };
             let Some(export) = exports.find(&request.name) else {
-                return error(
-                    out,
-                    reply::ERR_UNKNOWN,
-                    &format!("no export named {:?}", request.name),
-                );
+                return unknown_export(out, opt, &request.name);
             };
             let matches = if is_set {
                 request.queries.iter().any(|q| q == proto::BASE_ALLOCATION)
@@ -334,6 +326,12 @@ fn handle_option(
             &format!("option {other} is not supported"),
         ),
     }
+}
+
+fn unknown_export(out: &mut Vec<u8>, opt: u32, name: &str) -> Step {
+    let message = format!("no export named {name:?}");
+    proto::encode_option_reply(out, opt, reply::ERR_UNKNOWN, message.as_bytes());
+    Step::Continue
 }
 
 fn negotiated(export: &Arc<Export>, state: &State, flags: u16) -> Negotiated {
