@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use controllers::array::{self, Array};
+use controllers::raid::Level;
 use disk_images::{Access, DiskImage};
-use emulator::nbd::export::{Export, ExportSet};
+use emulator::nbd::export::{ArrayVolume, Export, ExportSet};
 use emulator::nbd::server::{self, ListenAddress, Listener, ServerConfig};
 use emulator::units::parse_size;
 
@@ -27,8 +29,57 @@ enum Command {
     /// Create, inspect and verify disk images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Serve a disk image over NBD.
+    /// Create, inspect and fail disks of RAID arrays (offline administration).
+    #[command(subcommand)]
+    Array(ArrayCommand),
+    /// Serve a disk image, or the volumes of an array, over NBD.
     Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ArrayCommand {
+    /// Create an array: member images, hot spares and array.json in DIR.
+    Create {
+        /// Directory for the array (created if missing; must hold no array).
+        dir: PathBuf,
+        /// RAID level.
+        #[arg(long, value_enum)]
+        level: LevelArg,
+        /// Member disks (raid1: at least 2; raid5: at least 3).
+        #[arg(long)]
+        disks: usize,
+        /// Hot spares.
+        #[arg(long, default_value_t = 0)]
+        spares: usize,
+        /// Size of each disk, e.g. 256MiB (a multiple of the chunk size).
+        #[arg(long, value_parser = parse_size)]
+        disk_size: u64,
+        /// Chunk (stripe unit) size, a power of two from 4KiB to 16MiB.
+        #[arg(long, value_parser = parse_size, default_value = "64KiB")]
+        chunk: u64,
+    },
+    /// Show the array's state, members, spares and volumes.
+    Status {
+        /// Array directory.
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a member disk failed (persistently).
+    Fail {
+        /// Array directory.
+        dir: PathBuf,
+        /// Member index.
+        #[arg(long)]
+        disk: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LevelArg {
+    Raid1,
+    Raid5,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,10 +114,14 @@ enum ImageCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["image", "array"])))]
 struct ServeArgs {
     /// Image file to export.
     #[arg(long)]
-    image: PathBuf,
+    image: Option<PathBuf>,
+    /// Array directory whose volumes to export (one export per volume).
+    #[arg(long, conflicts_with_all = ["export", "read_only"])]
+    array: Option<PathBuf>,
     /// Export name (default: the image's file name without extension).
     #[arg(long)]
     export: Option<String>,
@@ -123,6 +178,7 @@ fn describe(err: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(command) => image_command(command),
+        Command::Array(command) => array_command(command),
         Command::Serve(args) => serve(args),
     }
 }
@@ -215,32 +271,135 @@ fn human(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let access = if args.read_only {
-        Access::ReadOnly
-    } else {
-        Access::ReadWrite
-    };
-    let image = DiskImage::open(&args.image, access)?;
-    let name = match args.export {
-        Some(name) => name,
-        None => args
-            .image
-            .file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned())
-            .context("cannot derive an export name from the image path; pass --export")?,
-    };
-    if name.len() > emulator::nbd::proto::MAX_STRING_LEN || name.contains('\0') {
-        bail!("export name must be at most 4096 bytes without NUL characters");
+fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ArrayCommand::Create {
+            dir,
+            level,
+            disks,
+            spares,
+            disk_size,
+            chunk,
+        } => {
+            let level = match level {
+                LevelArg::Raid1 => Level::Raid1,
+                LevelArg::Raid5 => Level::Raid5,
+            };
+            let array = Array::create(
+                &dir,
+                array::geometry(level, disks, chunk, disk_size),
+                spares,
+            )?;
+            let status = array.status();
+            println!(
+                "created {:?} array in {} with {} disks and {} spares: {} bytes usable, volume vol0",
+                status.geometry.level,
+                dir.display(),
+                disks,
+                spares,
+                status.data_bytes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ArrayCommand::Status { dir, json } => {
+            let status = Array::open(&dir)?.status();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let geometry = status.geometry;
+                println!("array:   {}", status.dir.display());
+                println!("state:   {:?}", status.state);
+                println!(
+                    "level:   {:?}, {} disks of {} bytes, chunk {} bytes",
+                    geometry.level, geometry.disks, geometry.disk_bytes, geometry.chunk_bytes
+                );
+                println!(
+                    "usable:  {} bytes ({})",
+                    status.data_bytes,
+                    human(status.data_bytes)
+                );
+                for (index, member) in status.members.iter().enumerate() {
+                    println!("disk {index}:  {:<12} {:?}", member.file, member.state);
+                }
+                for spare in &status.spares {
+                    println!("spare:   {spare}");
+                }
+                for volume in &status.volumes {
+                    println!(
+                        "volume:  {} ({} bytes at {})",
+                        volume.name, volume.size, volume.offset
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArrayCommand::Fail { dir, disk } => {
+            let mut array = Array::open(&dir)?;
+            array.fail(disk)?;
+            println!(
+                "disk {disk} of {} marked failed; array is {:?}",
+                dir.display(),
+                array.status().state
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
-    let size = image.size();
-    let export = Export {
-        description: format!("{} ({} bytes)", args.image.display(), size),
-        name: name.clone(),
-        device: Arc::new(image),
-        read_only: args.read_only,
+}
+
+/// The exports `serve` offers: one image, or every volume of an array.
+fn exports_for(args: &ServeArgs) -> anyhow::Result<ExportSet> {
+    let exports = if let Some(dir) = &args.array {
+        let array = Array::open(dir)?;
+        array
+            .metadata()
+            .volumes
+            .iter()
+            .map(|volume| Export {
+                description: format!(
+                    "volume {} of array {} ({} bytes)",
+                    volume.name,
+                    dir.display(),
+                    volume.size
+                ),
+                name: volume.name.clone(),
+                device: Arc::new(ArrayVolume::new(
+                    Arc::clone(array.engine()),
+                    volume.offset,
+                    volume.size,
+                )),
+                read_only: false,
+            })
+            .collect()
+    } else {
+        let path = args.image.as_ref().context("pass --image or --array")?;
+        let access = if args.read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        let image = DiskImage::open(path, access)?;
+        let name = match &args.export {
+            Some(name) => name.clone(),
+            None => path
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+                .context("cannot derive an export name from the image path; pass --export")?,
+        };
+        if name.len() > emulator::nbd::proto::MAX_STRING_LEN || name.contains('\0') {
+            bail!("export name must be at most 4096 bytes without NUL characters");
+        }
+        vec![Export {
+            description: format!("{} ({} bytes)", path.display(), image.size()),
+            name,
+            device: Arc::new(image),
+            read_only: args.read_only,
+        }]
     };
-    let exports = ExportSet::new(vec![export]).map_err(anyhow::Error::msg)?;
+    ExportSet::new(exports).map_err(anyhow::Error::msg)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let exports = exports_for(&args)?;
     let address = match args.socket {
         Some(path) => ListenAddress::Unix(path),
         None => ListenAddress::Tcp(args.listen),
@@ -258,13 +417,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let listener = Listener::bind(&address).await?;
-        tracing::info!(
-            export = %name,
-            size,
-            read_only = args.read_only,
-            address = %listener.local_address(),
-            "serving"
-        );
+        for export in exports.iter() {
+            tracing::info!(
+                export = %export.name,
+                size = export.device.size(),
+                read_only = export.read_only,
+                address = %listener.local_address(),
+                "serving"
+            );
+        }
         let shutdown = async move {
             tokio::select! {
                 _ = interrupt.recv() => tracing::info!("SIGINT received"),

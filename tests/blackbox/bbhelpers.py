@@ -175,7 +175,9 @@ class Server:
     _counter = 0
 
     def args(self) -> list:
-        args = [str(emulator_bin()), "serve", "--image", str(self.image)]
+        args = [str(emulator_bin()), "serve"]
+        if self.image is not None:  # None: the caller serves an array via `extra`
+            args += ["--image", str(self.image)]
         if self.export is not None:
             args += ["--export", self.export]
         if self.read_only:

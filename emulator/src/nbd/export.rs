@@ -1,8 +1,9 @@
 //! What the NBD server exports: named block devices behind a small trait, so the
-//! same protocol code serves a single disk image today and RAID volumes later.
+//! same protocol code serves a single disk image or the volumes of a RAID array.
 
 use std::sync::Arc;
 
+use controllers::raid::{RaidEngine, RaidError};
 use disk_images::{DiskImage, Extent, ImageError};
 
 use super::proto::errno;
@@ -155,5 +156,94 @@ impl ExportSet {
     /// All exports, default first.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
         self.exports.iter()
+    }
+}
+
+/// A volume of a RAID array, served as a block device: `size` bytes starting at
+/// `offset` in the array's data space.
+#[derive(Debug)]
+pub struct ArrayVolume {
+    engine: Arc<RaidEngine>,
+    offset: u64,
+    size: u64,
+}
+
+impl ArrayVolume {
+    /// The volume `[offset, offset+size)` of the array behind `engine`.
+    pub fn new(engine: Arc<RaidEngine>, offset: u64, size: u64) -> Self {
+        Self {
+            engine,
+            offset,
+            size,
+        }
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<u64, DeviceError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(self.offset + offset),
+            _ => Err(DeviceError::OutOfRange),
+        }
+    }
+}
+
+impl From<RaidError> for DeviceError {
+    fn from(err: RaidError) -> Self {
+        match err {
+            RaidError::OutOfRange { .. } => Self::OutOfRange,
+            RaidError::Unrecoverable { offset, detail } => Self::Media {
+                offset,
+                message: detail,
+            },
+            other => Self::Io(other.to_string()),
+        }
+    }
+}
+
+impl BlockDevice for ArrayVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let at = self.map(offset, buf.len() as u64)?;
+        self.engine
+            .read_at(at, buf)
+            .map_err(|err| match DeviceError::from(err) {
+                // Report media errors in the volume's own address space.
+                DeviceError::Media {
+                    offset: array_offset,
+                    message,
+                } => DeviceError::Media {
+                    offset: array_offset.saturating_sub(self.offset),
+                    message,
+                },
+                other => other,
+            })
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let at = self.map(offset, data.len() as u64)?;
+        Ok(self.engine.write_at(at, data)?)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _punch_hole: bool) -> Result<(), DeviceError> {
+        let at = self.map(offset, len)?;
+        Ok(self.engine.write_zeroes(at, len)?)
+    }
+    fn flush_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.map(offset, len)?;
+        Ok(self.engine.flush()?)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        Ok(self.engine.flush()?)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        // Striped data has no holes to report: say "data", which is always safe.
+        self.map(offset, len)?;
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![Extent {
+                length: len,
+                hole: false,
+            }]
+        })
     }
 }

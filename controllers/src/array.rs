@@ -1,0 +1,394 @@
+//! An array on disk: a directory holding member images (`disk0.img`, …, each with
+//! its checksum sidecar), hot spares (`spare0.img`, …) and `array.json`, the
+//! array's metadata. This module owns that directory's layout and the metadata
+//! format; the I/O itself is [`crate::raid::RaidEngine`]'s.
+//!
+//! `array.json` is versioned JSON wrapped with its own checksum, written
+//! atomically (temporary file, fsync, rename):
+//!
+//! ```json
+//! { "metadata": { "format": "emulator-array", "version": 1,
+//!                 "geometry": { "level": "raid5", "disks": 4, "chunk_bytes": 65536, "disk_bytes": 268435456 },
+//!                 "members": [ { "file": "disk0.img", "state": "active" }, … ],
+//!                 "spares": [ "spare0.img" ],
+//!                 "volumes": [ { "name": "vol0", "offset": 0, "size": 805306368 } ] },
+//!   "crc32": 1234567890 }
+//! ```
+//!
+//! `crc32` is the CRC32 of the exact bytes of the `metadata` value as written
+//! (compact JSON), so any edit by hand or by a stray write is detected.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use disk_images::{Access, DiskImage};
+use serde::{Deserialize, Serialize};
+
+use crate::raid::{ArrayState, Geometry, Level, MemberState, RaidEngine, RaidError};
+
+/// The metadata file in an array directory.
+pub const METADATA_FILE: &str = "array.json";
+const FORMAT: &str = "emulator-array";
+const VERSION: u32 = 1;
+
+/// One member disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Image file, relative to the array directory.
+    pub file: String,
+    /// Its state.
+    pub state: MemberState,
+}
+
+/// A volume carved from the array.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Name (the NBD export name).
+    pub name: String,
+    /// First byte in the array's data space.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// Everything `array.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayMetadata {
+    /// Always `emulator-array`.
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// Level, disks, chunk and disk size.
+    pub geometry: Geometry,
+    /// Members, in RAID order.
+    pub members: Vec<MemberRecord>,
+    /// Hot spare image files.
+    pub spares: Vec<String>,
+    /// Volumes.
+    pub volumes: Vec<VolumeRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    metadata: Box<serde_json::value::RawValue>,
+    crc32: u32,
+}
+
+/// Errors of array administration.
+#[derive(Debug, thiserror::Error)]
+pub enum ArrayError {
+    /// The directory is not an array.
+    #[error("{dir} is not an array: {problem}", dir = dir.display())]
+    NotAnArray {
+        /// Directory.
+        dir: PathBuf,
+        /// What is missing or wrong.
+        problem: String,
+    },
+    /// Creating would overwrite an existing array.
+    #[error("{dir} already holds an array or disk images; refusing to overwrite", dir = dir.display())]
+    Exists {
+        /// Directory.
+        dir: PathBuf,
+    },
+    /// A request that does not fit this array.
+    #[error("{0}")]
+    Invalid(String),
+    /// A member image could not be created or opened.
+    #[error(transparent)]
+    Image(#[from] disk_images::ImageError),
+    /// RAID I/O.
+    #[error(transparent)]
+    Raid(#[from] RaidError),
+    /// The OS refused.
+    #[error("{operation} {path}: {source}", path = path.display())]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// What was being done.
+        operation: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `array status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArrayStatus {
+    /// Directory.
+    pub dir: PathBuf,
+    /// Overall state.
+    pub state: ArrayState,
+    /// Geometry.
+    pub geometry: Geometry,
+    /// Usable bytes.
+    pub data_bytes: u64,
+    /// Members and their states.
+    pub members: Vec<MemberRecord>,
+    /// Hot spares.
+    pub spares: Vec<String>,
+    /// Volumes.
+    pub volumes: Vec<VolumeRecord>,
+}
+
+/// An opened array.
+#[derive(Debug)]
+pub struct Array {
+    dir: PathBuf,
+    metadata: ArrayMetadata,
+    engine: Arc<RaidEngine>,
+}
+
+fn io<'a>(
+    path: &'a Path,
+    operation: &'static str,
+) -> impl FnOnce(std::io::Error) -> ArrayError + 'a {
+    move |source| ArrayError::Io {
+        path: path.to_path_buf(),
+        operation,
+        source,
+    }
+}
+
+impl Array {
+    /// Creates an array in `dir` (created if missing; must hold no array or
+    /// images yet): `disks` members and `spares` hot spares of `disk_bytes` each,
+    /// and one volume, `vol0`, spanning the array.
+    pub fn create(dir: &Path, geometry: Geometry, spares: usize) -> Result<Self, ArrayError> {
+        geometry.validate()?;
+        if spares > 16 {
+            return Err(ArrayError::Invalid(format!("{spares} spares; at most 16")));
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        let member_files: Vec<String> = (0..geometry.disks)
+            .map(|i| format!("disk{i}.img"))
+            .collect();
+        let spare_files: Vec<String> = (0..spares).map(|i| format!("spare{i}.img")).collect();
+        let taken = std::iter::once(METADATA_FILE.to_string())
+            .chain(member_files.iter().cloned())
+            .chain(spare_files.iter().cloned())
+            .any(|name| {
+                dir.join(&name).exists() || disk_images::sidecar_path(&dir.join(&name)).exists()
+            });
+        if taken {
+            return Err(ArrayError::Exists {
+                dir: dir.to_path_buf(),
+            });
+        }
+        for name in member_files.iter().chain(&spare_files) {
+            DiskImage::create(&dir.join(name), geometry.disk_bytes, false)?;
+        }
+        let metadata = ArrayMetadata {
+            format: FORMAT.into(),
+            version: VERSION,
+            geometry,
+            members: member_files
+                .into_iter()
+                .map(|file| MemberRecord {
+                    file,
+                    state: MemberState::Active,
+                })
+                .collect(),
+            spares: spare_files,
+            volumes: vec![VolumeRecord {
+                name: "vol0".into(),
+                offset: 0,
+                size: geometry.data_bytes(),
+            }],
+        };
+        write_metadata(dir, &metadata)?;
+        Self::open(dir)
+    }
+
+    /// Opens the array in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, ArrayError> {
+        let metadata = read_metadata(dir)?;
+        let members = metadata
+            .members
+            .iter()
+            .map(|member| DiskImage::open(&dir.join(&member.file), Access::ReadWrite).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let states = metadata.members.iter().map(|m| m.state).collect();
+        let engine = RaidEngine::new(metadata.geometry, members, states)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            metadata,
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &ArrayMetadata {
+        &self.metadata
+    }
+
+    /// The I/O engine, shared with whoever serves the array.
+    pub fn engine(&self) -> &Arc<RaidEngine> {
+        &self.engine
+    }
+
+    /// Current status.
+    pub fn status(&self) -> ArrayStatus {
+        let states = self.engine.member_states();
+        ArrayStatus {
+            dir: self.dir.clone(),
+            state: self.engine.state(),
+            geometry: self.metadata.geometry,
+            data_bytes: self.metadata.geometry.data_bytes(),
+            members: self
+                .metadata
+                .members
+                .iter()
+                .zip(states)
+                .map(|(member, state)| MemberRecord {
+                    file: member.file.clone(),
+                    state,
+                })
+                .collect(),
+            spares: self.metadata.spares.clone(),
+            volumes: self.metadata.volumes.clone(),
+        }
+    }
+
+    /// Marks member `index` failed, persistently. Refused (nothing changed) when
+    /// the index is out of range, the member is already failed, or the array has
+    /// already FAILED.
+    pub fn fail(&mut self, index: usize) -> Result<(), ArrayError> {
+        let disks = self.metadata.members.len();
+        if index >= disks {
+            return Err(ArrayError::Invalid(format!(
+                "disk {index} is out of range: the array has disks 0..{}",
+                disks - 1
+            )));
+        }
+        if self.engine.state() == ArrayState::Failed {
+            return Err(ArrayError::Invalid(
+                "the array has already FAILED; failing more disks changes nothing".into(),
+            ));
+        }
+        if self.metadata.members[index].state == MemberState::Failed {
+            return Err(ArrayError::Invalid(format!(
+                "disk {index} is already failed"
+            )));
+        }
+        let mut metadata = self.metadata.clone();
+        metadata.members[index].state = MemberState::Failed;
+        write_metadata(&self.dir, &metadata)?;
+        self.engine.fail_member(index)?;
+        self.metadata = metadata;
+        Ok(())
+    }
+}
+
+/// Reads and validates `dir/array.json`.
+pub fn read_metadata(dir: &Path) -> Result<ArrayMetadata, ArrayError> {
+    let not_an_array = |problem: String| ArrayError::NotAnArray {
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    if !dir.is_dir() {
+        return Err(not_an_array("no such directory".into()));
+    }
+    let path = dir.join(METADATA_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_an_array(format!("{METADATA_FILE} is missing")))
+        }
+        Err(source) => {
+            return Err(ArrayError::Io {
+                path,
+                operation: "read",
+                source,
+            })
+        }
+    };
+    let envelope: Envelope = serde_json::from_slice(&bytes)
+        .map_err(|err| not_an_array(format!("{METADATA_FILE} is not valid: {err}")))?;
+    let computed = crc32fast::hash(envelope.metadata.get().as_bytes());
+    if computed != envelope.crc32 {
+        return Err(not_an_array(format!(
+            "{METADATA_FILE} checksum {:#010x} does not match its contents ({computed:#010x}): corrupt or edited",
+            envelope.crc32
+        )));
+    }
+    let metadata: ArrayMetadata = serde_json::from_str(envelope.metadata.get())
+        .map_err(|err| not_an_array(format!("{METADATA_FILE} metadata is not valid: {err}")))?;
+    if metadata.format != FORMAT || metadata.version != VERSION {
+        return Err(not_an_array(format!(
+            "format {:?} version {} is not {FORMAT} {VERSION}",
+            metadata.format, metadata.version
+        )));
+    }
+    metadata
+        .geometry
+        .validate()
+        .map_err(|err| not_an_array(err.to_string()))?;
+    if metadata.members.len() != metadata.geometry.disks {
+        return Err(not_an_array(
+            "member count does not match the geometry".into(),
+        ));
+    }
+    let safe_name =
+        |name: &str| !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+    if !metadata
+        .members
+        .iter()
+        .map(|m| m.file.as_str())
+        .chain(metadata.spares.iter().map(String::as_str))
+        .all(safe_name)
+    {
+        return Err(not_an_array(
+            "member file names must be plain names inside the array directory".into(),
+        ));
+    }
+    Ok(metadata)
+}
+
+fn write_metadata(dir: &Path, metadata: &ArrayMetadata) -> Result<(), ArrayError> {
+    let path = dir.join(METADATA_FILE);
+    let inner =
+        serde_json::to_string(metadata).map_err(|err| ArrayError::Invalid(err.to_string()))?;
+    let raw = serde_json::value::RawValue::from_string(inner)
+        .map_err(|err| ArrayError::Invalid(err.to_string()))?;
+    let envelope = Envelope {
+        crc32: crc32fast::hash(raw.get().as_bytes()),
+        metadata: raw,
+    };
+    let mut text = serde_json::to_string_pretty(&envelope)
+        .map_err(|err| ArrayError::Invalid(err.to_string()))?;
+    text.push('\n');
+    let temporary = dir.join(format!(".{METADATA_FILE}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&temporary);
+        ArrayError::Io {
+            path: path.clone(),
+            operation: "write",
+            source,
+        }
+    })
+}
+
+/// Convenience for the CLI: the geometry for `level` with `disks` members.
+pub fn geometry(level: Level, disks: usize, chunk_bytes: u64, disk_bytes: u64) -> Geometry {
+    Geometry {
+        level,
+        disks,
+        chunk_bytes,
+        disk_bytes,
+    }
+}

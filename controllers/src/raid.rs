@@ -1,0 +1,1091 @@
+//! The RAID engine: RAID-1 (n-way mirror) and RAID-5 (rotating parity) over
+//! [`DiskImage`]s, in one process.
+//!
+//! [`RaidEngine`] turns array offsets into member I/O. It keeps redundancy for
+//! whatever members survive, reconstructs the data of a failed member (or of a
+//! block whose CRC does not match, which `disk-images` reports as a media error)
+//! from the others, and rewrites such a block with the reconstructed bytes. With
+//! one failure too many (every member of a mirror, two members of a RAID-5) the
+//! array is failed: every read and write returns [`RaidError::ArrayFailed`] without
+//! touching the members, so nothing on the survivors is destroyed and no garbage
+//! is ever returned.
+//!
+//! Member states live in memory here; persisting them (array metadata) is the
+//! caller's job.
+//!
+//! # RAID-5 layout: left-symmetric
+//!
+//! The array's data is cut into *chunks* of `chunk_bytes`. Stripe `s` holds
+//! `disks - 1` data chunks and one parity chunk, each at member offset
+//! `s * chunk_bytes`. The parity chunk of stripe `s` is on disk
+//! `p(s) = disks - 1 - s % disks`, and data chunk `k` of the stripe is on disk
+//! `(p(s) + 1 + k) % disks`, so consecutive chunks rotate across the disks
+//! (Linux md's default). Four disks, `Dn` = data chunk `n` of the array:
+//!
+//! | stripe | disk 0 | disk 1 | disk 2 | disk 3 |
+//! |-------:|:------:|:------:|:------:|:------:|
+//! | 0      | D0     | D1     | D2     | P      |
+//! | 1      | D4     | D5     | P      | D3     |
+//! | 2      | D8     | P      | D6     | D7     |
+//! | 3      | P      | D9     | D10    | D11    |
+//! | 4      | D12    | D13    | D14    | P      |
+//!
+//! Parity is the XOR of the stripe's data chunks: the XOR of all `disks` chunks of
+//! a stripe is zero, so any one chunk is the XOR of the others.
+//!
+//! RAID-1: every member holds the same bytes at the same offsets; reads go to the
+//! first active member, and to the next ones only for blocks that fail their CRC.
+//!
+//! # Concurrency
+//!
+//! A table of 1024 reader-writer locks (`LOCK_STRIPES`): stripe `s` (for RAID-1:
+//! region `offset / chunk_bytes`) is guarded by lock `s % 1024`. A write holds its
+//! stripe's lock exclusively while it reads old data/parity and writes new data
+//! and parity, one stripe at a time, so concurrent writers in one process never
+//! leave parity inconsistent. Reads hold the lock shared (a reconstruction sees a
+//! consistent stripe); a read that meets a media error retries under the exclusive
+//! lock, which is where blocks are repaired (so a block is repaired once).
+//!
+//! All member writes are of whole, aligned 4 KiB blocks: an unaligned array write
+//! first reads the edge blocks (recovering them if needed). A whole-block write is
+//! what heals a block with a bad CRC, and it never trips over one.
+//!
+//! Work is done in pieces of at most 128 KiB (`WORK_BYTES`) per buffer, whatever
+//! the chunk size or I/O size.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+/// The checksummed block size of the members, as a `u64`.
+const BLOCK: u64 = BLOCK_BYTES as u64;
+/// Smallest chunk size.
+const MIN_CHUNK: u64 = 4096;
+/// Largest chunk size.
+const MAX_CHUNK: u64 = 16 << 20;
+/// Number of stripe locks; stripe `s` is guarded by lock `s % LOCK_STRIPES`.
+const LOCK_STRIPES: usize = 1024;
+/// Largest buffer one step of a read reconstruction or a write works with.
+const WORK_BYTES: u64 = 128 * 1024;
+/// Largest zero buffer [`RaidEngine::write_zeroes`] writes from.
+const ZERO_BYTES: u64 = 1 << 20;
+
+/// RAID level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// N-way mirror.
+    Raid1,
+    /// Striping with one rotating parity chunk per stripe (left-symmetric).
+    Raid5,
+}
+
+/// State of one member disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// In service: read and written.
+    Active,
+    /// Out of service: never read or written; its data is reconstructed.
+    Failed,
+}
+
+/// State of the array as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArrayState {
+    /// Every member active.
+    Optimal,
+    /// Some member failed, but every byte is still available.
+    Degraded,
+    /// Too many members failed: I/O is refused.
+    Failed,
+}
+
+/// Shape of an array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Geometry {
+    /// RAID level.
+    pub level: Level,
+    /// Number of member disks.
+    pub disks: usize,
+    /// Chunk size in bytes (RAID-5 striping unit; RAID-1 locking unit).
+    pub chunk_bytes: u64,
+    /// Bytes used on each member, from offset 0.
+    pub disk_bytes: u64,
+}
+
+impl Geometry {
+    /// Checks the geometry: RAID-1 needs at least 2 disks, RAID-5 at least 3; the
+    /// chunk is a power of two from 4 KiB to 16 MiB; `disk_bytes` is a positive
+    /// multiple of the chunk; the data size fits in a `u64`.
+    pub fn validate(&self) -> Result<(), RaidError> {
+        let invalid = |why: String| Err(RaidError::InvalidGeometry(why));
+        let min_disks = match self.level {
+            Level::Raid1 => 2,
+            Level::Raid5 => 3,
+        };
+        if self.disks < min_disks {
+            return invalid(format!(
+                "{} needs at least {min_disks} disks, got {}",
+                self.level.name(),
+                self.disks
+            ));
+        }
+        if !self.chunk_bytes.is_power_of_two()
+            || !(MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_bytes)
+        {
+            return invalid(format!(
+                "chunk size {} bytes must be a power of two from 4 KiB to 16 MiB",
+                self.chunk_bytes
+            ));
+        }
+        if self.disk_bytes == 0 || !self.disk_bytes.is_multiple_of(self.chunk_bytes) {
+            return invalid(format!(
+                "disk size {} bytes must be a positive multiple of the chunk size ({} bytes)",
+                self.disk_bytes, self.chunk_bytes
+            ));
+        }
+        if (self.disks as u64 - 1)
+            .checked_mul(self.disk_bytes)
+            .is_none()
+        {
+            return invalid(format!(
+                "{} disks of {} bytes are too large an array",
+                self.disks, self.disk_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of data the array holds: RAID-1 `disk_bytes`, RAID-5
+    /// `(disks - 1) * disk_bytes`.
+    pub fn data_bytes(&self) -> u64 {
+        match self.level {
+            Level::Raid1 => self.disk_bytes,
+            Level::Raid5 => (self.disks as u64).saturating_sub(1) * self.disk_bytes,
+        }
+    }
+
+    /// RAID-5: the disk holding stripe `stripe`'s parity.
+    fn parity_disk(&self, stripe: u64) -> usize {
+        self.disks - 1 - (stripe % self.disks as u64) as usize
+    }
+
+    /// RAID-5: the disk holding data chunk `k` of stripe `stripe`.
+    fn data_disk(&self, stripe: u64, k: usize) -> usize {
+        (self.parity_disk(stripe) + 1 + k) % self.disks
+    }
+
+    /// RAID-5: which data chunk of stripe `stripe` disk `disk` holds (`None`: parity).
+    fn data_index(&self, stripe: u64, disk: usize) -> Option<usize> {
+        let parity = self.parity_disk(stripe);
+        (disk != parity).then(|| (disk + self.disks - parity - 1) % self.disks)
+    }
+
+    /// Data bytes of one RAID-5 stripe.
+    fn row_bytes(&self) -> u64 {
+        (self.disks as u64 - 1) * self.chunk_bytes
+    }
+}
+
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Raid1 => "raid1",
+            Level::Raid5 => "raid5",
+        }
+    }
+}
+
+/// Everything that can go wrong with array I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum RaidError {
+    /// The geometry is unusable.
+    #[error("invalid array geometry: {0}")]
+    InvalidGeometry(String),
+    /// An access beyond the end of the array.
+    #[error("range {offset}+{length} is outside the array ({size} bytes)")]
+    OutOfRange {
+        /// Start of the access.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// Array data size.
+        size: u64,
+    },
+    /// Too many members failed: I/O is refused.
+    #[error("the array has failed (too many members failed): I/O refused")]
+    ArrayFailed,
+    /// Data that failed its checksum with no redundancy left to rebuild it from.
+    #[error("unrecoverable media error at array offset {offset}: {detail}")]
+    Unrecoverable {
+        /// Array offset of the lost block (for a lost RAID-5 parity block: the
+        /// offset of the first data chunk of its stripe at the same position).
+        offset: u64,
+        /// What was found.
+        detail: String,
+    },
+    /// A member's I/O failed (other than a media error, which is recovered).
+    #[error("member {index}: {source}")]
+    Member {
+        /// Member index.
+        index: usize,
+        /// The image error.
+        source: ImageError,
+    },
+    /// Members that do not fit the geometry, or a member index out of range.
+    #[error("bad member: {0}")]
+    BadMember(String),
+}
+
+/// Internal outcome of one stripe step.
+enum Fault {
+    /// A media error was met under the shared lock: redo under the exclusive one.
+    NeedExclusive,
+    /// A real error.
+    Raid(RaidError),
+}
+
+impl From<RaidError> for Fault {
+    fn from(err: RaidError) -> Self {
+        Fault::Raid(err)
+    }
+}
+
+type StepResult<T> = Result<T, Fault>;
+
+/// RAID-1/RAID-5 over shared [`DiskImage`]s. `Send + Sync`: share it in an `Arc`.
+pub struct RaidEngine {
+    geometry: Geometry,
+    members: Vec<Arc<DiskImage>>,
+    failed: Vec<AtomicBool>,
+    locks: Box<[RwLock<()>]>,
+    repaired: AtomicU64,
+}
+
+impl fmt::Debug for RaidEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RaidEngine")
+            .field("geometry", &self.geometry)
+            .field(
+                "members",
+                &self.members.iter().map(|m| m.path()).collect::<Vec<_>>(),
+            )
+            .field("states", &self.member_states())
+            .field("repaired_blocks", &self.repaired_blocks())
+            .finish()
+    }
+}
+
+fn align_down(x: u64) -> u64 {
+    x - x % BLOCK
+}
+
+fn align_up(x: u64) -> u64 {
+    x.div_ceil(BLOCK) * BLOCK
+}
+
+/// `dst ^= src`, eight bytes at a time.
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "xor of unequal lengths");
+    let mut dst_words = dst.chunks_exact_mut(8);
+    let mut src_words = src.chunks_exact(8);
+    for (d, s) in (&mut dst_words).zip(&mut src_words) {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(d);
+        b.copy_from_slice(s);
+        d.copy_from_slice(&(u64::from_ne_bytes(a) ^ u64::from_ne_bytes(b)).to_ne_bytes());
+    }
+    for (d, s) in dst_words
+        .into_remainder()
+        .iter_mut()
+        .zip(src_words.remainder())
+    {
+        *d ^= *s;
+    }
+}
+
+/// A data chunk a RAID-5 write segment touches: its disk and its new bytes.
+struct Touched<'a> {
+    disk: usize,
+    new: Cow<'a, [u8]>,
+    /// The old bytes, when they had to be read to build `new`.
+    old: Option<Vec<u8>>,
+}
+
+impl RaidEngine {
+    /// An engine over `members` (in disk order) with the given states. Checks the
+    /// geometry, the counts, and that every member is at least `disk_bytes` long.
+    pub fn new(
+        geometry: Geometry,
+        members: Vec<Arc<DiskImage>>,
+        states: Vec<MemberState>,
+    ) -> Result<Self, RaidError> {
+        geometry.validate()?;
+        if members.len() != geometry.disks {
+            return Err(RaidError::BadMember(format!(
+                "the geometry has {} disks but {} member images were given",
+                geometry.disks,
+                members.len()
+            )));
+        }
+        if states.len() != geometry.disks {
+            return Err(RaidError::BadMember(format!(
+                "the geometry has {} disks but {} member states were given",
+                geometry.disks,
+                states.len()
+            )));
+        }
+        for (index, member) in members.iter().enumerate() {
+            if member.size() < geometry.disk_bytes {
+                return Err(RaidError::BadMember(format!(
+                    "member {index} ({}) is {} bytes, smaller than the array's disk size {}",
+                    member.path().display(),
+                    member.size(),
+                    geometry.disk_bytes
+                )));
+            }
+        }
+        Ok(Self {
+            geometry,
+            members,
+            failed: states
+                .iter()
+                .map(|s| AtomicBool::new(*s == MemberState::Failed))
+                .collect(),
+            locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            repaired: AtomicU64::new(0),
+        })
+    }
+
+    /// The array's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Marks member `index` failed (in memory): it is no longer read or written.
+    pub fn fail_member(&self, index: usize) -> Result<(), RaidError> {
+        let flag = self.failed.get(index).ok_or_else(|| {
+            RaidError::BadMember(format!(
+                "disk index {index} is out of range (the array has {} members)",
+                self.geometry.disks
+            ))
+        })?;
+        flag.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Each member's state, in disk order.
+    pub fn member_states(&self) -> Vec<MemberState> {
+        self.snapshot()
+            .into_iter()
+            .map(|failed| {
+                if failed {
+                    MemberState::Failed
+                } else {
+                    MemberState::Active
+                }
+            })
+            .collect()
+    }
+
+    /// Optimal, Degraded or Failed (RAID-5: 2 or more members failed; RAID-1:
+    /// every member failed).
+    pub fn state(&self) -> ArrayState {
+        self.state_of(&self.snapshot())
+    }
+
+    /// Member blocks rewritten with reconstructed bytes after a media error.
+    pub fn repaired_blocks(&self) -> u64 {
+        self.repaired.load(Ordering::Relaxed)
+    }
+
+    fn snapshot(&self) -> Vec<bool> {
+        self.failed
+            .iter()
+            .map(|f| f.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    fn state_of(&self, failed: &[bool]) -> ArrayState {
+        let count = failed.iter().filter(|f| **f).count();
+        let tolerated = match self.geometry.level {
+            Level::Raid1 => self.geometry.disks - 1,
+            Level::Raid5 => 1,
+        };
+        match count {
+            0 => ArrayState::Optimal,
+            n if n <= tolerated => ArrayState::Degraded,
+            _ => ArrayState::Failed,
+        }
+    }
+
+    fn refuse_if_failed(&self, failed: &[bool]) -> Result<(), RaidError> {
+        if self.state_of(failed) == ArrayState::Failed {
+            Err(RaidError::ArrayFailed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<(), RaidError> {
+        let size = self.geometry.data_bytes();
+        match offset.checked_add(length) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(RaidError::OutOfRange {
+                offset,
+                length,
+                size,
+            }),
+        }
+    }
+
+    fn lock(&self, stripe: u64) -> &RwLock<()> {
+        &self.locks[(stripe % LOCK_STRIPES as u64) as usize]
+    }
+
+    /// Runs `step(failed, exclusive)` under stripe `stripe`'s lock, shared first;
+    /// if it asks for exclusivity (to repair a block), again under the exclusive
+    /// lock. Member states are sampled under the lock.
+    fn under_shared(
+        &self,
+        stripe: u64,
+        mut step: impl FnMut(&[bool], bool) -> StepResult<()>,
+    ) -> Result<(), RaidError> {
+        {
+            let _guard = self.lock(stripe).read();
+            let failed = self.snapshot();
+            self.refuse_if_failed(&failed)?;
+            match step(&failed, false) {
+                Ok(()) => return Ok(()),
+                Err(Fault::Raid(err)) => return Err(err),
+                Err(Fault::NeedExclusive) => {}
+            }
+        }
+        self.under_exclusive(stripe, |failed| step(failed, true))
+    }
+
+    /// Runs `step(failed)` under stripe `stripe`'s exclusive lock.
+    fn under_exclusive(
+        &self,
+        stripe: u64,
+        step: impl FnOnce(&[bool]) -> StepResult<()>,
+    ) -> Result<(), RaidError> {
+        let _guard = self.lock(stripe).write();
+        let failed = self.snapshot();
+        self.refuse_if_failed(&failed)?;
+        match step(&failed) {
+            Ok(()) => Ok(()),
+            Err(Fault::Raid(err)) => Err(err),
+            Err(Fault::NeedExclusive) => {
+                unreachable!("a step under the exclusive lock never asks for it")
+            }
+        }
+    }
+
+    fn member_error(index: usize, source: ImageError) -> Fault {
+        Fault::Raid(RaidError::Member { index, source })
+    }
+
+    /// Reads `buf.len()` bytes at array offset `offset`. On error `buf` is zeroed:
+    /// nothing half-reconstructed is ever left in it.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), RaidError> {
+        self.refuse_if_failed(&self.snapshot())?;
+        self.check_range(offset, buf.len() as u64)?;
+        self.read_pieces(offset, buf).inspect_err(|_| buf.fill(0))
+    }
+
+    fn read_pieces(&self, offset: u64, buf: &mut [u8]) -> Result<(), RaidError> {
+        let chunk = self.geometry.chunk_bytes;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let position = offset + done as u64;
+            let remaining = (buf.len() - done) as u64;
+            match self.geometry.level {
+                Level::Raid1 => {
+                    let region = position / chunk;
+                    let step = (chunk - position % chunk).min(remaining) as usize;
+                    let piece = &mut buf[done..done + step];
+                    self.under_shared(region, |failed, exclusive| {
+                        self.r1_read(failed, position, piece, exclusive)
+                    })?;
+                    done += step;
+                }
+                Level::Raid5 => {
+                    let row = self.geometry.row_bytes();
+                    let stripe = position / row;
+                    let within = position % row;
+                    let k = (within / chunk) as usize;
+                    let in_chunk = within % chunk;
+                    let step = (chunk - in_chunk).min(remaining) as usize;
+                    let disk = self.geometry.data_disk(stripe, k);
+                    let piece = &mut buf[done..done + step];
+                    self.under_shared(stripe, |failed, exclusive| {
+                        self.r5_read_member(failed, stripe, disk, in_chunk, piece, exclusive)
+                    })?;
+                    done += step;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at array offset `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RaidError> {
+        self.refuse_if_failed(&self.snapshot())?;
+        self.check_range(offset, data.len() as u64)?;
+        let chunk = self.geometry.chunk_bytes;
+        let mut done = 0usize;
+        while done < data.len() {
+            let position = offset + done as u64;
+            let remaining = (data.len() - done) as u64;
+            match self.geometry.level {
+                Level::Raid1 => {
+                    let region = position / chunk;
+                    let step = (chunk - position % chunk).min(remaining) as usize;
+                    let piece = &data[done..done + step];
+                    self.under_exclusive(region, |failed| self.r1_write(failed, position, piece))?;
+                    done += step;
+                }
+                Level::Raid5 => {
+                    let row = self.geometry.row_bytes();
+                    let stripe = position / row;
+                    let within = position % row;
+                    let step = (row - within).min(remaining) as usize;
+                    let piece = &data[done..done + step];
+                    self.under_exclusive(stripe, |failed| {
+                        self.r5_write_stripe(failed, stripe, within, piece)
+                    })?;
+                    done += step;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `len` zero bytes at array offset `offset` (with ordinary writes).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), RaidError> {
+        self.refuse_if_failed(&self.snapshot())?;
+        self.check_range(offset, len)?;
+        let zeros = vec![0u8; len.min(ZERO_BYTES) as usize];
+        let end = offset + len;
+        let mut position = offset;
+        while position < end {
+            // Steps end on ZERO_BYTES boundaries, so large zeroings write whole
+            // stripes whenever a stripe fits.
+            let step = (ZERO_BYTES - position % ZERO_BYTES)
+                .min(end - position)
+                .min(zeros.len() as u64);
+            self.write_at(position, &zeros[..step as usize])?;
+            position += step;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable on every active member.
+    pub fn flush(&self) -> Result<(), RaidError> {
+        for (index, member) in self.members.iter().enumerate() {
+            if !self.failed[index].load(Ordering::SeqCst) {
+                member
+                    .flush()
+                    .map_err(|source| RaidError::Member { index, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- RAID-1
+
+    /// Reads `buf.len()` bytes at `offset` (within one lock region) from the first
+    /// active member; a media error asks for the exclusive lock, under which the
+    /// affected blocks are read from the other members and repaired.
+    fn r1_read(
+        &self,
+        failed: &[bool],
+        offset: u64,
+        buf: &mut [u8],
+        exclusive: bool,
+    ) -> StepResult<()> {
+        let Some(first) = failed.iter().position(|f| !f) else {
+            return Err(RaidError::ArrayFailed.into());
+        };
+        match self.members[first].read_at(offset, buf) {
+            Ok(()) => Ok(()),
+            Err(ImageError::Media(_)) if !exclusive => Err(Fault::NeedExclusive),
+            Err(ImageError::Media(_)) => self.r1_read_repairing(failed, offset, buf),
+            Err(source) => Err(Self::member_error(first, source)),
+        }
+    }
+
+    /// Block by block: the first active member whose copy passes its CRC supplies
+    /// the block; every member that failed the CRC before it is rewritten.
+    fn r1_read_repairing(&self, failed: &[bool], offset: u64, buf: &mut [u8]) -> StepResult<()> {
+        let end = offset + buf.len() as u64;
+        let mut block = [0u8; BLOCK_BYTES];
+        let mut bad = Vec::new();
+        let mut start = align_down(offset);
+        while start < end {
+            bad.clear();
+            let mut found = false;
+            for (index, member) in self.members.iter().enumerate() {
+                if failed[index] {
+                    continue;
+                }
+                match member.read_at(start, &mut block) {
+                    Ok(()) => {
+                        found = true;
+                        break;
+                    }
+                    Err(ImageError::Media(err)) => bad.push((index, err)),
+                    Err(source) => return Err(Self::member_error(index, source)),
+                }
+            }
+            if !found {
+                let detail = bad
+                    .iter()
+                    .map(|(_, err)| err.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(RaidError::Unrecoverable {
+                    offset: start,
+                    detail: format!("no active mirror holds a good copy: {detail}"),
+                }
+                .into());
+            }
+            for (index, _) in &bad {
+                self.members[*index]
+                    .write_at(start, &block)
+                    .map_err(|source| Self::member_error(*index, source))?;
+                self.repaired.fetch_add(1, Ordering::Relaxed);
+            }
+            let from = start.max(offset);
+            let to = (start + BLOCK).min(end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&block[(from - start) as usize..(to - start) as usize]);
+            start += BLOCK;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (within one lock region) to every active member,
+    /// in whole blocks: unaligned edges are completed from the current contents.
+    fn r1_write(&self, failed: &[bool], offset: u64, data: &[u8]) -> StepResult<()> {
+        let end = offset + data.len() as u64;
+        let mut window_start = offset;
+        let mut buf = Vec::new();
+        while window_start < end {
+            let window_end = (align_down(window_start) + WORK_BYTES).min(end);
+            let window = &data[(window_start - offset) as usize..(window_end - offset) as usize];
+            let lo = align_down(window_start);
+            let hi = align_up(window_end);
+            let bytes: &[u8] = if lo == window_start && hi == window_end {
+                window
+            } else {
+                buf.clear();
+                buf.resize((hi - lo) as usize, 0);
+                let len = buf.len();
+                if lo != window_start {
+                    self.r1_read(failed, lo, &mut buf[..BLOCK_BYTES], true)?;
+                }
+                if hi != window_end && (lo == window_start || hi - lo > BLOCK) {
+                    self.r1_read(failed, hi - BLOCK, &mut buf[len - BLOCK_BYTES..], true)?;
+                }
+                buf[(window_start - lo) as usize..(window_end - lo) as usize]
+                    .copy_from_slice(window);
+                &buf
+            };
+            for (index, member) in self.members.iter().enumerate() {
+                if !failed[index] {
+                    member
+                        .write_at(lo, bytes)
+                        .map_err(|source| Self::member_error(index, source))?;
+                }
+            }
+            window_start = window_end;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- RAID-5
+
+    /// The error for a lost block: `disk`'s bytes at `in_chunk` of `stripe`.
+    fn unrecoverable(&self, stripe: u64, disk: usize, in_chunk: u64, detail: String) -> Fault {
+        let g = &self.geometry;
+        let k = g.data_index(stripe, disk).unwrap_or(0) as u64;
+        let in_chunk = align_down(in_chunk);
+        Fault::Raid(RaidError::Unrecoverable {
+            offset: stripe * g.row_bytes() + k * g.chunk_bytes + in_chunk,
+            detail,
+        })
+    }
+
+    /// Reads `buf.len()` bytes of member `disk` at `in_chunk` of stripe `stripe`
+    /// (within one chunk): directly if it is active, else reconstructed. A media
+    /// error asks for the exclusive lock, under which the block is reconstructed
+    /// and rewritten.
+    fn r5_read_member(
+        &self,
+        failed: &[bool],
+        stripe: u64,
+        disk: usize,
+        in_chunk: u64,
+        buf: &mut [u8],
+        exclusive: bool,
+    ) -> StepResult<()> {
+        if failed[disk] {
+            return self.r5_reconstruct(failed, stripe, disk, in_chunk, buf);
+        }
+        let offset = stripe * self.geometry.chunk_bytes + in_chunk;
+        match self.members[disk].read_at(offset, buf) {
+            Ok(()) => Ok(()),
+            Err(ImageError::Media(_)) if !exclusive => Err(Fault::NeedExclusive),
+            Err(ImageError::Media(_)) => {
+                self.r5_read_repairing(failed, stripe, disk, in_chunk, buf)
+            }
+            Err(source) => Err(Self::member_error(disk, source)),
+        }
+    }
+
+    /// `buf` := XOR of every other member's bytes at the same place. Any of them
+    /// failed or failing its CRC means the bytes are lost.
+    fn r5_reconstruct(
+        &self,
+        failed: &[bool],
+        stripe: u64,
+        disk: usize,
+        in_chunk: u64,
+        buf: &mut [u8],
+    ) -> StepResult<()> {
+        if let Some(other) = (0..self.geometry.disks).find(|&m| m != disk && failed[m]) {
+            return Err(self.unrecoverable(
+                stripe,
+                disk,
+                in_chunk,
+                format!("member {disk}'s data is needed while member {other} is failed"),
+            ));
+        }
+        let base = stripe * self.geometry.chunk_bytes + in_chunk;
+        let mut scratch = vec![0u8; (buf.len() as u64).min(WORK_BYTES) as usize];
+        for (window_index, window) in buf.chunks_mut(WORK_BYTES as usize).enumerate() {
+            let window_offset = window_index as u64 * WORK_BYTES;
+            window.fill(0);
+            let scratch = &mut scratch[..window.len()];
+            for (index, member) in self.members.iter().enumerate() {
+                if index == disk {
+                    continue;
+                }
+                match member.read_at(base + window_offset, scratch) {
+                    Ok(()) => xor_into(window, scratch),
+                    Err(ImageError::Media(err)) => {
+                        let bad_in_chunk = (err.block * BLOCK)
+                            .max(base + window_offset)
+                            .saturating_sub(stripe * self.geometry.chunk_bytes);
+                        return Err(self.unrecoverable(
+                            stripe,
+                            disk,
+                            bad_in_chunk,
+                            format!(
+                                "member {disk}'s data must be rebuilt but member {index} \
+                                 has a media error there: {err}"
+                            ),
+                        ));
+                    }
+                    Err(source) => return Err(Self::member_error(index, source)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Block by block: a block that fails its CRC is reconstructed from the other
+    /// members and rewritten.
+    fn r5_read_repairing(
+        &self,
+        failed: &[bool],
+        stripe: u64,
+        disk: usize,
+        in_chunk: u64,
+        buf: &mut [u8],
+    ) -> StepResult<()> {
+        let chunk_start = stripe * self.geometry.chunk_bytes;
+        let offset = chunk_start + in_chunk;
+        let end = offset + buf.len() as u64;
+        let member = &self.members[disk];
+        let mut block = [0u8; BLOCK_BYTES];
+        let mut start = align_down(offset);
+        while start < end {
+            match member.read_at(start, &mut block) {
+                Ok(()) => {}
+                Err(ImageError::Media(_)) => {
+                    self.r5_reconstruct(failed, stripe, disk, start - chunk_start, &mut block)?;
+                    member
+                        .write_at(start, &block)
+                        .map_err(|source| Self::member_error(disk, source))?;
+                    self.repaired.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(source) => return Err(Self::member_error(disk, source)),
+            }
+            let from = start.max(offset);
+            let to = (start + BLOCK).min(end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&block[(from - start) as usize..(to - start) as usize]);
+            start += BLOCK;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `within` of stripe `stripe`'s data (all inside the stripe).
+    ///
+    /// The chunk offsets are cut into segments of at most `WORK_BYTES`, with cuts
+    /// at the block boundaries around where the write starts and ends, so in
+    /// each segment every touched data chunk is either wholly new or new in part
+    /// of a single block.
+    fn r5_write_stripe(
+        &self,
+        failed: &[bool],
+        stripe: u64,
+        within: u64,
+        data: &[u8],
+    ) -> StepResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.geometry.chunk_bytes;
+        let end = within + data.len() as u64;
+        let first = (within / chunk) as usize;
+        let last = ((end - 1) / chunk) as usize;
+        let start_in_chunk = within % chunk;
+        let end_in_chunk = end - last as u64 * chunk;
+        let mut cuts = vec![
+            0,
+            chunk,
+            align_down(start_in_chunk),
+            align_up(start_in_chunk),
+            align_down(end_in_chunk),
+            align_up(end_in_chunk),
+        ];
+        cuts.sort_unstable();
+        cuts.dedup();
+        for pair in cuts.windows(2) {
+            let mut lo = pair[0];
+            while lo < pair[1] {
+                let hi = (lo + WORK_BYTES).min(pair[1]);
+                self.r5_write_segment(failed, stripe, within, data, first..=last, lo, hi)?;
+                lo = hi;
+            }
+        }
+        Ok(())
+    }
+
+    /// One segment `[lo, hi)` (chunk offsets, block aligned) of a stripe write.
+    #[allow(clippy::too_many_arguments)]
+    fn r5_write_segment(
+        &self,
+        failed: &[bool],
+        stripe: u64,
+        within: u64,
+        data: &[u8],
+        chunks: std::ops::RangeInclusive<usize>,
+        lo: u64,
+        hi: u64,
+    ) -> StepResult<()> {
+        let g = &self.geometry;
+        let chunk = g.chunk_bytes;
+        let end = within + data.len() as u64;
+        let len = (hi - lo) as usize;
+        let mut touched = Vec::new();
+        for k in chunks {
+            // The new bytes of chunk k, in stripe data offsets, clipped to [lo, hi).
+            let chunk_base = k as u64 * chunk;
+            let from = within.max(chunk_base + lo);
+            let to = end.min(chunk_base + hi);
+            if from >= to {
+                continue;
+            }
+            let disk = g.data_disk(stripe, k);
+            let new_bytes = &data[(from - within) as usize..(to - within) as usize];
+            if from == chunk_base + lo && to == chunk_base + hi {
+                touched.push(Touched {
+                    disk,
+                    new: Cow::Borrowed(new_bytes),
+                    old: None,
+                });
+            } else {
+                let mut old = vec![0u8; len];
+                self.r5_read_member(failed, stripe, disk, lo, &mut old, true)?;
+                let mut new = old.clone();
+                let at = (from - chunk_base - lo) as usize;
+                new[at..at + new_bytes.len()].copy_from_slice(new_bytes);
+                touched.push(Touched {
+                    disk,
+                    new: Cow::Owned(new),
+                    old: Some(old),
+                });
+            }
+        }
+        if touched.is_empty() {
+            return Ok(());
+        }
+
+        let parity_disk = g.parity_disk(stripe);
+        let parity = if failed[parity_disk] {
+            None
+        } else {
+            let untouched: Vec<usize> = (0..g.disks - 1)
+                .map(|k| g.data_disk(stripe, k))
+                .filter(|d| touched.iter().all(|t| t.disk != *d))
+                .collect();
+            let touched_failed = touched.iter().any(|t| failed[t.disk]);
+            let untouched_failed = untouched.iter().any(|d| failed[*d]);
+            // Reconstruct-write reads the untouched chunks; read-modify-write reads
+            // the touched ones and the parity. A failed touched chunk forces the
+            // first, a failed untouched one the second; else the fewer reads win.
+            let reconstruct_write =
+                touched_failed || (!untouched_failed && untouched.len() < touched.len() + 1);
+            let mut acc = vec![0u8; len];
+            let mut scratch = vec![0u8; len];
+            if reconstruct_write {
+                for t in &touched {
+                    xor_into(&mut acc, &t.new);
+                }
+                for disk in untouched {
+                    self.r5_read_member(failed, stripe, disk, lo, &mut scratch, true)?;
+                    xor_into(&mut acc, &scratch);
+                }
+            } else {
+                self.r5_read_member(failed, stripe, parity_disk, lo, &mut acc, true)?;
+                for t in &touched {
+                    match &t.old {
+                        Some(old) => xor_into(&mut acc, old),
+                        None => {
+                            self.r5_read_member(failed, stripe, t.disk, lo, &mut scratch, true)?;
+                            xor_into(&mut acc, &scratch);
+                        }
+                    }
+                    xor_into(&mut acc, &t.new);
+                }
+            }
+            Some(acc)
+        };
+
+        let offset = stripe * chunk + lo;
+        for t in &touched {
+            if !failed[t.disk] {
+                self.members[t.disk]
+                    .write_at(offset, &t.new)
+                    .map_err(|source| Self::member_error(t.disk, source))?;
+            }
+        }
+        if let Some(parity) = parity {
+            self.members[parity_disk]
+                .write_at(offset, &parity)
+                .map_err(|source| Self::member_error(parity_disk, source))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(level: Level, disks: usize) -> Geometry {
+        Geometry {
+            level,
+            disks,
+            chunk_bytes: 8192,
+            disk_bytes: 64 * 1024,
+        }
+    }
+
+    #[test]
+    fn left_symmetric_layout_matches_the_table() {
+        let g = geometry(Level::Raid5, 4);
+        // Row s of the module's table: which data chunk (or parity) each disk holds.
+        let table: [[Option<u64>; 4]; 5] = [
+            [Some(0), Some(1), Some(2), None],
+            [Some(4), Some(5), None, Some(3)],
+            [Some(8), None, Some(6), Some(7)],
+            [None, Some(9), Some(10), Some(11)],
+            [Some(12), Some(13), Some(14), None],
+        ];
+        for (stripe, row) in table.iter().enumerate() {
+            let stripe = stripe as u64;
+            for (disk, cell) in row.iter().enumerate() {
+                let got = g.data_index(stripe, disk).map(|k| stripe * 3 + k as u64);
+                assert_eq!(got, *cell, "stripe {stripe} disk {disk}");
+                if let Some(k) = g.data_index(stripe, disk) {
+                    assert_eq!(g.data_disk(stripe, k), disk);
+                } else {
+                    assert_eq!(g.parity_disk(stripe), disk);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn geometry_validation() {
+        assert!(geometry(Level::Raid1, 2).validate().is_ok());
+        assert!(geometry(Level::Raid5, 3).validate().is_ok());
+        assert!(geometry(Level::Raid1, 1).validate().is_err());
+        assert!(geometry(Level::Raid5, 2).validate().is_err());
+        for chunk in [0, 2048, 4096 + 4096 * 2, 32 << 20] {
+            let g = Geometry {
+                chunk_bytes: chunk,
+                disk_bytes: 96 << 20,
+                ..geometry(Level::Raid5, 3)
+            };
+            assert!(
+                matches!(g.validate(), Err(RaidError::InvalidGeometry(_))),
+                "{chunk}"
+            );
+        }
+        for disk_bytes in [0, 8192 + 4096] {
+            let g = Geometry {
+                disk_bytes,
+                ..geometry(Level::Raid5, 3)
+            };
+            assert!(g.validate().is_err(), "{disk_bytes}");
+        }
+        let g = Geometry {
+            chunk_bytes: 16 << 20,
+            disk_bytes: 32 << 20,
+            ..geometry(Level::Raid1, 3)
+        };
+        assert!(g.validate().is_ok());
+        assert_eq!(geometry(Level::Raid1, 3).data_bytes(), 64 * 1024);
+        assert_eq!(geometry(Level::Raid5, 4).data_bytes(), 3 * 64 * 1024);
+        let huge = Geometry {
+            disks: 1 << 20,
+            chunk_bytes: 4096,
+            disk_bytes: 1 << 50,
+            level: Level::Raid5,
+        };
+        assert!(huge.validate().is_err());
+    }
+
+    #[test]
+    fn xor_matches_bytewise() {
+        for len in [0usize, 1, 7, 8, 9, 63, 64, 4096, 4099] {
+            let a: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+            let b: Vec<u8> = (0..len).map(|i| (i * 17 + 3) as u8).collect();
+            let mut x = a.clone();
+            xor_into(&mut x, &b);
+            let expected: Vec<u8> = a.iter().zip(&b).map(|(p, q)| p ^ q).collect();
+            assert_eq!(x, expected, "{len}");
+        }
+    }
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<RaidEngine>();
+    }
+}
