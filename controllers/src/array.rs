@@ -25,6 +25,7 @@ use disk_images::{Access, DiskImage};
 use serde::{Deserialize, Serialize};
 
 use crate::raid::{ArrayState, Geometry, Level, MemberState, RaidEngine, RaidError};
+use crate::work::Members;
 
 /// The metadata file in an array directory.
 pub const METADATA_FILE: &str = "array.json";
@@ -36,8 +37,12 @@ const VERSION: u32 = 1;
 pub struct MemberRecord {
     /// Image file, relative to the array directory.
     pub file: String,
-    /// Its state.
+    /// Its state. A member being rebuilt is `failed` to I/O (never read, not
+    /// written) until its rebuild completes.
     pub state: MemberState,
+    /// A replacement whose contents are being rebuilt.
+    #[serde(default)]
+    pub rebuilding: bool,
 }
 
 /// A volume carved from the array.
@@ -137,6 +142,7 @@ pub struct ArrayStatus {
 pub struct Array {
     dir: PathBuf,
     metadata: ArrayMetadata,
+    images: Vec<Arc<DiskImage>>,
     engine: Arc<RaidEngine>,
 }
 
@@ -188,6 +194,7 @@ impl Array {
                 .map(|file| MemberRecord {
                     file,
                     state: MemberState::Active,
+                    rebuilding: false,
                 })
                 .collect(),
             spares: spare_files,
@@ -210,10 +217,11 @@ impl Array {
             .map(|member| DiskImage::open(&dir.join(&member.file), Access::ReadWrite).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let states = metadata.members.iter().map(|m| m.state).collect();
-        let engine = RaidEngine::new(metadata.geometry, members, states)?;
+        let engine = RaidEngine::new(metadata.geometry, members.clone(), states)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             metadata,
+            images: members,
             engine: Arc::new(engine),
         })
     }
@@ -233,6 +241,91 @@ impl Array {
         &self.engine
     }
 
+    /// The member images and which may be read, for scrub and rebuild work.
+    pub fn members(&self) -> Members {
+        Members {
+            geometry: self.metadata.geometry,
+            images: self.images.clone(),
+            readable: self
+                .metadata
+                .members
+                .iter()
+                .map(|m| m.state == MemberState::Active)
+                .collect(),
+        }
+    }
+
+    /// The member being rebuilt, if any.
+    pub fn rebuilding(&self) -> Option<usize> {
+        self.metadata.members.iter().position(|m| m.rebuilding)
+    }
+
+    /// Replaces failed member `index` with the first hot spare (or, with none
+    /// left, a new empty image), marked as rebuilding: `array rebuild` fills it.
+    pub fn replace(&mut self, index: usize) -> Result<String, ArrayError> {
+        let disks = self.metadata.members.len();
+        if index >= disks {
+            return Err(ArrayError::Invalid(format!(
+                "disk {index} is out of range: the array has disks 0..{}",
+                disks - 1
+            )));
+        }
+        if self.metadata.members[index].state != MemberState::Failed
+            || self.metadata.members[index].rebuilding
+        {
+            return Err(ArrayError::Invalid(format!(
+                "disk {index} is not a failed disk (fail it first)"
+            )));
+        }
+        if let Some(other) = self.rebuilding() {
+            return Err(ArrayError::Invalid(format!(
+                "disk {other} is already being rebuilt"
+            )));
+        }
+        if self.engine.state() == ArrayState::Failed {
+            return Err(ArrayError::Invalid(
+                "the array has FAILED: there is nothing to rebuild from".into(),
+            ));
+        }
+        let mut metadata = self.metadata.clone();
+        let file = if metadata.spares.is_empty() {
+            let mut n = 1;
+            let name = loop {
+                let name = format!("disk{index}-replacement{n}.img");
+                if !self.dir.join(&name).exists() {
+                    break name;
+                }
+                n += 1;
+            };
+            DiskImage::create(&self.dir.join(&name), metadata.geometry.disk_bytes, false)?;
+            name
+        } else {
+            metadata.spares.remove(0)
+        };
+        metadata.members[index] = MemberRecord {
+            file: file.clone(),
+            state: MemberState::Failed,
+            rebuilding: true,
+        };
+        write_metadata(&self.dir, &metadata)?;
+        *self = Self::open(&self.dir)?;
+        Ok(file)
+    }
+
+    /// Completion action of a rebuild: the rebuilt member becomes active.
+    pub fn finish_rebuild(&mut self, index: usize) -> Result<(), ArrayError> {
+        let mut metadata = self.metadata.clone();
+        let member = metadata
+            .members
+            .get_mut(index)
+            .ok_or_else(|| ArrayError::Invalid(format!("disk {index} is out of range")))?;
+        member.state = MemberState::Active;
+        member.rebuilding = false;
+        write_metadata(&self.dir, &metadata)?;
+        *self = Self::open(&self.dir)?;
+        Ok(())
+    }
+
     /// Current status.
     pub fn status(&self) -> ArrayStatus {
         let states = self.engine.member_states();
@@ -249,6 +342,7 @@ impl Array {
                 .map(|(member, state)| MemberRecord {
                     file: member.file.clone(),
                     state,
+                    rebuilding: member.rebuilding,
                 })
                 .collect(),
             spares: self.metadata.spares.clone(),

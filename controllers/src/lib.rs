@@ -13,3 +13,4 @@
 pub mod array;
 pub mod coordination;
 pub mod raid;
+pub mod work;

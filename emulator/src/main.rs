@@ -14,6 +14,7 @@ use controllers::raid::Level;
 use disk_images::{Access, DiskImage};
 use emulator::nbd::export::{ArrayVolume, Export, ExportSet};
 use emulator::nbd::server::{self, ListenAddress, Listener, ServerConfig};
+use emulator::tasks::{StartOptions, TaskKind};
 use emulator::units::parse_size;
 
 /// Hardware-in-the-loop emulator of dual-controller storage systems.
@@ -34,6 +35,24 @@ enum Command {
     Array(ArrayCommand),
     /// Serve a disk image, or the volumes of an array, over NBD.
     Serve(ServeArgs),
+    /// One controller's share of an array task (started by `array rebuild|scrub`).
+    #[command(hide = true)]
+    Controller {
+        /// Array directory.
+        dir: PathBuf,
+        /// Which task.
+        #[arg(long, value_enum)]
+        task: TaskKind,
+        /// Controller id.
+        #[arg(long)]
+        id: u8,
+        /// Rate limit for this controller, MiB/s.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Lease length.
+        #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
+        lease_ms: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +93,51 @@ enum ArrayCommand {
         #[arg(long)]
         disk: usize,
     },
+    /// Replace a failed disk with a hot spare (or a new empty image) to rebuild.
+    Replace {
+        /// Array directory.
+        dir: PathBuf,
+        /// Member index of the failed disk.
+        #[arg(long)]
+        disk: usize,
+    },
+    /// Rebuild the replaced disk from the others, split across controllers.
+    Rebuild {
+        /// Array directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Verify every block's checksum and every stripe's redundancy.
+    Scrub {
+        /// Array directory.
+        dir: PathBuf,
+        /// Rewrite what redundancy can fix.
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TaskArgs {
+    /// Controller processes to split the work across (1-8).
+    #[arg(long, default_value_t = 1)]
+    controllers: u8,
+    /// Total rate limit in MiB/s (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Wait for the task to finish, showing progress, and print its report.
+    #[arg(long)]
+    wait: bool,
+    /// Print the report as JSON (with --wait).
+    #[arg(long)]
+    json: bool,
+    /// A partition whose controller stops renewing its lease for this long is
+    /// taken over by another controller.
+    #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
+    lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -179,6 +243,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(command) => image_command(command),
         Command::Array(command) => array_command(command),
+        Command::Controller {
+            dir,
+            task,
+            id,
+            rate,
+            lease_ms,
+        } => {
+            emulator::tasks::run_controller(&dir, task, id, rate, lease_ms)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve(args) => serve(args),
     }
 }
@@ -333,6 +407,18 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        ArrayCommand::Replace { dir, disk } => {
+            let mut array = Array::open(&dir)?;
+            let file = array.replace(disk)?;
+            println!(
+                "disk {disk} of {} replaced by {file}; run `emulator array rebuild {}`",
+                dir.display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ArrayCommand::Rebuild { dir, task } => run_task(&dir, TaskKind::Rebuild, false, &task),
+        ArrayCommand::Scrub { dir, repair, task } => run_task(&dir, TaskKind::Scrub, repair, &task),
         ArrayCommand::Fail { dir, disk } => {
             let mut array = Array::open(&dir)?;
             array.fail(disk)?;
@@ -344,6 +430,62 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn run_task(dir: &Path, kind: TaskKind, repair: bool, args: &TaskArgs) -> anyhow::Result<ExitCode> {
+    let options = StartOptions {
+        controllers: args.controllers,
+        rate_mib_s: args.rate,
+        lease_ms: args.lease_ms,
+        wait: args.wait,
+    };
+    let Some(report) = emulator::tasks::start(dir, kind, repair, &options)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        match kind {
+            TaskKind::Rebuild => println!(
+                "rebuild of disk {} done: {} bytes, {} unrecoverable blocks",
+                report.rebuilt_disk.unwrap_or_default(),
+                report.bytes_per_disk,
+                report.unrecoverable.len()
+            ),
+            TaskKind::Scrub => println!(
+                "scrub done: {} rows checked, {} checksum errors, {} parity mismatches, {} repaired, {} unrecoverable",
+                report.rows_checked,
+                report.checksum_errors,
+                report.parity_mismatches,
+                report.repaired,
+                report.unrecoverable.len()
+            ),
+        }
+        for offset in &report.unrecoverable {
+            println!("unrecoverable: array byte offset {offset}");
+        }
+        for partition in &report.partitions {
+            println!(
+                "partition {} ({} bytes at {}): controller {}",
+                partition.index,
+                partition.length,
+                partition.start,
+                partition
+                    .completed_by
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+        }
+    }
+    let clean = report.unrecoverable.is_empty()
+        && (kind == TaskKind::Rebuild
+            || report.repair
+            || (report.checksum_errors == 0 && report.parity_mismatches == 0));
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The exports `serve` offers: one image, or every volume of an array.

@@ -148,3 +148,112 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     result = emulator("array", "status", str(array))
     assert result.returncode == 2
     assert "checksum" in error_line(result)
+
+
+def test_rebuild_with_two_controller_processes_restores_the_disk(tmp_path, serve, rng, need_tools):
+    need_tools("nbdcopy")
+    array = create_array(tmp_path, spares=1)
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.randbytes(3 * DISK))
+    server = serve_array(serve, array)
+    assert run(["nbdcopy", str(source), server.uri("vol0")]).returncode == 0
+    server.stop_clean()
+    assert emulator("array", "fail", str(array), "--disk", "2").returncode == 0
+    replaced = emulator("array", "replace", str(array), "--disk", "2")
+    assert replaced.returncode == 0, replaced.describe()
+    assert status(array)["members"][2] == {"file": "spare0.img", "state": "failed", "rebuilding": True}
+
+    result = emulator("array", "rebuild", str(array), "--controllers", "2", "--wait", "--json", timeout=120)
+    assert result.returncode == 0, result.describe()
+    report = json.loads(result.stdout)
+    assert report["rebuilt_disk"] == 2 and report["unrecoverable"] == []
+    assert {p["completed_by"] for p in report["partitions"]} <= {0, 1}
+    assert all(p["completed_by"] is not None for p in report["partitions"])
+    after = status(array)
+    assert after["state"] == "optimal"
+    assert after["members"][2] == {"file": "spare0.img", "state": "active", "rebuilding": False}
+    for member in after["members"]:
+        assert emulator("image", "verify", str(array / member["file"])).returncode == 0
+
+    server = serve_array(serve, array)
+    out = tmp_path / "out.bin"
+    assert run(["nbdcopy", server.uri("vol0"), str(out)]).returncode == 0
+    assert out.read_bytes() == source.read_bytes()
+
+
+def test_scrub_finds_and_repairs_flipped_bytes(tmp_path, serve, rng):
+    array = create_array(tmp_path)
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    data = rng.randbytes(2 * MIB)
+    h.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+    h.shutdown()
+    server.stop_clean()
+    corrupt_block(array / "disk1.img", 7, rng)
+    corrupt_block(array / "disk3.img", 300, rng)
+
+    found = emulator("array", "scrub", str(array), "--controllers", "2", "--wait", "--json", timeout=120)
+    assert found.returncode == 1, "a scrub without --repair that finds errors exits 1\n" + found.describe()
+    report = json.loads(found.stdout)
+    assert (report["checksum_errors"], report["repaired"], report["unrecoverable"]) == (2, 0, [])
+    repaired = emulator("array", "scrub", str(array), "--repair", "--wait", "--json", timeout=120)
+    assert repaired.returncode == 0, repaired.describe()
+    assert json.loads(repaired.stdout)["repaired"] == 2
+    clean = emulator("array", "scrub", str(array), "--wait", "--json", timeout=120)
+    assert clean.returncode == 0, clean.describe()
+    assert json.loads(clean.stdout)["checksum_errors"] == 0
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    assert h.pread(len(data), 0) == data
+    h.shutdown()
+
+
+def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, serve, rng, need_tools):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from bbhelpers import emulator_bin, wait_until
+
+    need_tools("nbdcopy")
+    array = create_array(tmp_path, spares=1)
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.randbytes(3 * DISK))
+    server = serve_array(serve, array)
+    assert run(["nbdcopy", str(source), server.uri("vol0")]).returncode == 0
+    server.stop_clean()
+    assert emulator("array", "fail", str(array), "--disk", "0").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "0").returncode == 0
+
+    lease_ms = 1000
+    # 8 MiB per disk at 4 MiB/s in all: slow enough to kill a controller mid-partition.
+    rebuild = subprocess.Popen(
+        [str(emulator_bin()), "array", "rebuild", str(array), "--controllers", "2", "--rate", "4",
+         "--lease-ms", str(lease_ms), "--wait", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log1 = array / "controller-1.log"
+    wait_until(lambda: log1.exists() and "claimed" in log1.read_text(), 20, "controller 1 claims a partition")
+    pid = subprocess.run(["pgrep", "-f", f"controller {array} --task rebuild --id 1"],
+                         capture_output=True, text=True).stdout.split()
+    assert len(pid) == 1, pid
+    killed_at = time.monotonic()
+    os.kill(int(pid[0]), signal.SIGKILL)
+    stdout, stderr = rebuild.communicate(timeout=60)
+    elapsed = time.monotonic() - killed_at
+    assert rebuild.returncode == 0, stderr
+    # Bound: the lease, plus the remaining work at the survivor's rate (2 MiB/s for
+    # at most the whole 8 MiB disk), plus slack for a loaded machine.
+    assert elapsed < lease_ms / 1000 + 8 / 2 + 10, elapsed
+    report = json.loads(stdout)
+    assert report["unrecoverable"] == []
+    log0 = (array / "controller-0.log").read_text()
+    assert "took_over=true" in log0, "controller 0 took the dead controller's partition over\n" + log0
+    assert status(array)["state"] == "optimal"
+    for member in status(array)["members"]:
+        assert emulator("image", "verify", str(array / member["file"])).returncode == 0
+    server = serve_array(serve, array)
+    out = tmp_path / "out.bin"
+    assert run(["nbdcopy", server.uri("vol0"), str(out)]).returncode == 0
+    assert out.read_bytes() == source.read_bytes()

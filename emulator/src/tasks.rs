@@ -1,0 +1,484 @@
+//! Long array tasks (rebuild, scrub) split across controller processes through
+//! the task coordination object (`controllers::coordination`).
+//!
+//! `emulator array rebuild|scrub` writes the coordination file
+//! (`DIR/task-rebuild.coord` or `DIR/task-scrub.coord`) and starts one
+//! `emulator controller` process per controller. Each claims READY partitions
+//! (or ones whose owner stopped renewing its lease), works through them in 1 MiB
+//! steps, renewing its lease and recording progress after each, and marks them
+//! COMPLETE. Controller 0 is the initiator: when every partition is COMPLETE it
+//! runs the completion actions (a rebuilt disk becomes active; a scrub's findings
+//! are written to `DIR/scrub-report.json`) and removes the coordination file.
+//! Running the command again while a coordination file exists resumes that task.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use controllers::array::Array;
+use controllers::coordination::{Findings, Operation, PartitionState, TaskFile, TaskSpec};
+use controllers::work::{rebuild_range, scrub_range, WorkError};
+use serde::{Deserialize, Serialize};
+
+/// Default lease: a partition whose owner has not renewed for this long goes to
+/// another controller.
+pub const DEFAULT_LEASE_MS: u64 = 5_000;
+/// Most controllers a task may be split across.
+pub const MAX_CONTROLLERS: u8 = 8;
+
+/// The tasks the CLI starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Rebuild the member being rebuilt.
+    Rebuild,
+    /// Scrub the array.
+    Scrub,
+}
+
+impl TaskKind {
+    fn operation(self) -> Operation {
+        match self {
+            Self::Rebuild => Operation::Rebuild,
+            Self::Scrub => Operation::Scrub,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rebuild => "rebuild",
+            Self::Scrub => "scrub",
+        }
+    }
+}
+
+/// The coordination file of `kind` in array `dir`.
+pub fn task_path(dir: &Path, kind: TaskKind) -> PathBuf {
+    dir.join(format!("task-{}.coord", kind.name()))
+}
+
+/// The report a finished task leaves in the array directory.
+pub fn report_path(dir: &Path, kind: TaskKind) -> PathBuf {
+    dir.join(format!("{}-report.json", kind.name()))
+}
+
+fn partition_detail_path(dir: &Path, kind: TaskKind, partition: u32) -> PathBuf {
+    dir.join(format!("task-{}.part{partition}.json", kind.name()))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// What a finished task reports (also `DIR/<task>-report.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskReport {
+    /// The task.
+    pub operation: TaskKind,
+    /// Whether a scrub repaired.
+    pub repair: bool,
+    /// Member offsets covered per disk.
+    pub bytes_per_disk: u64,
+    /// For a rebuild: the rebuilt disk.
+    pub rebuilt_disk: Option<u32>,
+    /// Block rows checked (scrub).
+    pub rows_checked: u64,
+    /// Blocks failing their checksum (scrub).
+    pub checksum_errors: u64,
+    /// Rows with inconsistent parity or mirrors (scrub).
+    pub parity_mismatches: u64,
+    /// Blocks rewritten (scrub repair).
+    pub repaired: u64,
+    /// Array byte offsets that could not be recovered.
+    pub unrecoverable: Vec<u64>,
+    /// Which controller completed which partition.
+    pub partitions: Vec<PartitionReport>,
+}
+
+/// One partition in a report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionReport {
+    /// Index.
+    pub index: u32,
+    /// First member byte.
+    pub start: u64,
+    /// Bytes.
+    pub length: u64,
+    /// The controller that completed it.
+    pub completed_by: Option<u8>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PartitionDetail {
+    parity_mismatches: u64,
+    unrecoverable: Vec<u64>,
+}
+
+/// Creates the coordination object for `kind` on the array in `dir`, or returns
+/// the existing one (a task interrupted earlier is resumed, not restarted).
+pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskFile> {
+    let path = task_path(dir, kind);
+    if path.exists() {
+        let task = TaskFile::open(&path)?;
+        if task.spec().repair != repair && kind == TaskKind::Scrub {
+            bail!(
+                "a scrub with repair={} is already in progress in {}; let it finish",
+                task.spec().repair,
+                dir.display()
+            );
+        }
+        return Ok(task);
+    }
+    let array = Array::open(dir)?;
+    let geometry = array.metadata().geometry;
+    let target_disk = match kind {
+        TaskKind::Rebuild => Some(array.rebuilding().context(
+            "no disk is being rebuilt: fail a disk and `emulator array replace` it first",
+        )? as u32),
+        TaskKind::Scrub => None,
+    };
+    let partition_bytes = (geometry.disk_bytes / 16)
+        .clamp(1 << 20, 256 << 20)
+        .next_multiple_of(1 << 20);
+    let spec = TaskSpec {
+        operation: kind.operation(),
+        data_set: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .chars()
+            .take(64)
+            .collect(),
+        target_disk,
+        data_set_bytes: geometry.disk_bytes,
+        partition_bytes,
+        initiator: 0,
+        repair,
+    };
+    let _ = std::fs::remove_file(report_path(dir, kind));
+    Ok(TaskFile::create(&path, &spec, now_ms())?)
+}
+
+/// Paces work to `rate_mib_s` (none: full speed).
+struct Pacer {
+    rate_bytes_per_s: Option<f64>,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn step(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if let Some(rate) = self.rate_bytes_per_s {
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+/// One controller's share of a task: claim, work, renew, complete, until no
+/// partition is left for it. Controller 0 (the initiator) then waits for the
+/// others and runs the completion actions.
+pub fn run_controller(
+    dir: &Path,
+    kind: TaskKind,
+    id: u8,
+    rate_mib_s: Option<f64>,
+    lease_ms: u64,
+) -> anyhow::Result<()> {
+    let path = task_path(dir, kind);
+    let task = TaskFile::open(&path)?;
+    let array = Array::open(dir)?;
+    let members = array.members();
+    let spec = task.spec().clone();
+    let mut pacer = Pacer {
+        rate_bytes_per_s: rate_mib_s.map(|r| r * 1024.0 * 1024.0),
+        started: Instant::now(),
+        bytes: 0,
+    };
+    loop {
+        let Some(mut claim) = task.claim_next(id, now_ms(), lease_ms) else {
+            if id != spec.initiator || task.all_complete() {
+                break;
+            }
+            // The initiator waits for partitions others hold: they complete, or
+            // their leases run out and come back to it.
+            std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(10, 500)));
+            continue;
+        };
+        tracing::info!(
+            controller = id,
+            partition = claim.partition,
+            resume_from = claim.resume_from,
+            took_over = claim.took_over,
+            "claimed"
+        );
+        let start = claim.start + claim.resume_from;
+        let length = claim.length - claim.resume_from;
+        let mut lost = false;
+        let mut last = 0;
+        let resume_from = claim.resume_from;
+        let progress = |done: u64| {
+            pacer.step(done - last);
+            last = done;
+            let ok = task
+                .renew(&mut claim, resume_from + done, now_ms(), lease_ms)
+                .is_ok();
+            lost |= !ok;
+            ok
+        };
+        let mut findings = Findings::default();
+        let mut detail = PartitionDetail::default();
+        let outcome = match kind {
+            TaskKind::Scrub => {
+                scrub_range(&members, start, length, spec.repair, progress).map(|found| {
+                    findings = Findings {
+                        checked: found.rows_checked,
+                        errors: found.checksum_errors,
+                        repaired: found.repaired,
+                        unrecoverable: found.unrecoverable.len() as u64,
+                    };
+                    detail = PartitionDetail {
+                        parity_mismatches: found.parity_mismatches,
+                        unrecoverable: found.unrecoverable,
+                    };
+                })
+            }
+            TaskKind::Rebuild => {
+                let target = spec.target_disk.context("rebuild task names no disk")? as usize;
+                rebuild_range(&members, target, start, length, progress).map(|unrecoverable| {
+                    findings.checked = length / disk_images::BLOCK_BYTES as u64;
+                    findings.unrecoverable = unrecoverable.len() as u64;
+                    detail.unrecoverable = unrecoverable;
+                })
+            }
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(WorkError::Stopped) if lost => {
+                tracing::warn!(
+                    controller = id,
+                    partition = claim.partition,
+                    "lease lost; another controller has the partition"
+                );
+                continue;
+            }
+            Err(err) => return Err(err).context(format!("partition {}", claim.partition)),
+        }
+        for image in &members.images {
+            image.flush_range(start, length)?;
+        }
+        std::fs::write(
+            partition_detail_path(dir, kind, claim.partition),
+            serde_json::to_vec(&detail)?,
+        )?;
+        let partition = claim.partition;
+        match task.complete(claim, findings) {
+            Ok(()) => tracing::info!(controller = id, partition, "completed"),
+            Err(err) => tracing::warn!(controller = id, partition, %err, "could not complete"),
+        }
+    }
+    if id == spec.initiator && task.begin_completion(id) {
+        complete_task(dir, kind, &task)?;
+        task.finish_completion();
+        drop(task);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        for index in 0..spec.data_set_bytes.div_ceil(spec.partition_bytes) {
+            let _ = std::fs::remove_file(partition_detail_path(dir, kind, index as u32));
+        }
+        tracing::info!(
+            controller = id,
+            task = kind.name(),
+            "completion actions done"
+        );
+    }
+    Ok(())
+}
+
+/// The initiator's completion actions.
+fn complete_task(dir: &Path, kind: TaskKind, task: &TaskFile) -> anyhow::Result<()> {
+    let spec = task.spec();
+    let partitions = task.partitions();
+    let mut report = TaskReport {
+        operation: kind,
+        repair: spec.repair,
+        bytes_per_disk: spec.data_set_bytes,
+        rebuilt_disk: spec.target_disk,
+        rows_checked: 0,
+        checksum_errors: 0,
+        parity_mismatches: 0,
+        repaired: 0,
+        unrecoverable: Vec::new(),
+        partitions: partitions
+            .iter()
+            .map(|p| PartitionReport {
+                index: p.index,
+                start: p.start,
+                length: p.length,
+                completed_by: p.owner,
+            })
+            .collect(),
+    };
+    for partition in &partitions {
+        debug_assert_eq!(partition.state, PartitionState::Complete);
+        report.rows_checked += partition.findings.checked;
+        report.checksum_errors += partition.findings.errors;
+        report.repaired += partition.findings.repaired;
+        let detail: PartitionDetail =
+            std::fs::read(partition_detail_path(dir, kind, partition.index))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default();
+        report.parity_mismatches += detail.parity_mismatches;
+        report.unrecoverable.extend(detail.unrecoverable);
+    }
+    report.unrecoverable.sort_unstable();
+    if kind == TaskKind::Rebuild {
+        let target = spec.target_disk.context("rebuild task names no disk")?;
+        Array::open(dir)?.finish_rebuild(target as usize)?;
+    }
+    let text = serde_json::to_string_pretty(&report)? + "\n";
+    std::fs::write(report_path(dir, kind), text)?;
+    Ok(())
+}
+
+/// How `array rebuild|scrub` runs a task.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// Controller processes to split the task across.
+    pub controllers: u8,
+    /// Total rate limit in MiB/s, shared evenly by the controllers.
+    pub rate_mib_s: Option<f64>,
+    /// Lease length.
+    pub lease_ms: u64,
+    /// Wait for the task to finish, showing progress.
+    pub wait: bool,
+}
+
+/// Starts (or resumes) a task with one `emulator controller` process per
+/// controller; with `wait`, shows progress until it finishes and returns its
+/// report.
+pub fn start(
+    dir: &Path,
+    kind: TaskKind,
+    repair: bool,
+    options: &StartOptions,
+) -> anyhow::Result<Option<TaskReport>> {
+    if options.controllers == 0 || options.controllers > MAX_CONTROLLERS {
+        bail!("--controllers must be between 1 and {MAX_CONTROLLERS}");
+    }
+    if options
+        .rate_mib_s
+        .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
+    {
+        bail!("--rate must be a positive number of MiB/s");
+    }
+    let task = prepare(dir, kind, repair)?;
+    let total = task.spec().data_set_bytes;
+    drop(task);
+    let exe = std::env::current_exe().context("cannot find the emulator binary")?;
+    let mut children = Vec::new();
+    for id in 0..options.controllers {
+        let log = dir.join(format!("controller-{id}.log"));
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut command = std::process::Command::new(&exe);
+        command
+            .arg("controller")
+            .arg(dir)
+            .args([
+                "--task",
+                kind.name(),
+                "--id",
+                &id.to_string(),
+                "--lease-ms",
+                &options.lease_ms.to_string(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file);
+        if let Some(rate) = options.rate_mib_s {
+            command.args([
+                "--rate",
+                &(rate / f64::from(options.controllers)).to_string(),
+            ]);
+        }
+        children.push(command.spawn().context("start a controller process")?);
+    }
+    if !options.wait {
+        println!(
+            "{} started on {} controller(s) (pids {}); `emulator array status {}` shows progress",
+            kind.name(),
+            options.controllers,
+            children
+                .iter()
+                .map(|c| c.id().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            dir.display()
+        );
+        return Ok(None);
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(kind.name());
+    let plain = bar.is_hidden();
+    let path = task_path(dir, kind);
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    loop {
+        let done = TaskFile::open(&path)
+            .map(|task| task.bytes_done())
+            .unwrap_or(total);
+        bar.set_position(done);
+        if plain && last_line.elapsed() >= Duration::from_secs(2) {
+            // Progress goes to stderr: stdout carries the report (maybe JSON).
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: {:.1}% ({} of {} bytes per disk, {:.1} MiB/s)",
+                kind.name(),
+                100.0 * done as f64 / total as f64,
+                done,
+                total,
+                done as f64 / seconds / 1048576.0
+            );
+            last_line = Instant::now();
+        }
+        let mut running = 0;
+        for child in &mut children {
+            if child.try_wait()?.is_none() {
+                running += 1;
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+    for (id, child) in children.iter_mut().enumerate() {
+        let status = child.wait()?;
+        if !status.success() {
+            tracing::warn!(controller = id, %status, "controller process failed; see controller-{id}.log");
+        }
+    }
+    if path.exists() {
+        bail!(
+            "the controllers stopped before the {} finished (see {}/controller-*.log); run the same command again to resume it",
+            kind.name(),
+            dir.display()
+        );
+    }
+    let report: TaskReport = serde_json::from_slice(&std::fs::read(report_path(dir, kind))?)?;
+    Ok(Some(report))
+}
