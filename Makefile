@@ -9,7 +9,7 @@ EMULATOR := target/release/emulator
 PYTHON := /usr/bin/python3
 FUZZ_SECONDS ?= 20
 
-.PHONY: run build test deps lint unit blackbox linux-host fuzz bench bench-nbd clean
+.PHONY: run build test deps lint unit blackbox linux-host fuzz bench bench-nbd bench-controllers clean
 
 build:
 	$(CARGO) build --release --locked
@@ -53,11 +53,15 @@ fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
 
 ## Benchmarks (not tests): numbers, compared with nbdkit and qemu-nbd in one run.
-bench: bench-nbd
+bench: bench-nbd bench-controllers
 
 bench-nbd: build
 	@scripts/install-deps.sh bench
 	scripts/bench-nbd.sh
+
+bench-controllers: build
+	@scripts/install-deps.sh bench
+	EMULATOR=$(CURDIR)/$(EMULATOR) scripts/bench-controllers.sh
 
 clean:
 	$(CARGO) clean

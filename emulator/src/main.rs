@@ -377,8 +377,11 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
         }
         ArrayCommand::Status { dir, json } => {
             let status = Array::open(&dir)?.status();
+            let tasks = emulator::tasks::in_progress(&dir);
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                let mut value = serde_json::to_value(&status)?;
+                value["tasks"] = serde_json::to_value(&tasks)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 let geometry = status.geometry;
                 println!("array:   {}", status.dir.display());
@@ -393,7 +396,15 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
                     human(status.data_bytes)
                 );
                 for (index, member) in status.members.iter().enumerate() {
-                    println!("disk {index}:  {:<12} {:?}", member.file, member.state);
+                    let note = if member.rebuilding {
+                        " (being rebuilt)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "disk {index}:  {:<12} {:?}{note}",
+                        member.file, member.state
+                    );
                 }
                 for spare in &status.spares {
                     println!("spare:   {spare}");
@@ -402,6 +413,19 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
                     println!(
                         "volume:  {} ({} bytes at {})",
                         volume.name, volume.size, volume.offset
+                    );
+                }
+                for task in &tasks {
+                    println!(
+                        "task:    {:?} {:.1}% ({} of {} bytes per disk); partitions: {} ready, {} in progress {:?}, {} complete",
+                        task.operation,
+                        100.0 * task.bytes_done as f64 / task.bytes_total.max(1) as f64,
+                        task.bytes_done,
+                        task.bytes_total,
+                        task.partitions_ready,
+                        task.in_progress.len(),
+                        task.in_progress,
+                        task.partitions_complete
                     );
                 }
             }

@@ -347,6 +347,47 @@ fn complete_task(dir: &Path, kind: TaskKind, task: &TaskFile) -> anyhow::Result<
     Ok(())
 }
 
+/// A task in progress, for `array status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskProgress {
+    /// The task.
+    pub operation: TaskKind,
+    /// Member bytes done, per disk.
+    pub bytes_done: u64,
+    /// Member bytes in all, per disk.
+    pub bytes_total: u64,
+    /// Partitions READY / IN PROGRESS / COMPLETE.
+    pub partitions_ready: u32,
+    /// Partitions being worked on, and by which controllers.
+    pub in_progress: Vec<(u32, Option<u8>)>,
+    /// Partitions done.
+    pub partitions_complete: u32,
+}
+
+/// The tasks in progress (or interrupted, waiting to be resumed) in `dir`.
+pub fn in_progress(dir: &Path) -> Vec<TaskProgress> {
+    [TaskKind::Rebuild, TaskKind::Scrub]
+        .into_iter()
+        .filter_map(|kind| {
+            let task = TaskFile::open(&task_path(dir, kind)).ok()?;
+            let partitions = task.partitions();
+            let count = |state| partitions.iter().filter(|p| p.state == state).count() as u32;
+            Some(TaskProgress {
+                operation: kind,
+                bytes_done: task.bytes_done(),
+                bytes_total: task.spec().data_set_bytes,
+                partitions_ready: count(PartitionState::Ready),
+                in_progress: partitions
+                    .iter()
+                    .filter(|p| p.state == PartitionState::InProgress)
+                    .map(|p| (p.index, p.owner))
+                    .collect(),
+                partitions_complete: count(PartitionState::Complete),
+            })
+        })
+        .collect()
+}
+
 /// How `array rebuild|scrub` runs a task.
 #[derive(Debug, Clone)]
 pub struct StartOptions {
