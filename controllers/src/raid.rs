@@ -173,7 +173,7 @@ impl Geometry {
     }
 
     /// RAID-5: the disk holding stripe `stripe`'s parity.
-    fn parity_disk(&self, stripe: u64) -> usize {
+    pub fn parity_disk(&self, stripe: u64) -> usize {
         self.disks - 1 - (stripe % self.disks as u64) as usize
     }
 
@@ -183,13 +183,13 @@ impl Geometry {
     }
 
     /// RAID-5: which data chunk of stripe `stripe` disk `disk` holds (`None`: parity).
-    fn data_index(&self, stripe: u64, disk: usize) -> Option<usize> {
+    pub fn data_index(&self, stripe: u64, disk: usize) -> Option<usize> {
         let parity = self.parity_disk(stripe);
         (disk != parity).then(|| (disk + self.disks - parity - 1) % self.disks)
     }
 
     /// Data bytes of one RAID-5 stripe.
-    fn row_bytes(&self) -> u64 {
+    pub fn row_bytes(&self) -> u64 {
         (self.disks as u64 - 1) * self.chunk_bytes
     }
 }

@@ -214,27 +214,24 @@ impl Units {
 }
 
 /// The array offset of the data held at member `index`, member offset `offset`
-/// (None for a RAID-5 parity block).
+/// (None for a RAID-5 parity block). The layout itself is [`Geometry`]'s.
 fn array_offset(geometry: &Geometry, index: usize, offset: u64) -> Option<u64> {
     match geometry.level {
         Level::Raid1 => Some(offset),
         Level::Raid5 => {
-            let disks = geometry.disks as u64;
             let stripe = offset / geometry.chunk_bytes;
-            let parity = disks - 1 - stripe % disks;
-            let index = index as u64;
-            if index == parity {
-                return None;
-            }
-            let k = (index + disks - parity - 1) % disks;
-            Some((stripe * (disks - 1) + k) * geometry.chunk_bytes + offset % geometry.chunk_bytes)
+            let k = geometry.data_index(stripe, index)? as u64;
+            Some(
+                stripe * geometry.row_bytes()
+                    + k * geometry.chunk_bytes
+                    + offset % geometry.chunk_bytes,
+            )
         }
     }
 }
 
 fn parity_member(geometry: &Geometry, offset: u64) -> usize {
-    let disks = geometry.disks as u64;
-    (disks - 1 - (offset / geometry.chunk_bytes) % disks) as usize
+    geometry.parity_disk(offset / geometry.chunk_bytes)
 }
 
 /// Scrubs member offsets `[start, start+len)`: checks every readable member

@@ -150,18 +150,25 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     assert "checksum" in error_line(result)
 
 
-def test_rebuild_with_two_controller_processes_restores_the_disk(tmp_path, serve, rng, need_tools):
-    need_tools("nbdcopy")
+def filled_array_with_a_replaced_disk(tmp_path, serve, rng, disk):
+    """A RAID-5 array full of random data whose `disk` was failed and replaced by
+    the spare; returns the array and the data file."""
     array = create_array(tmp_path, spares=1)
     source = tmp_path / "source.bin"
     source.write_bytes(rng.randbytes(3 * DISK))
     server = serve_array(serve, array)
     assert run(["nbdcopy", str(source), server.uri("vol0")]).returncode == 0
     server.stop_clean()
-    assert emulator("array", "fail", str(array), "--disk", "2").returncode == 0
-    replaced = emulator("array", "replace", str(array), "--disk", "2")
+    assert emulator("array", "fail", str(array), "--disk", str(disk)).returncode == 0
+    replaced = emulator("array", "replace", str(array), "--disk", str(disk))
     assert replaced.returncode == 0, replaced.describe()
-    assert status(array)["members"][2] == {"file": "spare0.img", "state": "failed", "rebuilding": True}
+    assert status(array)["members"][disk] == {"file": "spare0.img", "state": "failed", "rebuilding": True}
+    return array, source
+
+
+def test_rebuild_with_two_controller_processes_restores_the_disk(tmp_path, serve, rng, need_tools):
+    need_tools("nbdcopy")
+    array, source = filled_array_with_a_replaced_disk(tmp_path, serve, rng, 2)
 
     result = emulator("array", "rebuild", str(array), "--controllers", "2", "--wait", "--json", timeout=120)
     assert result.returncode == 0, result.describe()
@@ -217,14 +224,7 @@ def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, 
     from bbhelpers import emulator_bin, wait_until
 
     need_tools("nbdcopy")
-    array = create_array(tmp_path, spares=1)
-    source = tmp_path / "source.bin"
-    source.write_bytes(rng.randbytes(3 * DISK))
-    server = serve_array(serve, array)
-    assert run(["nbdcopy", str(source), server.uri("vol0")]).returncode == 0
-    server.stop_clean()
-    assert emulator("array", "fail", str(array), "--disk", "0").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "0").returncode == 0
+    array, source = filled_array_with_a_replaced_disk(tmp_path, serve, rng, 0)
 
     lease_ms = 1000
     # 8 MiB per disk at 4 MiB/s in all: slow enough to kill a controller mid-partition.
