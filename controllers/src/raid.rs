@@ -503,34 +503,22 @@ impl RaidEngine {
     }
 
     fn read_pieces(&self, offset: u64, buf: &mut [u8]) -> Result<(), RaidError> {
+        // Reads go one chunk at a time: each piece is on one member.
         let chunk = self.geometry.chunk_bytes;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let position = offset + done as u64;
-            let remaining = (buf.len() - done) as u64;
+        for (position, done, step) in split(offset, buf.len(), chunk) {
+            let piece = &mut buf[done..done + step];
             match self.geometry.level {
-                Level::Raid1 => {
-                    let region = position / chunk;
-                    let step = (chunk - position % chunk).min(remaining) as usize;
-                    let piece = &mut buf[done..done + step];
-                    self.under_shared(region, |failed, exclusive| {
-                        self.r1_read(failed, position, piece, exclusive)
-                    })?;
-                    done += step;
-                }
+                Level::Raid1 => self.under_shared(position / chunk, |failed, exclusive| {
+                    self.r1_read(failed, position, piece, exclusive)
+                })?,
                 Level::Raid5 => {
                     let row = self.geometry.row_bytes();
                     let stripe = position / row;
                     let within = position % row;
-                    let k = (within / chunk) as usize;
-                    let in_chunk = within % chunk;
-                    let step = (chunk - in_chunk).min(remaining) as usize;
-                    let disk = self.geometry.data_disk(stripe, k);
-                    let piece = &mut buf[done..done + step];
+                    let disk = self.geometry.data_disk(stripe, (within / chunk) as usize);
                     self.under_shared(stripe, |failed, exclusive| {
-                        self.r5_read_member(failed, stripe, disk, in_chunk, piece, exclusive)
-                    })?;
-                    done += step;
+                        self.r5_read_member(failed, stripe, disk, within % chunk, piece, exclusive)
+                    })?
                 }
             }
         }
@@ -541,30 +529,22 @@ impl RaidEngine {
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RaidError> {
         self.refuse_if_failed(&self.snapshot())?;
         self.check_range(offset, data.len() as u64)?;
-        let chunk = self.geometry.chunk_bytes;
-        let mut done = 0usize;
-        while done < data.len() {
-            let position = offset + done as u64;
-            let remaining = (data.len() - done) as u64;
+        // Writes go one lock region at a time: a chunk of a mirror, or a whole
+        // RAID-5 stripe row (its parity covers the row).
+        let unit = match self.geometry.level {
+            Level::Raid1 => self.geometry.chunk_bytes,
+            Level::Raid5 => self.geometry.row_bytes(),
+        };
+        for (position, done, step) in split(offset, data.len(), unit) {
+            let piece = &data[done..done + step];
+            let region = position / unit;
             match self.geometry.level {
                 Level::Raid1 => {
-                    let region = position / chunk;
-                    let step = (chunk - position % chunk).min(remaining) as usize;
-                    let piece = &data[done..done + step];
-                    self.under_exclusive(region, |failed| self.r1_write(failed, position, piece))?;
-                    done += step;
+                    self.under_exclusive(region, |failed| self.r1_write(failed, position, piece))?
                 }
-                Level::Raid5 => {
-                    let row = self.geometry.row_bytes();
-                    let stripe = position / row;
-                    let within = position % row;
-                    let step = (row - within).min(remaining) as usize;
-                    let piece = &data[done..done + step];
-                    self.under_exclusive(stripe, |failed| {
-                        self.r5_write_stripe(failed, stripe, within, piece)
-                    })?;
-                    done += step;
-                }
+                Level::Raid5 => self.under_exclusive(region, |failed| {
+                    self.r5_write_stripe(failed, region, position % unit, piece)
+                })?,
             }
         }
         Ok(())
@@ -990,6 +970,22 @@ impl RaidEngine {
         }
         Ok(())
     }
+}
+
+/// Splits the access `[offset, offset+len)` at multiples of `unit`: yields
+/// `(array position, bytes before it, bytes in this piece)`.
+fn split(offset: u64, len: usize, unit: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let position = offset + done as u64;
+        let step = (unit - position % unit).min((len - done) as u64) as usize;
+        let piece = (position, done, step);
+        done += step;
+        Some(piece)
+    })
 }
 
 #[cfg(test)]

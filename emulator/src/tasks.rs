@@ -270,8 +270,15 @@ pub fn run_controller(
             }
             Err(err) => return Err(err).context(format!("partition {}", claim.partition)),
         }
-        for image in &members.images {
-            image.flush_range(start, length)?;
+        // Make durable what this partition wrote before calling it COMPLETE: the
+        // rebuilt disk, or every member a repairing scrub may have rewritten.
+        let written: Vec<usize> = match (kind, spec.target_disk) {
+            (TaskKind::Rebuild, Some(target)) => vec![target as usize],
+            (TaskKind::Scrub, _) if spec.repair => (0..members.images.len()).collect(),
+            _ => Vec::new(),
+        };
+        for index in written {
+            members.images[index].flush_range(start, length)?;
         }
         std::fs::write(
             partition_detail_path(dir, kind, claim.partition),

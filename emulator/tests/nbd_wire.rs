@@ -557,17 +557,7 @@ mod cases {
             let (command, data) = expected
                 .remove(&reply.cookie)
                 .unwrap_or_else(|| panic!("unexpected or repeated cookie {:#x}", reply.cookie));
-            assert_eq!(reply.error, 0, "{reply:?}");
-            if command == CMD_READ {
-                assert_eq!(reply.simple, !structured);
-                assert!(
-                    reply.data == data,
-                    "read {:#x} returned wrong data",
-                    reply.cookie
-                );
-            } else {
-                assert!(reply.simple, "{reply:?}");
-            }
+            assert_success(&reply, command, &data, structured);
         }
         assert!(expected.is_empty());
         for (offset, data) in written {
@@ -694,17 +684,7 @@ mod cases {
                 conn.assert_error(&reply, command, error);
                 continue;
             }
-            assert_eq!(reply.error, 0, "command {command}: {reply:?}");
-            if command == CMD_READ {
-                assert_eq!(reply.simple, !structured);
-                assert!(
-                    reply.data == data,
-                    "read {:#x} returned wrong data",
-                    reply.cookie
-                );
-            } else {
-                assert!(reply.simple, "{reply:?}");
-            }
+            assert_success(&reply, command, &data, structured);
         }
         assert_eq!(conn.in_flight(), 0);
         for (offset, data) in written {
@@ -1022,4 +1002,20 @@ fn sigterm_does_not_wait_for_a_stalled_partial_request() {
         .wait_exit(EXIT_TIMEOUT)
         .expect("server exits after SIGTERM");
     assert!(status.success(), "exit status {status}");
+}
+
+/// A successful reply of the form the session requires: a READ carries `data`
+/// (structured when structured replies are on); anything else is a simple reply.
+fn assert_success(reply: &Reply, command: u16, data: &[u8], structured: bool) {
+    assert_eq!(reply.error, 0, "command {command}: {reply:?}");
+    if command == CMD_READ {
+        assert_eq!(reply.simple, !structured);
+        assert!(
+            reply.data == data,
+            "read {:#x} returned wrong data",
+            reply.cookie
+        );
+    } else {
+        assert!(reply.simple, "{reply:?}");
+    }
 }
