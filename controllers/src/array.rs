@@ -24,8 +24,8 @@ use std::sync::Arc;
 use disk_images::{Access, DiskImage};
 use serde::{Deserialize, Serialize};
 
-use crate::raid::{ArrayState, Geometry, Level, MemberState, RaidEngine, RaidError};
-use crate::work::Members;
+use crate::live::{Live, LiveError};
+use crate::raid::{ArrayState, Geometry, Level, MemberState, RaidEngine, RaidError, ViewSource};
 
 /// The metadata file in an array directory.
 pub const METADATA_FILE: &str = "array.json";
@@ -37,12 +37,9 @@ const VERSION: u32 = 1;
 pub struct MemberRecord {
     /// Image file, relative to the array directory.
     pub file: String,
-    /// Its state. A member being rebuilt is `failed` to I/O (never read, not
-    /// written) until its rebuild completes.
+    /// Its state: `active`, `failed`, or `rebuilding` (a replacement that is
+    /// written but not read until its rebuild completes).
     pub state: MemberState,
-    /// A replacement whose contents are being rebuilt.
-    #[serde(default)]
-    pub rebuilding: bool,
 }
 
 /// A volume carved from the array.
@@ -105,6 +102,9 @@ pub enum ArrayError {
     /// RAID I/O.
     #[error(transparent)]
     Raid(#[from] RaidError),
+    /// The live state shared by the processes using the array.
+    #[error(transparent)]
+    Live(#[from] LiveError),
     /// The OS refused.
     #[error("{operation} {path}: {source}", path = path.display())]
     Io {
@@ -135,14 +135,17 @@ pub struct ArrayStatus {
     pub spares: Vec<String>,
     /// Volumes.
     pub volumes: Vec<VolumeRecord>,
+    /// Processes that have the array open now (pids).
+    pub processes: Vec<u32>,
 }
 
-/// An opened array.
+/// An opened array. Opening registers this process in the array's live state
+/// (`array.live`, see [`crate::live`]): its engine shares stripe locks and sees
+/// configuration changes made by every other process that has the array open.
 #[derive(Debug)]
 pub struct Array {
     dir: PathBuf,
     metadata: ArrayMetadata,
-    images: Vec<Arc<DiskImage>>,
     engine: Arc<RaidEngine>,
 }
 
@@ -185,6 +188,18 @@ impl Array {
         for name in member_files.iter().chain(&spare_files) {
             DiskImage::create(&dir.join(name), geometry.disk_bytes, false)?;
         }
+        // Live state left behind by an array that used to be here: without its
+        // array.json nobody can have it open.
+        match std::fs::remove_file(dir.join(crate::live::LIVE_FILE)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ArrayError::Io {
+                    path: dir.join(crate::live::LIVE_FILE),
+                    operation: "remove",
+                    source: err,
+                })
+            }
+            _ => {}
+        }
         let metadata = ArrayMetadata {
             format: FORMAT.into(),
             version: VERSION,
@@ -194,7 +209,6 @@ impl Array {
                 .map(|file| MemberRecord {
                     file,
                     state: MemberState::Active,
-                    rebuilding: false,
                 })
                 .collect(),
             spares: spare_files,
@@ -211,17 +225,11 @@ impl Array {
     /// Opens the array in `dir`.
     pub fn open(dir: &Path) -> Result<Self, ArrayError> {
         let metadata = read_metadata(dir)?;
-        let members = metadata
-            .members
-            .iter()
-            .map(|member| DiskImage::open(&dir.join(&member.file), Access::ReadWrite).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        let states = metadata.members.iter().map(|m| m.state).collect();
-        let engine = RaidEngine::new(metadata.geometry, members.clone(), states)?;
+        let live = Live::open(dir, metadata.geometry.disks)?;
+        let engine = RaidEngine::shared(metadata.geometry, live, view_source(dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             metadata,
-            images: members,
             engine: Arc::new(engine),
         })
     }
@@ -231,7 +239,7 @@ impl Array {
         &self.dir
     }
 
-    /// The metadata.
+    /// The metadata, as of the last change this process made or saw.
     pub fn metadata(&self) -> &ArrayMetadata {
         &self.metadata
     }
@@ -241,143 +249,181 @@ impl Array {
         &self.engine
     }
 
-    /// The member images and which may be read, for scrub and rebuild work.
-    pub fn members(&self) -> Members {
-        Members {
-            geometry: self.metadata.geometry,
-            images: self.images.clone(),
-            readable: self
-                .metadata
-                .members
-                .iter()
-                .map(|m| m.state == MemberState::Active)
-                .collect(),
-        }
-    }
-
     /// The member being rebuilt, if any.
     pub fn rebuilding(&self) -> Option<usize> {
-        self.metadata.members.iter().position(|m| m.rebuilding)
+        self.metadata
+            .members
+            .iter()
+            .position(|m| m.state == MemberState::Rebuilding)
+    }
+
+    /// Changes the metadata for every process: under the cross-process metadata
+    /// lock, re-reads `array.json` (another process may have changed it), lets
+    /// `change` check and edit it (an error changes nothing), writes it, and
+    /// announces the new configuration.
+    fn change<T>(
+        &mut self,
+        change: impl FnOnce(&mut ArrayMetadata, &Self) -> Result<T, ArrayError>,
+    ) -> Result<T, ArrayError> {
+        let live = self
+            .engine
+            .live()
+            .ok_or_else(|| ArrayError::Invalid("the array is not open for changes".into()))?;
+        let _guard = live.lock_metadata()?;
+        let mut metadata = read_metadata(&self.dir)?;
+        let out = change(&mut metadata, self)?;
+        write_metadata(&self.dir, &metadata)?;
+        live.bump_generation();
+        self.metadata = metadata;
+        Ok(out)
     }
 
     /// Replaces failed member `index` with the first hot spare (or, with none
-    /// left, a new empty image), marked as rebuilding: `array rebuild` fills it.
+    /// left, a new empty image), which becomes `rebuilding`: written by every
+    /// host write from now on, filled by `array rebuild`.
     pub fn replace(&mut self, index: usize) -> Result<String, ArrayError> {
-        let disks = self.metadata.members.len();
-        if index >= disks {
-            return Err(ArrayError::Invalid(format!(
-                "disk {index} is out of range: the array has disks 0..{}",
-                disks - 1
-            )));
-        }
-        if self.metadata.members[index].state != MemberState::Failed
-            || self.metadata.members[index].rebuilding
-        {
-            return Err(ArrayError::Invalid(format!(
-                "disk {index} is not a failed disk (fail it first)"
-            )));
-        }
-        if let Some(other) = self.rebuilding() {
-            return Err(ArrayError::Invalid(format!(
-                "disk {other} is already being rebuilt"
-            )));
-        }
-        if self.engine.state() == ArrayState::Failed {
-            return Err(ArrayError::Invalid(
-                "the array has FAILED: there is nothing to rebuild from".into(),
-            ));
-        }
-        let mut metadata = self.metadata.clone();
-        let file = if metadata.spares.is_empty() {
-            let mut n = 1;
-            let name = loop {
-                let name = format!("disk{index}-replacement{n}.img");
-                if !self.dir.join(&name).exists() {
-                    break name;
-                }
-                n += 1;
+        self.change(|metadata, array| {
+            let disks = metadata.members.len();
+            if index >= disks {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {index} is out of range: the array has disks 0..{}",
+                    disks - 1
+                )));
+            }
+            if metadata.members[index].state != MemberState::Failed {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {index} is not a failed disk (fail it first)"
+                )));
+            }
+            if let Some(other) = metadata
+                .members
+                .iter()
+                .position(|m| m.state == MemberState::Rebuilding)
+            {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {other} is already being rebuilt"
+                )));
+            }
+            if state_of(metadata) == ArrayState::Failed {
+                return Err(ArrayError::Invalid(
+                    "the array has FAILED: there is nothing to rebuild from".into(),
+                ));
+            }
+            let file = if metadata.spares.is_empty() {
+                let mut n = 1;
+                let name = loop {
+                    let name = format!("disk{index}-replacement{n}.img");
+                    if !array.dir.join(&name).exists() {
+                        break name;
+                    }
+                    n += 1;
+                };
+                DiskImage::create(&array.dir.join(&name), metadata.geometry.disk_bytes, false)?;
+                name
+            } else {
+                metadata.spares.remove(0)
             };
-            DiskImage::create(&self.dir.join(&name), metadata.geometry.disk_bytes, false)?;
-            name
-        } else {
-            metadata.spares.remove(0)
-        };
-        metadata.members[index] = MemberRecord {
-            file: file.clone(),
-            state: MemberState::Failed,
-            rebuilding: true,
-        };
-        write_metadata(&self.dir, &metadata)?;
-        *self = Self::open(&self.dir)?;
-        Ok(file)
+            metadata.members[index] = MemberRecord {
+                file: file.clone(),
+                state: MemberState::Rebuilding,
+            };
+            Ok(file)
+        })
     }
 
     /// Completion action of a rebuild: the rebuilt member becomes active.
     pub fn finish_rebuild(&mut self, index: usize) -> Result<(), ArrayError> {
-        let mut metadata = self.metadata.clone();
-        let member = metadata
-            .members
-            .get_mut(index)
-            .ok_or_else(|| ArrayError::Invalid(format!("disk {index} is out of range")))?;
-        member.state = MemberState::Active;
-        member.rebuilding = false;
-        write_metadata(&self.dir, &metadata)?;
-        *self = Self::open(&self.dir)?;
-        Ok(())
+        self.change(|metadata, _| {
+            let member = metadata
+                .members
+                .get_mut(index)
+                .ok_or_else(|| ArrayError::Invalid(format!("disk {index} is out of range")))?;
+            if member.state != MemberState::Rebuilding {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {index} is not being rebuilt"
+                )));
+            }
+            member.state = MemberState::Active;
+            Ok(())
+        })
     }
 
-    /// Current status.
-    pub fn status(&self) -> ArrayStatus {
-        let states = self.engine.member_states();
-        ArrayStatus {
+    /// Current status (re-reading the metadata if another process changed it).
+    pub fn status(&mut self) -> Result<ArrayStatus, ArrayError> {
+        self.metadata = read_metadata(&self.dir)?;
+        Ok(ArrayStatus {
             dir: self.dir.clone(),
-            state: self.engine.state(),
+            state: state_of(&self.metadata),
             geometry: self.metadata.geometry,
             data_bytes: self.metadata.geometry.data_bytes(),
-            members: self
-                .metadata
-                .members
-                .iter()
-                .zip(states)
-                .map(|(member, state)| MemberRecord {
-                    file: member.file.clone(),
-                    state,
-                    rebuilding: member.rebuilding,
-                })
-                .collect(),
+            members: self.metadata.members.clone(),
             spares: self.metadata.spares.clone(),
             volumes: self.metadata.volumes.clone(),
-        }
+            processes: self.engine.live().map(Live::processes).unwrap_or_default(),
+        })
     }
 
-    /// Marks member `index` failed, persistently. Refused (nothing changed) when
-    /// the index is out of range, the member is already failed, or the array has
-    /// already FAILED.
+    /// Marks member `index` failed, for every process that has the array open
+    /// (a server stops using it before its next I/O). Refused (nothing changed)
+    /// when the index is out of range, the member is already failed, or the
+    /// array has already FAILED.
     pub fn fail(&mut self, index: usize) -> Result<(), ArrayError> {
-        let disks = self.metadata.members.len();
-        if index >= disks {
-            return Err(ArrayError::Invalid(format!(
-                "disk {index} is out of range: the array has disks 0..{}",
-                disks - 1
-            )));
-        }
-        if self.engine.state() == ArrayState::Failed {
-            return Err(ArrayError::Invalid(
-                "the array has already FAILED; failing more disks changes nothing".into(),
-            ));
-        }
-        if self.metadata.members[index].state == MemberState::Failed {
-            return Err(ArrayError::Invalid(format!(
-                "disk {index} is already failed"
-            )));
-        }
-        let mut metadata = self.metadata.clone();
-        metadata.members[index].state = MemberState::Failed;
-        write_metadata(&self.dir, &metadata)?;
-        self.engine.fail_member(index)?;
-        self.metadata = metadata;
-        Ok(())
+        self.change(|metadata, _| {
+            let disks = metadata.members.len();
+            if index >= disks {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {index} is out of range: the array has disks 0..{}",
+                    disks - 1
+                )));
+            }
+            if state_of(metadata) == ArrayState::Failed {
+                return Err(ArrayError::Invalid(
+                    "the array has already FAILED; failing more disks changes nothing".into(),
+                ));
+            }
+            if metadata.members[index].state == MemberState::Failed {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {index} is already failed"
+                )));
+            }
+            metadata.members[index].state = MemberState::Failed;
+            Ok(())
+        })
     }
+}
+
+/// The array state the metadata describes.
+fn state_of(metadata: &ArrayMetadata) -> ArrayState {
+    let states: Vec<MemberState> = metadata.members.iter().map(|m| m.state).collect();
+    crate::raid::array_state(metadata.geometry, &states)
+}
+
+/// Where a shared engine reloads its members from: `array.json`, opening the
+/// images of members whose file changed (a replacement) and reusing the rest.
+fn view_source(dir: &Path) -> ViewSource {
+    let dir = dir.to_path_buf();
+    let opened: parking_lot::Mutex<Vec<(String, Arc<DiskImage>)>> = Default::default();
+    Box::new(move || {
+        let metadata = read_metadata(&dir).map_err(|err| RaidError::Config(err.to_string()))?;
+        let mut opened = opened.lock();
+        let mut images = Vec::with_capacity(metadata.members.len());
+        for member in &metadata.members {
+            let image = match opened.iter().find(|(file, _)| *file == member.file) {
+                Some((_, image)) => image.clone(),
+                None => {
+                    let image = Arc::new(
+                        DiskImage::open(&dir.join(&member.file), Access::ReadWrite)
+                            .map_err(|err| RaidError::Config(err.to_string()))?,
+                    );
+                    opened.push((member.file.clone(), image.clone()));
+                    image
+                }
+            };
+            images.push(image);
+        }
+        opened.retain(|(file, _)| metadata.members.iter().any(|m| m.file == *file));
+        Ok((images, metadata.members.iter().map(|m| m.state).collect()))
+    })
 }
 
 /// Reads and validates `dir/array.json`.

@@ -12,5 +12,6 @@
 
 pub mod array;
 pub mod coordination;
+pub mod live;
 pub mod raid;
 pub mod work;

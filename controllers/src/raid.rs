@@ -55,10 +55,12 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
+
+use crate::live::Live;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +95,9 @@ pub enum MemberState {
     Active,
     /// Out of service: never read or written; its data is reconstructed.
     Failed,
+    /// A replacement being rebuilt: written like an active member, never read
+    /// (its data is reconstructed) until the rebuild completes.
+    Rebuilding,
 }
 
 /// State of the array as a whole.
@@ -242,6 +247,45 @@ pub enum RaidError {
     /// Members that do not fit the geometry, or a member index out of range.
     #[error("bad member: {0}")]
     BadMember(String),
+    /// The array's configuration could not be (re)loaded.
+    #[error("array configuration: {0}")]
+    Config(String),
+}
+
+/// Optimal, Degraded or Failed for members in `states` (RAID-5: 2 or more
+/// members not active; RAID-1: no member active). A member being rebuilt does
+/// not count as redundancy yet.
+pub fn array_state(geometry: Geometry, states: &[MemberState]) -> ArrayState {
+    let count = states.iter().filter(|s| **s != MemberState::Active).count();
+    let tolerated = match geometry.level {
+        Level::Raid1 => geometry.disks - 1,
+        Level::Raid5 => 1,
+    };
+    match count {
+        0 => ArrayState::Optimal,
+        n if n <= tolerated => ArrayState::Degraded,
+        _ => ArrayState::Failed,
+    }
+}
+
+/// Fault injection for crash-consistency tests: with
+/// `EMULATOR_FAULT_CRASH_MID_WRITE=N` in its environment, a process aborts in
+/// the middle of its N-th multi-member write (after the first member is
+/// written, before the rest), as a controller dying at the worst moment.
+fn crash_point() {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        std::env::var("EMULATOR_FAULT_CRASH_MID_WRITE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(at) = at {
+        if COUNT.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+            eprintln!("EMULATOR_FAULT_CRASH_MID_WRITE: aborting in the middle of a stripe write");
+            std::process::abort();
+        }
+    }
 }
 
 /// Internal outcome of one stripe step.
@@ -260,25 +304,67 @@ impl From<RaidError> for Fault {
 
 type StepResult<T> = Result<T, Fault>;
 
+/// The members as one I/O sees them: images and states, sampled under the
+/// stripe lock. Replaced as a whole when the configuration changes.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// Member images, in disk order.
+    pub images: Vec<Arc<DiskImage>>,
+    /// Member states, in disk order.
+    pub states: Vec<MemberState>,
+    /// The live-state generation this view was loaded at.
+    generation: u64,
+}
+
+impl View {
+    /// Whether member `index` may be read (it is active).
+    pub fn readable(&self, index: usize) -> bool {
+        self.states[index] == MemberState::Active
+    }
+
+    /// Whether member `index` is written (active, or being rebuilt).
+    pub fn writable(&self, index: usize) -> bool {
+        self.states[index] != MemberState::Failed
+    }
+
+    fn first_readable(&self) -> Option<usize> {
+        (0..self.states.len()).find(|&i| self.readable(i))
+    }
+}
+
+/// Loads the current member images and states (from the array's metadata) when
+/// another process changed them.
+pub type ViewSource =
+    Box<dyn Fn() -> Result<(Vec<Arc<DiskImage>>, Vec<MemberState>), RaidError> + Send + Sync>;
+
+/// The cross-process side: live state shared with the other processes that have
+/// the array open, and where to reload the configuration from.
+struct Shared {
+    live: Live,
+    source: ViewSource,
+}
+
 /// RAID-1/RAID-5 over shared [`DiskImage`]s. `Send + Sync`: share it in an `Arc`.
 pub struct RaidEngine {
     geometry: Geometry,
-    members: Vec<Arc<DiskImage>>,
-    failed: Vec<AtomicBool>,
+    view: RwLock<Arc<View>>,
+    shared: Option<Shared>,
     locks: Box<[RwLock<()>]>,
     repaired: AtomicU64,
 }
 
 impl fmt::Debug for RaidEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let view = self.view.read().clone();
         f.debug_struct("RaidEngine")
             .field("geometry", &self.geometry)
             .field(
                 "members",
-                &self.members.iter().map(|m| m.path()).collect::<Vec<_>>(),
+                &view.images.iter().map(|m| m.path()).collect::<Vec<_>>(),
             )
-            .field("states", &self.member_states())
+            .field("states", &view.states)
             .field("repaired_blocks", &self.repaired_blocks())
+            .field("live", &self.shared.as_ref().map(|s| s.live.path()))
             .finish()
     }
 }
@@ -292,7 +378,7 @@ fn align_up(x: u64) -> u64 {
 }
 
 /// `dst ^= src`, eight bytes at a time.
-fn xor_into(dst: &mut [u8], src: &[u8]) {
+pub(crate) fn xor_into(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "xor of unequal lengths");
     let mut dst_words = dst.chunks_exact_mut(8);
     let mut src_words = src.chunks_exact(8);
@@ -320,15 +406,96 @@ struct Touched<'a> {
     old: Option<Vec<u8>>,
 }
 
+/// A stripe lock held by this process: the in-process lock and, for an engine
+/// with live state, the cross-process one. Released on drop.
+pub struct StripeGuard<'a> {
+    engine: &'a RaidEngine,
+    lock: usize,
+    exclusive: bool,
+    _local: LocalGuard<'a>,
+}
+
+enum LocalGuard<'a> {
+    Shared(#[allow(dead_code)] parking_lot::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] parking_lot::RwLockWriteGuard<'a, ()>),
+}
+
+impl fmt::Debug for StripeGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StripeGuard")
+            .field("lock", &self.lock)
+            .field("exclusive", &self.exclusive)
+            .finish()
+    }
+}
+
+impl Drop for StripeGuard<'_> {
+    fn drop(&mut self) {
+        // The cross-process hold goes first, then (field drop) the local one.
+        if let Some(shared) = &self.engine.shared {
+            if self.exclusive {
+                shared.live.unlock_exclusive(self.lock);
+            } else {
+                shared.live.unlock_shared(self.lock);
+            }
+        }
+    }
+}
+
 impl RaidEngine {
-    /// An engine over `members` (in disk order) with the given states. Checks the
-    /// geometry, the counts, and that every member is at least `disk_bytes` long.
+    /// An engine over `members` (in disk order) with the given states, private to
+    /// this process. Checks the geometry, the counts, and that every member is at
+    /// least `disk_bytes` long.
     pub fn new(
         geometry: Geometry,
         members: Vec<Arc<DiskImage>>,
         states: Vec<MemberState>,
     ) -> Result<Self, RaidError> {
         geometry.validate()?;
+        Self::check_members(&geometry, &members, &states)?;
+        Ok(Self {
+            geometry,
+            view: RwLock::new(Arc::new(View {
+                images: members,
+                states,
+                generation: 0,
+            })),
+            shared: None,
+            locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            repaired: AtomicU64::new(0),
+        })
+    }
+
+    /// An engine shared with other processes through `live`: member states and
+    /// images come from `source` (re-read whenever the live generation moves),
+    /// and stripe locks are held across processes. First recovers the slot of
+    /// any process that died with the array open (resyncing the stripes it was
+    /// writing), then registers this process.
+    pub fn shared(
+        geometry: Geometry,
+        mut live: Live,
+        source: ViewSource,
+    ) -> Result<Self, RaidError> {
+        geometry.validate()?;
+        let generation = live.generation();
+        let (images, states) = source()?;
+        Self::check_members(&geometry, &images, &states)?;
+        // Recovery runs before this process takes a slot or a lock: the dead
+        // holder's locks keep everyone else off the stripes being resynced.
+        let mut engine = Self::new(geometry, images, states)?;
+        Arc::make_mut(engine.view.get_mut()).generation = generation;
+        live.recover_dead(&|stripe| engine.resync_stripe(stripe));
+        live.register()
+            .map_err(|err| RaidError::Config(err.to_string()))?;
+        engine.shared = Some(Shared { live, source });
+        Ok(engine)
+    }
+
+    fn check_members(
+        geometry: &Geometry,
+        members: &[Arc<DiskImage>],
+        states: &[MemberState],
+    ) -> Result<(), RaidError> {
         if members.len() != geometry.disks {
             return Err(RaidError::BadMember(format!(
                 "the geometry has {} disks but {} member images were given",
@@ -353,16 +520,7 @@ impl RaidEngine {
                 )));
             }
         }
-        Ok(Self {
-            geometry,
-            members,
-            failed: states
-                .iter()
-                .map(|s| AtomicBool::new(*s == MemberState::Failed))
-                .collect(),
-            locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
-            repaired: AtomicU64::new(0),
-        })
+        Ok(())
     }
 
     /// The array's geometry.
@@ -370,36 +528,69 @@ impl RaidEngine {
         self.geometry
     }
 
-    /// Marks member `index` failed (in memory): it is no longer read or written.
+    /// The live state, for an engine shared with other processes.
+    pub fn live(&self) -> Option<&Live> {
+        self.shared.as_ref().map(|s| &s.live)
+    }
+
+    /// Marks member `index` failed in this engine's view: it is no longer read or
+    /// written. (For an array on disk, `Array::fail` records it for every process.)
     pub fn fail_member(&self, index: usize) -> Result<(), RaidError> {
-        let flag = self.failed.get(index).ok_or_else(|| {
-            RaidError::BadMember(format!(
+        self.set_member_state(index, MemberState::Failed)
+    }
+
+    /// Sets member `index`'s state in this engine's view.
+    pub fn set_member_state(&self, index: usize, state: MemberState) -> Result<(), RaidError> {
+        let mut view = self.view.write();
+        if index >= view.states.len() {
+            return Err(RaidError::BadMember(format!(
                 "disk index {index} is out of range (the array has {} members)",
                 self.geometry.disks
-            ))
-        })?;
-        flag.store(true, Ordering::SeqCst);
+            )));
+        }
+        Arc::make_mut(&mut view).states[index] = state;
         Ok(())
     }
 
-    /// Each member's state, in disk order.
-    pub fn member_states(&self) -> Vec<MemberState> {
-        self.snapshot()
-            .into_iter()
-            .map(|failed| {
-                if failed {
-                    MemberState::Failed
-                } else {
-                    MemberState::Active
-                }
-            })
-            .collect()
+    /// The current view of the members (reloaded first if the configuration
+    /// changed in another process).
+    pub fn view(&self) -> Result<Arc<View>, RaidError> {
+        let current = self.view.read().clone();
+        let Some(shared) = &self.shared else {
+            return Ok(current);
+        };
+        let generation = shared.live.generation();
+        if current.generation == generation {
+            return Ok(current);
+        }
+        let mut slot = self.view.write();
+        if slot.generation != generation {
+            // Read the generation before the metadata: a change racing with this
+            // reload bumps it again, and the next I/O reloads once more.
+            let (images, states) = (shared.source)()?;
+            Self::check_members(&self.geometry, &images, &states)?;
+            tracing::info!(?states, generation, "array configuration reloaded");
+            *slot = Arc::new(View {
+                images,
+                states,
+                generation,
+            });
+        }
+        Ok(slot.clone())
     }
 
-    /// Optimal, Degraded or Failed (RAID-5: 2 or more members failed; RAID-1:
-    /// every member failed).
+    /// Each member's state, in disk order (as this engine last saw them).
+    pub fn member_states(&self) -> Vec<MemberState> {
+        match self.view() {
+            Ok(view) => view.states.clone(),
+            Err(_) => self.view.read().states.clone(),
+        }
+    }
+
+    /// Optimal, Degraded or Failed (RAID-5: 2 or more members not active; RAID-1:
+    /// no member active). A member being rebuilt does not count as redundancy yet.
     pub fn state(&self) -> ArrayState {
-        self.state_of(&self.snapshot())
+        self.state_of(&self.member_states())
     }
 
     /// Member blocks rewritten with reconstructed bytes after a media error.
@@ -407,28 +598,12 @@ impl RaidEngine {
         self.repaired.load(Ordering::Relaxed)
     }
 
-    fn snapshot(&self) -> Vec<bool> {
-        self.failed
-            .iter()
-            .map(|f| f.load(Ordering::SeqCst))
-            .collect()
+    fn state_of(&self, states: &[MemberState]) -> ArrayState {
+        array_state(self.geometry, states)
     }
 
-    fn state_of(&self, failed: &[bool]) -> ArrayState {
-        let count = failed.iter().filter(|f| **f).count();
-        let tolerated = match self.geometry.level {
-            Level::Raid1 => self.geometry.disks - 1,
-            Level::Raid5 => 1,
-        };
-        match count {
-            0 => ArrayState::Optimal,
-            n if n <= tolerated => ArrayState::Degraded,
-            _ => ArrayState::Failed,
-        }
-    }
-
-    fn refuse_if_failed(&self, failed: &[bool]) -> Result<(), RaidError> {
-        if self.state_of(failed) == ArrayState::Failed {
+    fn refuse_if_failed(&self, view: &View) -> Result<(), RaidError> {
+        if self.state_of(&view.states) == ArrayState::Failed {
             Err(RaidError::ArrayFailed)
         } else {
             Ok(())
@@ -447,41 +622,76 @@ impl RaidEngine {
         }
     }
 
-    fn lock(&self, stripe: u64) -> &RwLock<()> {
-        &self.locks[(stripe % LOCK_STRIPES as u64) as usize]
+    fn lock_index(stripe: u64) -> usize {
+        (stripe % LOCK_STRIPES as u64) as usize
     }
 
-    /// Runs `step(failed, exclusive)` under stripe `stripe`'s lock, shared first;
+    /// Takes stripe `stripe`'s lock shared: member bytes of the stripe (member
+    /// offsets `stripe * chunk_bytes ..`) do not change while it is held.
+    pub fn lock_stripe_shared(&self, stripe: u64) -> StripeGuard<'_> {
+        let lock = Self::lock_index(stripe);
+        let local = LocalGuard::Shared(self.locks[lock].read());
+        if let Some(shared) = &self.shared {
+            shared
+                .live
+                .lock_shared(lock, &|dirty| self.resync_stripe(dirty));
+        }
+        StripeGuard {
+            engine: self,
+            lock,
+            exclusive: false,
+            _local: local,
+        }
+    }
+
+    /// Takes stripe `stripe`'s lock exclusively, to change its member bytes.
+    pub fn lock_stripe_exclusive(&self, stripe: u64) -> StripeGuard<'_> {
+        let lock = Self::lock_index(stripe);
+        let local = LocalGuard::Exclusive(self.locks[lock].write());
+        if let Some(shared) = &self.shared {
+            shared
+                .live
+                .lock_exclusive(lock, stripe, &|dirty| self.resync_stripe(dirty));
+        }
+        StripeGuard {
+            engine: self,
+            lock,
+            exclusive: true,
+            _local: local,
+        }
+    }
+
+    /// Runs `step(view, exclusive)` under stripe `stripe`'s lock, shared first;
     /// if it asks for exclusivity (to repair a block), again under the exclusive
-    /// lock. Member states are sampled under the lock.
+    /// lock. The view is sampled under the lock.
     fn under_shared(
         &self,
         stripe: u64,
-        mut step: impl FnMut(&[bool], bool) -> StepResult<()>,
+        mut step: impl FnMut(&View, bool) -> StepResult<()>,
     ) -> Result<(), RaidError> {
         {
-            let _guard = self.lock(stripe).read();
-            let failed = self.snapshot();
-            self.refuse_if_failed(&failed)?;
-            match step(&failed, false) {
+            let _guard = self.lock_stripe_shared(stripe);
+            let view = self.view()?;
+            self.refuse_if_failed(&view)?;
+            match step(&view, false) {
                 Ok(()) => return Ok(()),
                 Err(Fault::Raid(err)) => return Err(err),
                 Err(Fault::NeedExclusive) => {}
             }
         }
-        self.under_exclusive(stripe, |failed| step(failed, true))
+        self.under_exclusive(stripe, |view| step(view, true))
     }
 
-    /// Runs `step(failed)` under stripe `stripe`'s exclusive lock.
+    /// Runs `step(view)` under stripe `stripe`'s exclusive lock.
     fn under_exclusive(
         &self,
         stripe: u64,
-        step: impl FnOnce(&[bool]) -> StepResult<()>,
+        step: impl FnOnce(&View) -> StepResult<()>,
     ) -> Result<(), RaidError> {
-        let _guard = self.lock(stripe).write();
-        let failed = self.snapshot();
-        self.refuse_if_failed(&failed)?;
-        match step(&failed) {
+        let _guard = self.lock_stripe_exclusive(stripe);
+        let view = self.view()?;
+        self.refuse_if_failed(&view)?;
+        match step(&view) {
             Ok(()) => Ok(()),
             Err(Fault::Raid(err)) => Err(err),
             Err(Fault::NeedExclusive) => {
@@ -497,7 +707,7 @@ impl RaidEngine {
     /// Reads `buf.len()` bytes at array offset `offset`. On error `buf` is zeroed:
     /// nothing half-reconstructed is ever left in it.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), RaidError> {
-        self.refuse_if_failed(&self.snapshot())?;
+        self.refuse_if_failed(&*self.view()?)?;
         self.check_range(offset, buf.len() as u64)?;
         self.read_pieces(offset, buf).inspect_err(|_| buf.fill(0))
     }
@@ -508,16 +718,16 @@ impl RaidEngine {
         for (position, done, step) in split(offset, buf.len(), chunk) {
             let piece = &mut buf[done..done + step];
             match self.geometry.level {
-                Level::Raid1 => self.under_shared(position / chunk, |failed, exclusive| {
-                    self.r1_read(failed, position, piece, exclusive)
+                Level::Raid1 => self.under_shared(position / chunk, |view, exclusive| {
+                    self.r1_read(view, position, piece, exclusive)
                 })?,
                 Level::Raid5 => {
                     let row = self.geometry.row_bytes();
                     let stripe = position / row;
                     let within = position % row;
                     let disk = self.geometry.data_disk(stripe, (within / chunk) as usize);
-                    self.under_shared(stripe, |failed, exclusive| {
-                        self.r5_read_member(failed, stripe, disk, within % chunk, piece, exclusive)
+                    self.under_shared(stripe, |view, exclusive| {
+                        self.r5_read_member(view, stripe, disk, within % chunk, piece, exclusive)
                     })?
                 }
             }
@@ -527,7 +737,7 @@ impl RaidEngine {
 
     /// Writes `data` at array offset `offset`.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RaidError> {
-        self.refuse_if_failed(&self.snapshot())?;
+        self.refuse_if_failed(&*self.view()?)?;
         self.check_range(offset, data.len() as u64)?;
         // Writes go one lock region at a time: a chunk of a mirror, or a whole
         // RAID-5 stripe row (its parity covers the row).
@@ -540,10 +750,10 @@ impl RaidEngine {
             let region = position / unit;
             match self.geometry.level {
                 Level::Raid1 => {
-                    self.under_exclusive(region, |failed| self.r1_write(failed, position, piece))?
+                    self.under_exclusive(region, |view| self.r1_write(view, position, piece))?
                 }
-                Level::Raid5 => self.under_exclusive(region, |failed| {
-                    self.r5_write_stripe(failed, region, position % unit, piece)
+                Level::Raid5 => self.under_exclusive(region, |view| {
+                    self.r5_write_stripe(view, region, position % unit, piece)
                 })?,
             }
         }
@@ -552,7 +762,7 @@ impl RaidEngine {
 
     /// Writes `len` zero bytes at array offset `offset` (with ordinary writes).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), RaidError> {
-        self.refuse_if_failed(&self.snapshot())?;
+        self.refuse_if_failed(&*self.view()?)?;
         self.check_range(offset, len)?;
         let zeros = vec![0u8; len.min(ZERO_BYTES) as usize];
         let end = offset + len;
@@ -569,10 +779,11 @@ impl RaidEngine {
         Ok(())
     }
 
-    /// Makes everything written so far durable on every active member.
+    /// Makes everything written so far durable on every written member.
     pub fn flush(&self) -> Result<(), RaidError> {
-        for (index, member) in self.members.iter().enumerate() {
-            if !self.failed[index].load(Ordering::SeqCst) {
+        let view = self.view()?;
+        for (index, member) in view.images.iter().enumerate() {
+            if view.writable(index) {
                 member
                     .flush()
                     .map_err(|source| RaidError::Member { index, source })?;
@@ -581,32 +792,104 @@ impl RaidEngine {
         Ok(())
     }
 
+    /// Brings stripe `stripe` (RAID-1: chunk region `stripe`) back to a
+    /// consistent state after a process died while writing it: RAID-5 parity is
+    /// recomputed from the data, a mirror's first readable copy is written to the
+    /// other members. Called with the stripe's cross-process lock held by the dead
+    /// process, so it takes no lock itself. On a degraded RAID-5 the data of the
+    /// missing member in that stripe cannot be trusted (the RAID-5 write hole): it
+    /// is logged.
+    pub(crate) fn resync_stripe(&self, stripe: u64) {
+        let result = self.view().and_then(|view| {
+            let chunk = self.geometry.chunk_bytes;
+            if stripe >= self.geometry.disk_bytes / chunk {
+                return Ok(());
+            }
+            let base = stripe * chunk;
+            let mut done = 0;
+            while done < chunk {
+                let len = (chunk - done).min(WORK_BYTES);
+                let step = match self.geometry.level {
+                    Level::Raid1 => self.r1_resync(&view, base + done, len),
+                    Level::Raid5 => self.r5_resync(&view, stripe, done, len),
+                };
+                match step {
+                    Ok(()) => {}
+                    Err(Fault::Raid(err)) => return Err(err),
+                    Err(Fault::NeedExclusive) => unreachable!("resync reads repair in place"),
+                }
+                done += len;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => tracing::warn!(stripe, "resynced a stripe a dead process was writing"),
+            Err(err) => {
+                tracing::error!(stripe, %err, "could not resync a stripe a dead process was writing")
+            }
+        }
+    }
+
+    fn r1_resync(&self, view: &View, offset: u64, len: u64) -> StepResult<()> {
+        let mut buf = vec![0u8; len as usize];
+        self.r1_read(view, offset, &mut buf, true)?;
+        let first = view.first_readable();
+        for (index, member) in view.images.iter().enumerate() {
+            if view.writable(index) && Some(index) != first {
+                member
+                    .write_at(offset, &buf)
+                    .map_err(|source| Self::member_error(index, source))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn r5_resync(&self, view: &View, stripe: u64, in_chunk: u64, len: u64) -> StepResult<()> {
+        let g = &self.geometry;
+        let parity_disk = g.parity_disk(stripe);
+        if let Some(missing) = (0..g.disks).find(|&d| d != parity_disk && !view.readable(d)) {
+            tracing::error!(
+                stripe,
+                member = missing,
+                "a write to this stripe of a degraded RAID-5 was cut short: member \
+                 {missing}'s data in it may be lost (RAID-5 write hole)"
+            );
+            return Ok(());
+        }
+        if !view.writable(parity_disk) {
+            return Ok(());
+        }
+        let mut parity = vec![0u8; len as usize];
+        let mut data = vec![0u8; len as usize];
+        for k in 0..g.disks - 1 {
+            let disk = g.data_disk(stripe, k);
+            self.r5_read_member(view, stripe, disk, in_chunk, &mut data, true)?;
+            xor_into(&mut parity, &data);
+        }
+        view.images[parity_disk]
+            .write_at(stripe * g.chunk_bytes + in_chunk, &parity)
+            .map_err(|source| Self::member_error(parity_disk, source))
+    }
     // ---------------------------------------------------------------- RAID-1
 
     /// Reads `buf.len()` bytes at `offset` (within one lock region) from the first
     /// active member; a media error asks for the exclusive lock, under which the
     /// affected blocks are read from the other members and repaired.
-    fn r1_read(
-        &self,
-        failed: &[bool],
-        offset: u64,
-        buf: &mut [u8],
-        exclusive: bool,
-    ) -> StepResult<()> {
-        let Some(first) = failed.iter().position(|f| !f) else {
+    fn r1_read(&self, view: &View, offset: u64, buf: &mut [u8], exclusive: bool) -> StepResult<()> {
+        let Some(first) = view.first_readable() else {
             return Err(RaidError::ArrayFailed.into());
         };
-        match self.members[first].read_at(offset, buf) {
+        match view.images[first].read_at(offset, buf) {
             Ok(()) => Ok(()),
             Err(ImageError::Media(_)) if !exclusive => Err(Fault::NeedExclusive),
-            Err(ImageError::Media(_)) => self.r1_read_repairing(failed, offset, buf),
+            Err(ImageError::Media(_)) => self.r1_read_repairing(view, offset, buf),
             Err(source) => Err(Self::member_error(first, source)),
         }
     }
 
     /// Block by block: the first active member whose copy passes its CRC supplies
     /// the block; every member that failed the CRC before it is rewritten.
-    fn r1_read_repairing(&self, failed: &[bool], offset: u64, buf: &mut [u8]) -> StepResult<()> {
+    fn r1_read_repairing(&self, view: &View, offset: u64, buf: &mut [u8]) -> StepResult<()> {
         let end = offset + buf.len() as u64;
         let mut block = [0u8; BLOCK_BYTES];
         let mut bad = Vec::new();
@@ -614,8 +897,8 @@ impl RaidEngine {
         while start < end {
             bad.clear();
             let mut found = false;
-            for (index, member) in self.members.iter().enumerate() {
-                if failed[index] {
+            for (index, member) in view.images.iter().enumerate() {
+                if !view.readable(index) {
                     continue;
                 }
                 match member.read_at(start, &mut block) {
@@ -640,7 +923,7 @@ impl RaidEngine {
                 .into());
             }
             for (index, _) in &bad {
-                self.members[*index]
+                view.images[*index]
                     .write_at(start, &block)
                     .map_err(|source| Self::member_error(*index, source))?;
                 self.repaired.fetch_add(1, Ordering::Relaxed);
@@ -656,7 +939,7 @@ impl RaidEngine {
 
     /// Writes `data` at `offset` (within one lock region) to every active member,
     /// in whole blocks: unaligned edges are completed from the current contents.
-    fn r1_write(&self, failed: &[bool], offset: u64, data: &[u8]) -> StepResult<()> {
+    fn r1_write(&self, view: &View, offset: u64, data: &[u8]) -> StepResult<()> {
         let end = offset + data.len() as u64;
         let mut window_start = offset;
         let mut buf = Vec::new();
@@ -672,21 +955,25 @@ impl RaidEngine {
                 buf.resize((hi - lo) as usize, 0);
                 let len = buf.len();
                 if lo != window_start {
-                    self.r1_read(failed, lo, &mut buf[..BLOCK_BYTES], true)?;
+                    self.r1_read(view, lo, &mut buf[..BLOCK_BYTES], true)?;
                 }
                 if hi != window_end && (lo == window_start || hi - lo > BLOCK) {
-                    self.r1_read(failed, hi - BLOCK, &mut buf[len - BLOCK_BYTES..], true)?;
+                    self.r1_read(view, hi - BLOCK, &mut buf[len - BLOCK_BYTES..], true)?;
                 }
                 buf[(window_start - lo) as usize..(window_end - lo) as usize]
                     .copy_from_slice(window);
                 &buf
             };
-            for (index, member) in self.members.iter().enumerate() {
-                if !failed[index] {
-                    member
-                        .write_at(lo, bytes)
-                        .map_err(|source| Self::member_error(index, source))?;
+            for (written, index) in (0..view.images.len())
+                .filter(|&i| view.writable(i))
+                .enumerate()
+            {
+                if written == 1 {
+                    crash_point();
                 }
+                view.images[index]
+                    .write_at(lo, bytes)
+                    .map_err(|source| Self::member_error(index, source))?;
             }
             window_start = window_end;
         }
@@ -712,23 +999,21 @@ impl RaidEngine {
     /// and rewritten.
     fn r5_read_member(
         &self,
-        failed: &[bool],
+        view: &View,
         stripe: u64,
         disk: usize,
         in_chunk: u64,
         buf: &mut [u8],
         exclusive: bool,
     ) -> StepResult<()> {
-        if failed[disk] {
-            return self.r5_reconstruct(failed, stripe, disk, in_chunk, buf);
+        if !view.readable(disk) {
+            return self.r5_reconstruct(view, stripe, disk, in_chunk, buf);
         }
         let offset = stripe * self.geometry.chunk_bytes + in_chunk;
-        match self.members[disk].read_at(offset, buf) {
+        match view.images[disk].read_at(offset, buf) {
             Ok(()) => Ok(()),
             Err(ImageError::Media(_)) if !exclusive => Err(Fault::NeedExclusive),
-            Err(ImageError::Media(_)) => {
-                self.r5_read_repairing(failed, stripe, disk, in_chunk, buf)
-            }
+            Err(ImageError::Media(_)) => self.r5_read_repairing(view, stripe, disk, in_chunk, buf),
             Err(source) => Err(Self::member_error(disk, source)),
         }
     }
@@ -737,18 +1022,18 @@ impl RaidEngine {
     /// failed or failing its CRC means the bytes are lost.
     fn r5_reconstruct(
         &self,
-        failed: &[bool],
+        view: &View,
         stripe: u64,
         disk: usize,
         in_chunk: u64,
         buf: &mut [u8],
     ) -> StepResult<()> {
-        if let Some(other) = (0..self.geometry.disks).find(|&m| m != disk && failed[m]) {
+        if let Some(other) = (0..self.geometry.disks).find(|&m| m != disk && !view.readable(m)) {
             return Err(self.unrecoverable(
                 stripe,
                 disk,
                 in_chunk,
-                format!("member {disk}'s data is needed while member {other} is failed"),
+                format!("member {disk}'s data is needed while member {other} is failed or being rebuilt"),
             ));
         }
         let base = stripe * self.geometry.chunk_bytes + in_chunk;
@@ -757,7 +1042,7 @@ impl RaidEngine {
             let window_offset = window_index as u64 * WORK_BYTES;
             window.fill(0);
             let scratch = &mut scratch[..window.len()];
-            for (index, member) in self.members.iter().enumerate() {
+            for (index, member) in view.images.iter().enumerate() {
                 if index == disk {
                     continue;
                 }
@@ -788,7 +1073,7 @@ impl RaidEngine {
     /// members and rewritten.
     fn r5_read_repairing(
         &self,
-        failed: &[bool],
+        view: &View,
         stripe: u64,
         disk: usize,
         in_chunk: u64,
@@ -797,14 +1082,14 @@ impl RaidEngine {
         let chunk_start = stripe * self.geometry.chunk_bytes;
         let offset = chunk_start + in_chunk;
         let end = offset + buf.len() as u64;
-        let member = &self.members[disk];
+        let member = &view.images[disk];
         let mut block = [0u8; BLOCK_BYTES];
         let mut start = align_down(offset);
         while start < end {
             match member.read_at(start, &mut block) {
                 Ok(()) => {}
                 Err(ImageError::Media(_)) => {
-                    self.r5_reconstruct(failed, stripe, disk, start - chunk_start, &mut block)?;
+                    self.r5_reconstruct(view, stripe, disk, start - chunk_start, &mut block)?;
                     member
                         .write_at(start, &block)
                         .map_err(|source| Self::member_error(disk, source))?;
@@ -829,7 +1114,7 @@ impl RaidEngine {
     /// of a single block.
     fn r5_write_stripe(
         &self,
-        failed: &[bool],
+        view: &View,
         stripe: u64,
         within: u64,
         data: &[u8],
@@ -857,7 +1142,7 @@ impl RaidEngine {
             let mut lo = pair[0];
             while lo < pair[1] {
                 let hi = (lo + WORK_BYTES).min(pair[1]);
-                self.r5_write_segment(failed, stripe, within, data, first..=last, lo, hi)?;
+                self.r5_write_segment(view, stripe, within, data, first..=last, lo, hi)?;
                 lo = hi;
             }
         }
@@ -868,7 +1153,7 @@ impl RaidEngine {
     #[allow(clippy::too_many_arguments)]
     fn r5_write_segment(
         &self,
-        failed: &[bool],
+        view: &View,
         stripe: u64,
         within: u64,
         data: &[u8],
@@ -899,7 +1184,7 @@ impl RaidEngine {
                 });
             } else {
                 let mut old = vec![0u8; len];
-                self.r5_read_member(failed, stripe, disk, lo, &mut old, true)?;
+                self.r5_read_member(view, stripe, disk, lo, &mut old, true)?;
                 let mut new = old.clone();
                 let at = (from - chunk_base - lo) as usize;
                 new[at..at + new_bytes.len()].copy_from_slice(new_bytes);
@@ -915,20 +1200,22 @@ impl RaidEngine {
         }
 
         let parity_disk = g.parity_disk(stripe);
-        let parity = if failed[parity_disk] {
+        let parity = if !view.writable(parity_disk) {
             None
         } else {
             let untouched: Vec<usize> = (0..g.disks - 1)
                 .map(|k| g.data_disk(stripe, k))
                 .filter(|d| touched.iter().all(|t| t.disk != *d))
                 .collect();
-            let touched_failed = touched.iter().any(|t| failed[t.disk]);
-            let untouched_failed = untouched.iter().any(|d| failed[*d]);
+            // A member being rebuilt is written but cannot be read yet.
+            let touched_failed = touched.iter().any(|t| !view.readable(t.disk));
+            let untouched_failed = untouched.iter().any(|d| !view.readable(*d));
             // Reconstruct-write reads the untouched chunks; read-modify-write reads
             // the touched ones and the parity. A failed touched chunk forces the
             // first, a failed untouched one the second; else the fewer reads win.
-            let reconstruct_write =
-                touched_failed || (!untouched_failed && untouched.len() < touched.len() + 1);
+            let reconstruct_write = !view.readable(parity_disk)
+                || touched_failed
+                || (!untouched_failed && untouched.len() < touched.len() + 1);
             let mut acc = vec![0u8; len];
             let mut scratch = vec![0u8; len];
             if reconstruct_write {
@@ -936,16 +1223,16 @@ impl RaidEngine {
                     xor_into(&mut acc, &t.new);
                 }
                 for disk in untouched {
-                    self.r5_read_member(failed, stripe, disk, lo, &mut scratch, true)?;
+                    self.r5_read_member(view, stripe, disk, lo, &mut scratch, true)?;
                     xor_into(&mut acc, &scratch);
                 }
             } else {
-                self.r5_read_member(failed, stripe, parity_disk, lo, &mut acc, true)?;
+                self.r5_read_member(view, stripe, parity_disk, lo, &mut acc, true)?;
                 for t in &touched {
                     match &t.old {
                         Some(old) => xor_into(&mut acc, old),
                         None => {
-                            self.r5_read_member(failed, stripe, t.disk, lo, &mut scratch, true)?;
+                            self.r5_read_member(view, stripe, t.disk, lo, &mut scratch, true)?;
                             xor_into(&mut acc, &scratch);
                         }
                     }
@@ -957,14 +1244,15 @@ impl RaidEngine {
 
         let offset = stripe * chunk + lo;
         for t in &touched {
-            if !failed[t.disk] {
-                self.members[t.disk]
+            if view.writable(t.disk) {
+                view.images[t.disk]
                     .write_at(offset, &t.new)
                     .map_err(|source| Self::member_error(t.disk, source))?;
             }
         }
+        crash_point();
         if let Some(parity) = parity {
-            self.members[parity_disk]
+            view.images[parity_disk]
                 .write_at(offset, &parity)
                 .map_err(|source| Self::member_error(parity_disk, source))?;
         }

@@ -1,9 +1,10 @@
 //! The work one partition of a task stands for: scrubbing or rebuilding a range
 //! of member offsets, block row by block row (a row is the same 4 KiB-aligned
-//! block on every member). These functions touch member images directly and
-//! are meant for an array that no host is writing to at the same time (the
-//! offline `array scrub` / `array rebuild` commands); online rebuild through the
-//! serving controller is the next step.
+//! block on every member), on an array that hosts keep reading and writing:
+//! every piece is done under its stripe's lock
+//! ([`RaidEngine::lock_stripe_shared`] / [`RaidEngine::lock_stripe_exclusive`]),
+//! which is held across processes when the array is shared, so a host write and
+//! the rebuild or scrub of the same stripe never interleave.
 //!
 //! Both are idempotent: running a range twice gives the same result, which the
 //! coordination object's lease takeover relies on.
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 use serde::Serialize;
 
-use crate::raid::{Geometry, Level};
+use crate::raid::{Geometry, Level, MemberState, RaidEngine};
 
 /// Bytes handled between progress reports.
 pub const STEP_BYTES: u64 = 1024 * 1024;
@@ -48,17 +49,40 @@ pub enum WorkError {
     /// The caller asked to stop (lease lost, cancel).
     #[error("stopped")]
     Stopped,
+    /// The member being rebuilt is no longer in that state (it failed again, or
+    /// another rebuild finished it).
+    #[error("disk {0} is no longer being rebuilt")]
+    TargetChanged(usize),
+    /// The array's configuration could not be loaded.
+    #[error(transparent)]
+    Raid(crate::raid::RaidError),
 }
 
-/// The members of an array with what the work needs to know about them.
+/// The members of an array with what the work needs to know about them,
+/// sampled under a stripe lock.
 #[derive(Debug, Clone)]
 pub struct Members {
     /// Geometry.
     pub geometry: Geometry,
     /// Member images, in RAID order.
     pub images: Vec<Arc<DiskImage>>,
+    /// Member states.
+    pub states: Vec<MemberState>,
     /// Which members may be read (active, not failed or being rebuilt).
     pub readable: Vec<bool>,
+}
+
+impl Members {
+    /// The engine's current view.
+    fn of(engine: &RaidEngine) -> Result<Self, WorkError> {
+        let view = engine.view().map_err(WorkError::Raid)?;
+        Ok(Self {
+            geometry: engine.geometry(),
+            images: view.images.clone(),
+            states: view.states.clone(),
+            readable: (0..view.states.len()).map(|i| view.readable(i)).collect(),
+        })
+    }
 }
 
 fn read_block(
@@ -234,29 +258,85 @@ fn parity_member(geometry: &Geometry, offset: u64) -> usize {
     geometry.parity_disk(offset / geometry.chunk_bytes)
 }
 
-/// Scrubs member offsets `[start, start+len)`: checks every readable member
-/// block's CRC and every row's parity or mirror consistency; with `repair`,
-/// rewrites what redundancy can fix. `progress(bytes_done)` is called every
-/// [`STEP_BYTES`]; returning `false` stops the work.
+/// The pieces of member offsets `[start, start+len)` that one stripe lock
+/// covers, at most [`UNIT_BYTES`] each: `(stripe, offset, length)`.
+fn pieces(geometry: &Geometry, start: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+    let chunk = geometry.chunk_bytes;
+    let end = start + len;
+    let mut offset = start;
+    std::iter::from_fn(move || {
+        if offset >= end {
+            return None;
+        }
+        let stripe = offset / chunk;
+        let step = (end - offset)
+            .min(UNIT_BYTES - offset % UNIT_BYTES)
+            .min((stripe + 1) * chunk - offset);
+        let piece = (stripe, offset, step);
+        offset += step;
+        Some(piece)
+    })
+}
+
+/// Reports progress after each [`STEP_BYTES`] of work.
+struct Reporter<F> {
+    start: u64,
+    next: u64,
+    progress: F,
+}
+
+impl<F: FnMut(u64) -> bool> Reporter<F> {
+    fn new(start: u64, progress: F) -> Self {
+        Self {
+            start,
+            next: start + STEP_BYTES,
+            progress,
+        }
+    }
+
+    /// Called with no lock held (the callback may sleep to pace the work).
+    fn after(&mut self, offset: u64) -> Result<(), WorkError> {
+        if offset >= self.next {
+            self.next = offset + STEP_BYTES;
+            if !(self.progress)(offset - self.start) {
+                return Err(WorkError::Stopped);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scrubs member offsets `[start, start+len)` of the array behind `engine`,
+/// while hosts keep using it: checks every readable member block's CRC and
+/// every row's parity or mirror consistency; with `repair`, rewrites what
+/// redundancy can fix. Each piece is checked under its stripe's shared lock
+/// and, if anything is wrong, redone block by block under the exclusive lock,
+/// so a host write in flight is never mistaken for a mismatch.
+/// `progress(bytes_done)` is called every [`STEP_BYTES`]; returning `false`
+/// stops the work.
 pub fn scrub_range(
-    members: &Members,
+    engine: &RaidEngine,
     start: u64,
     len: u64,
     repair: bool,
-    mut progress: impl FnMut(u64) -> bool,
+    progress: impl FnMut(u64) -> bool,
 ) -> Result<ScrubFindings, WorkError> {
+    let geometry = engine.geometry();
     let mut findings = ScrubFindings::default();
-    let mut units = Units::new(members.geometry.disks);
-    let mut offset = start;
-    while offset < start + len {
-        let unit = (start + len - offset).min(UNIT_BYTES);
-        if !units.scrub_fast(members, offset, unit, &mut findings)? {
-            scrub_blocks(members, offset, unit, repair, &mut findings)?;
+    let mut units = Units::new(geometry.disks);
+    let mut reporter = Reporter::new(start, progress);
+    for (stripe, offset, unit) in pieces(&geometry, start, len) {
+        let clean = {
+            let _guard = engine.lock_stripe_shared(stripe);
+            let members = Members::of(engine)?;
+            units.scrub_fast(&members, offset, unit, &mut findings)?
+        };
+        if !clean {
+            let _guard = engine.lock_stripe_exclusive(stripe);
+            let members = Members::of(engine)?;
+            scrub_blocks(&members, offset, unit, repair, &mut findings)?;
         }
-        offset += unit;
-        if (offset - start).is_multiple_of(STEP_BYTES) && !progress(offset - start) {
-            return Err(WorkError::Stopped);
-        }
+        reporter.after(offset + unit)?;
     }
     Ok(findings)
 }
@@ -343,27 +423,35 @@ fn scrub_blocks(
 }
 
 /// Rebuilds member `target`'s offsets `[start, start+len)` from the other
-/// members. Returns the array offsets that could not be reconstructed (a source
-/// block failed its CRC too); those blocks are left as they were.
+/// members, while hosts keep using the array: each piece under its stripe's
+/// exclusive lock (host writes to the stripe go to the target too, so once a
+/// stripe is rebuilt it stays current). Returns the array offsets that could not
+/// be reconstructed (a source block failed its CRC too); those blocks are left
+/// as they were. Stops with [`WorkError::TargetChanged`] if `target` is no
+/// longer the member being rebuilt.
 pub fn rebuild_range(
-    members: &Members,
+    engine: &RaidEngine,
     target: usize,
     start: u64,
     len: u64,
-    mut progress: impl FnMut(u64) -> bool,
+    progress: impl FnMut(u64) -> bool,
 ) -> Result<Vec<u64>, WorkError> {
+    let geometry = engine.geometry();
     let mut unrecoverable = Vec::new();
-    let mut units = Units::new(members.geometry.disks);
-    let mut offset = start;
-    while offset < start + len {
-        let unit = (start + len - offset).min(UNIT_BYTES);
-        if !units.rebuild_fast(members, target, offset, unit)? {
-            rebuild_blocks(members, target, offset, unit, &mut unrecoverable)?;
+    let mut units = Units::new(geometry.disks);
+    let mut reporter = Reporter::new(start, progress);
+    for (stripe, offset, unit) in pieces(&geometry, start, len) {
+        {
+            let _guard = engine.lock_stripe_exclusive(stripe);
+            let members = Members::of(engine)?;
+            if members.states.get(target) != Some(&MemberState::Rebuilding) {
+                return Err(WorkError::TargetChanged(target));
+            }
+            if !units.rebuild_fast(&members, target, offset, unit)? {
+                rebuild_blocks(&members, target, offset, unit, &mut unrecoverable)?;
+            }
         }
-        offset += unit;
-        if (offset - start).is_multiple_of(STEP_BYTES) && !progress(offset - start) {
-            return Err(WorkError::Stopped);
-        }
+        reporter.after(offset + unit)?;
     }
     Ok(unrecoverable)
 }

@@ -25,9 +25,10 @@ fn filled_array(level: Level, disks: usize) -> (tempfile::TempDir, Array, Vec<u8
 fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
     for level in [Level::Raid5, Level::Raid1] {
         let (_dir, array, _data) = filled_array(level, 3);
-        let members = array.members();
+        let engine = array.engine();
+        let members = engine.view().expect("view");
         assert_eq!(
-            scrub_range(&members, 0, DISK, false, |_| true)
+            scrub_range(engine, 0, DISK, false, |_| true)
                 .expect("scrub")
                 .parity_mismatches,
             0
@@ -37,7 +38,7 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
         members.images[1]
             .write_at(8192, &[0xee; 4096])
             .expect("stray write");
-        let found = scrub_range(&members, 0, DISK, false, |_| true).expect("scrub");
+        let found = scrub_range(engine, 0, DISK, false, |_| true).expect("scrub");
         assert_eq!(
             (
                 found.parity_mismatches,
@@ -47,14 +48,14 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
             (1, 0, 0),
             "{level:?}"
         );
-        let fixed = scrub_range(&members, 0, DISK, true, |_| true).expect("repair");
+        let fixed = scrub_range(engine, 0, DISK, true, |_| true).expect("repair");
         assert_eq!(
             (fixed.parity_mismatches, fixed.repaired),
             (1, 1),
             "{level:?}"
         );
         assert_eq!(
-            scrub_range(&members, 0, DISK, false, |_| true)
+            scrub_range(engine, 0, DISK, false, |_| true)
                 .expect("rescrub")
                 .parity_mismatches,
             0
@@ -65,16 +66,19 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
 #[test]
 fn rebuild_restores_a_member_exactly() {
     for level in [Level::Raid5, Level::Raid1] {
-        let (_dir, array, data) = filled_array(level, 4);
-        let mut members = array.members();
+        let (_dir, mut array, data) = filled_array(level, 4);
         let mut before = vec![0u8; DISK as usize];
-        members.images[2]
+        array.engine().view().expect("view").images[2]
             .read_at(0, &mut before)
             .expect("read member");
-        members.images[2].write_zeroes(0, DISK, true).expect("wipe");
-        members.readable[2] = false;
+        array.fail(2).expect("fail");
+        let file = array.replace(2).expect("replace with a new empty image");
+        let engine = array.engine().clone();
+        let members = engine.view().expect("view");
+        assert_eq!(members.states[2], MemberState::Rebuilding);
+        assert!(members.images[2].path().ends_with(&file));
         let mut steps = 0;
-        let lost = rebuild_range(&members, 2, 0, DISK, |_| {
+        let lost = rebuild_range(&engine, 2, 0, DISK, |_| {
             steps += 1;
             true
         })
@@ -86,6 +90,7 @@ fn rebuild_restores_a_member_exactly() {
             .read_at(0, &mut after)
             .expect("read member");
         assert!(after == before, "{level:?}: rebuilt member differs");
+        array.finish_rebuild(2).expect("finish");
         let mut read_back = vec![0u8; data.len()];
         array
             .engine()
@@ -98,9 +103,9 @@ fn rebuild_restores_a_member_exactly() {
 
 #[test]
 fn unrecoverable_blocks_are_named_by_array_offset() {
-    let (_dir, array, _data) = filled_array(Level::Raid5, 3);
-    let mut members = array.members();
-    members.readable[0] = false; // member 0 is gone...
+    let (_dir, mut array, _data) = filled_array(Level::Raid5, 3);
+    array.fail(0).expect("fail"); // member 0 is gone...
+    let engine = array.engine().clone();
     let path = array.dir().join(&array.metadata().members[1].file);
     // ...and a block of member 1 is corrupt: stripe 0, where member 1 holds data chunk 1.
     use std::os::unix::fs::FileExt;
@@ -110,13 +115,15 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
         .expect("open")
         .write_all_at(b"!!", 100)
         .expect("poke");
-    let found = scrub_range(&members, 0, 4096, true, |_| true).expect("scrub");
+    let found = scrub_range(&engine, 0, 4096, true, |_| true).expect("scrub");
     assert_eq!(found.checksum_errors, 1);
     assert_eq!(
         found.unrecoverable,
         vec![16 * 1024],
         "data chunk 1 of stripe 0 starts at array offset 16 KiB"
     );
-    let lost = rebuild_range(&members, 0, 0, 4096, |_| true).expect("rebuild");
+    array.replace(0).expect("replace");
+    let engine = array.engine().clone();
+    let lost = rebuild_range(&engine, 0, 0, 4096, |_| true).expect("rebuild");
     assert_eq!(lost, vec![0], "member 0 holds data chunk 0 of stripe 0");
 }

@@ -359,12 +359,12 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
                 LevelArg::Raid1 => Level::Raid1,
                 LevelArg::Raid5 => Level::Raid5,
             };
-            let array = Array::create(
+            let mut array = Array::create(
                 &dir,
                 array::geometry(level, disks, chunk, disk_size),
                 spares,
             )?;
-            let status = array.status();
+            let status = array.status()?;
             println!(
                 "created {:?} array in {} with {} disks and {} spares: {} bytes usable, volume vol0",
                 status.geometry.level,
@@ -376,7 +376,7 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ArrayCommand::Status { dir, json } => {
-            let status = Array::open(&dir)?.status();
+            let status = Array::open(&dir)?.status()?;
             let tasks = emulator::tasks::in_progress(&dir);
             if json {
                 let mut value = serde_json::to_value(&status)?;
@@ -396,15 +396,7 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
                     human(status.data_bytes)
                 );
                 for (index, member) in status.members.iter().enumerate() {
-                    let note = if member.rebuilding {
-                        " (being rebuilt)"
-                    } else {
-                        ""
-                    };
-                    println!(
-                        "disk {index}:  {:<12} {:?}{note}",
-                        member.file, member.state
-                    );
+                    println!("disk {index}:  {:<12} {:?}", member.file, member.state);
                 }
                 for spare in &status.spares {
                     println!("spare:   {spare}");
@@ -449,7 +441,7 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             println!(
                 "disk {disk} of {} marked failed; array is {:?}",
                 dir.display(),
-                array.status().state
+                array.status()?.state
             );
             Ok(ExitCode::SUCCESS)
         }

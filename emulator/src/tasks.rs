@@ -194,7 +194,7 @@ pub fn run_controller(
     let path = task_path(dir, kind);
     let task = TaskFile::open(&path)?;
     let array = Array::open(dir)?;
-    let members = array.members();
+    let engine = array.engine();
     let spec = task.spec().clone();
     let mut pacer = Pacer {
         rate_bytes_per_s: rate_mib_s.map(|r| r * 1024.0 * 1024.0),
@@ -236,7 +236,7 @@ pub fn run_controller(
         let mut detail = PartitionDetail::default();
         let outcome = match kind {
             TaskKind::Scrub => {
-                scrub_range(&members, start, length, spec.repair, progress).map(|found| {
+                scrub_range(engine, start, length, spec.repair, progress).map(|found| {
                     findings = Findings {
                         checked: found.rows_checked,
                         errors: found.checksum_errors,
@@ -251,7 +251,7 @@ pub fn run_controller(
             }
             TaskKind::Rebuild => {
                 let target = spec.target_disk.context("rebuild task names no disk")? as usize;
-                rebuild_range(&members, target, start, length, progress).map(|unrecoverable| {
+                rebuild_range(engine, target, start, length, progress).map(|unrecoverable| {
                     findings.checked = length / disk_images::BLOCK_BYTES as u64;
                     findings.unrecoverable = unrecoverable.len() as u64;
                     detail.unrecoverable = unrecoverable;
@@ -274,11 +274,12 @@ pub fn run_controller(
         // rebuilt disk, or every member a repairing scrub may have rewritten.
         let written: Vec<usize> = match (kind, spec.target_disk) {
             (TaskKind::Rebuild, Some(target)) => vec![target as usize],
-            (TaskKind::Scrub, _) if spec.repair => (0..members.images.len()).collect(),
+            (TaskKind::Scrub, _) if spec.repair => (0..engine.geometry().disks).collect(),
             _ => Vec::new(),
         };
+        let view = engine.view()?;
         for index in written {
-            members.images[index].flush_range(start, length)?;
+            view.images[index].flush_range(start, length)?;
         }
         std::fs::write(
             partition_detail_path(dir, kind, claim.partition),
