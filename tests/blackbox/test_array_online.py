@@ -1,0 +1,203 @@
+"""Arrays used by several processes at once, while hosts keep reading and
+writing: a disk failed under a running server, a rebuild by two controller
+processes while a host writes, two servers writing the same stripes, and a
+process killed in the middle of a stripe write (the stripe is resynced before
+anyone trusts it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from bbhelpers import emulator, emulator_bin, nbd_connect, wait_until
+from test_array import DISK, MIB, create_array, serve_array, status
+
+CHUNK = 64 * 1024
+
+
+def member_chunks(array, disks: int, stripe: int) -> list[bytes]:
+    """The raw bytes of `stripe`'s chunk on every member (what is on the media)."""
+    chunks = []
+    for disk in range(disks):
+        with open(array / f"disk{disk}.img", "rb") as f:
+            f.seek(stripe * CHUNK)
+            chunks.append(f.read(CHUNK))
+    return chunks
+
+
+def xor(chunks: list[bytes]) -> bytes:
+    acc = 0
+    for chunk in chunks:
+        acc ^= int.from_bytes(chunk, "little")
+    return acc.to_bytes(CHUNK, "little")
+
+
+def raid5_consistent(array, disks: int, stripe: int) -> bool:
+    return xor(member_chunks(array, disks, stripe)) == bytes(CHUNK)
+
+
+def test_a_disk_failed_under_a_running_server_is_out_of_use_at_once(tmp_path, serve, rng):
+    array = create_array(tmp_path)
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    # Array offset 64 KiB is data chunk 1 of stripe 0, which lives on disk 1 at 0.
+    before = rng.randbytes(CHUNK)
+    h.pwrite(before, CHUNK, nbd.CMD_FLAG_FUA)
+    assert member_chunks(array, 4, 0)[1] == before, "an active member is written"
+
+    failed = emulator("array", "fail", str(array), "--disk", "1")
+    assert failed.returncode == 0, failed.describe()
+    after = rng.randbytes(CHUNK)
+    h.pwrite(after, CHUNK, nbd.CMD_FLAG_FUA)
+    assert member_chunks(array, 4, 0)[1] == before, "the failed member is no longer written"
+    assert h.pread(CHUNK, CHUNK) == after, "its data is reconstructed from the others"
+    others = member_chunks(array, 4, 0)
+    others[1] = after
+    assert xor(others) == bytes(CHUNK), "parity was computed for the new data"
+    h.shutdown()
+
+
+def test_rebuild_by_two_controllers_while_a_host_writes(tmp_path, serve, rng):
+    array = create_array(tmp_path, spares=1)
+    size = 3 * DISK
+    model = bytearray(rng.randbytes(size))
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    for offset in range(0, size, 4 * MIB):
+        h.pwrite(bytes(model[offset:offset + 4 * MIB]), offset)
+    h.flush()
+
+    # Disk 2 dies and is replaced while the server keeps running.
+    assert emulator("array", "fail", str(array), "--disk", "2").returncode == 0
+    assert h.pread(size, 0) == model, "degraded reads reconstruct"
+    assert emulator("array", "replace", str(array), "--disk", "2").returncode == 0
+    assert status(array)["members"][2]["state"] == "rebuilding"
+
+    # 8 MiB per disk at 4 MiB/s: the host has about two seconds of writes to
+    # land before, inside and after the stripes being rebuilt.
+    rebuild = subprocess.Popen(
+        [str(emulator_bin()), "array", "rebuild", str(array), "--controllers", "2",
+         "--rate", "4", "--wait", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    writes = 0
+    while rebuild.poll() is None or writes < 20:
+        length = rng.choice([4096, 3 * 4096, CHUNK, 5 * CHUNK + 4096, MIB])
+        offset = rng.randrange(0, size - length) // 4096 * 4096
+        data = rng.randbytes(length)
+        h.pwrite(data, offset)
+        model[offset:offset + length] = data
+        writes += 1
+        probe = rng.randrange(0, size - CHUNK)
+        assert h.pread(CHUNK, probe) == model[probe:probe + CHUNK], f"read at {probe} during the rebuild"
+    stdout, stderr = rebuild.communicate(timeout=60)
+    assert rebuild.returncode == 0, stderr
+    assert json.loads(stdout)["unrecoverable"] == []
+    h.flush()
+    assert status(array)["state"] == "optimal"
+    assert h.pread(size, 0) == model, "after the rebuild (the server now reads the new disk)"
+    h.shutdown()
+    server.stop_clean()
+
+    for member in status(array)["members"]:
+        assert emulator("image", "verify", str(array / member["file"])).returncode == 0
+    scrub = emulator("array", "scrub", str(array), "--wait", "--json", timeout=120)
+    assert scrub.returncode == 0, scrub.describe()
+    assert json.loads(scrub.stdout)["parity_mismatches"] == 0
+    # The rebuilt disk must now carry its share: lose another one and read all.
+    assert emulator("array", "fail", str(array), "--disk", "0").returncode == 0
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    assert h.pread(size, 0) == model, "the rebuilt disk holds every write made during the rebuild"
+    h.shutdown()
+
+
+def test_two_servers_writing_the_same_stripes_keep_parity_consistent(tmp_path, serve, rng):
+    """Read-modify-write of parity from two processes at once: without locks held
+    across processes, parity updates are lost and stripes go inconsistent."""
+    array = create_array(tmp_path, chunk="4KiB")
+    first = serve_array(serve, array)
+    second = serve_array(serve, array)
+    handles = [nbd_connect(first.uri("vol0")), nbd_connect(second.uri("vol0"))]
+    stripes = 16
+    row = 3 * 4096
+    for _ in range(300):
+        for h in handles:
+            # Many writes in flight on both servers, each to one 4 KiB block of
+            # the first 16 stripes: every write is a parity read-modify-write.
+            for _ in range(16):
+                offset = rng.randrange(0, stripes * row // 4096) * 4096
+                h.aio_pwrite(rng.randbytes(4096), offset)
+        for h in handles:
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+    for h in handles:
+        h.flush()
+        h.shutdown()
+    first.stop_clean()
+    second.stop_clean()
+    scrub = emulator("array", "scrub", str(array), "--wait", "--json", timeout=120)
+    assert scrub.returncode == 0, scrub.describe()
+    assert json.loads(scrub.stdout)["parity_mismatches"] == 0
+
+
+@pytest.mark.parametrize("level,disks", [("raid5", 4), ("raid1", 2)])
+def test_a_stripe_left_half_written_by_a_killed_process_is_resynced(tmp_path, serve, rng, level, disks):
+    array = create_array(tmp_path, level=level, disks=disks)
+    # The server aborts in the middle of its first stripe write: the first member
+    # is written, the rest (parity, or the other mirror) is not.
+    server = serve(None, "unix", extra=["--array", str(array)],
+                   env={"EMULATOR_FAULT_CRASH_MID_WRITE": "1"})
+    server.expect_dead = True  # it aborts on purpose; asserted below
+    h = nbd_connect(server.uri("vol0"))
+    with pytest.raises(nbd.Error):
+        h.pwrite(rng.randbytes(4096), 0)
+    assert server.proc.wait(timeout=10) == -6, "SIGABRT"
+    assert "EMULATOR_FAULT_CRASH_MID_WRITE" in server.log()
+
+    chunks = member_chunks(array, disks, 0)
+    torn = xor(chunks) != bytes(CHUNK) if level == "raid5" else chunks[0] != chunks[1]
+    assert torn, "the crash left stripe 0 inconsistent on the media"
+
+    # The next process to open the array recovers the dead one's slot and resyncs
+    # the stripe it was writing before anything else can use it.
+    result = emulator("array", "status", str(array), "--json")
+    assert result.returncode == 0, result.describe()
+    assert "resynced" in result.stderr, result.describe()
+    chunks = member_chunks(array, disks, 0)
+    if level == "raid5":
+        assert xor(chunks) == bytes(CHUNK)
+    else:
+        assert chunks[0] == chunks[1]
+    scrub = emulator("array", "scrub", str(array), "--wait", "--json", timeout=120)
+    assert scrub.returncode == 0, scrub.describe()
+    assert json.loads(scrub.stdout)["parity_mismatches"] == 0
+
+
+def test_a_waiting_server_recovers_a_stripe_lock_held_by_a_killed_process(tmp_path, serve, rng):
+    """A live server that needs a stripe a dead process held does not hang: it
+    notices the holder is gone, resyncs the stripe and goes on."""
+    array = create_array(tmp_path)
+    healthy = serve_array(serve, array)
+    crashing = serve(None, "unix", extra=["--array", str(array)],
+                     env={"EMULATOR_FAULT_CRASH_MID_WRITE": "1"})
+    crashing.expect_dead = True  # it aborts on purpose
+    h = nbd_connect(crashing.uri("vol0"))
+    with pytest.raises(nbd.Error):
+        h.pwrite(rng.randbytes(4096), 0)
+    crashing.proc.wait(timeout=10)
+    assert xor(member_chunks(array, 4, 0)) != bytes(CHUNK)
+
+    g = nbd_connect(healthy.uri("vol0"))
+    started = time.monotonic()
+    data = rng.randbytes(4096)
+    g.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+    assert time.monotonic() - started < 5
+    assert g.pread(4096, 0) == data
+    assert xor(member_chunks(array, 4, 0)) == bytes(CHUNK)
+    g.shutdown()
+    wait_until(lambda: "resynced" in healthy.log(), 5, "the healthy server logs the resync")
