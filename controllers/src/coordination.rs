@@ -40,7 +40,10 @@
 //! | 56     | 64   | data_set         | UTF-8 name of the data set, zero-padded             |
 //! | 120    | 4    | header_crc       | CRC32 of bytes 0..120                               |
 //! | 128    | 8    | completion       | atomic: 0 pending, 1 running (owner id in bits 8..16), 2 done |
-//! | 136..  |      | reserved         | zero                                                |
+//! | 136    | 8    | control          | atomic: 0 run, 1 pause, 2 cancel (set by an operator, read by every controller) |
+//! | 144    | 8    | rate             | atomic: total rate limit in KiB/s across controllers, 0 none |
+//! | 152    | 8    | controllers      | atomic: controllers the rate is shared by (at least 1) |
+//! | 160..  |      | reserved         | zero                                                |
 //!
 //! Partition *i*, 64 bytes at `4096 + 64·i`:
 //!
@@ -77,6 +80,21 @@ const MAGIC: [u8; 8] = *b"EMUTASK1";
 const VERSION: u32 = 1;
 const DATA_SET_BYTES: usize = 64;
 const COMPLETION_OFFSET: usize = 128;
+const CONTROL_OFFSET: usize = 136;
+const RATE_OFFSET: usize = 144;
+const CONTROLLERS_OFFSET: usize = 152;
+
+/// What an operator asked a running task to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Control {
+    /// Work.
+    Run,
+    /// Hold every partition (leases kept) until resumed or cancelled.
+    Pause,
+    /// Stop: controllers release their partitions (progress kept) and exit.
+    Cancel,
+}
 
 /// What a task does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -691,6 +709,61 @@ impl TaskFile {
                 repaired: sum.repaired + p.findings.repaired,
                 unrecoverable: sum.unrecoverable + p.findings.unrecoverable,
             })
+    }
+
+    /// What an operator asked the task to do.
+    pub fn control(&self) -> Control {
+        match self.map.load_u64_le(CONTROL_OFFSET) {
+            1 => Control::Pause,
+            2 => Control::Cancel,
+            _ => Control::Run,
+        }
+    }
+
+    /// Asks every controller to run, pause or cancel (a cancel is final).
+    pub fn set_control(&self, control: Control) {
+        let code = match control {
+            Control::Run => 0,
+            Control::Pause => 1,
+            Control::Cancel => 2,
+        };
+        let mut current = self.map.load_u64_le(CONTROL_OFFSET);
+        while current != 2 {
+            match self
+                .map
+                .compare_exchange_u64_le(CONTROL_OFFSET, current, code)
+            {
+                Ok(_) => return,
+                Err(found) => current = found,
+            }
+        }
+    }
+
+    /// The total rate limit in KiB/s (`None`: unlimited).
+    pub fn rate_kib_s(&self) -> Option<u64> {
+        Some(self.map.load_u64_le(RATE_OFFSET)).filter(|&r| r != 0)
+    }
+
+    /// Sets the total rate limit; running controllers follow it from their next
+    /// step.
+    pub fn set_rate_kib_s(&self, rate: Option<u64>) {
+        self.map.store_u64_le(RATE_OFFSET, rate.unwrap_or(0));
+    }
+
+    /// Controllers the rate limit is shared by.
+    pub fn controllers(&self) -> u64 {
+        self.map.load_u64_le(CONTROLLERS_OFFSET).max(1)
+    }
+
+    /// Records how many controllers share the rate limit.
+    pub fn set_controllers(&self, controllers: u64) {
+        self.map
+            .store_u64_le(CONTROLLERS_OFFSET, controllers.max(1));
+    }
+
+    /// When the task was created (Unix ms).
+    pub fn created_ms(&self) -> u64 {
+        self.epoch_ms
     }
 
     /// Bytes of the data set done so far.

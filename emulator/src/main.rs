@@ -14,7 +14,7 @@ use controllers::raid::Level;
 use disk_images::{Access, DiskImage};
 use emulator::nbd::export::{ArrayVolume, Export, ExportSet};
 use emulator::nbd::server::{self, ListenAddress, Listener, ServerConfig};
-use emulator::tasks::{StartOptions, TaskKind};
+use emulator::tasks::{Adjust, StartOptions, TaskKind};
 use emulator::units::parse_size;
 
 /// Hardware-in-the-loop emulator of dual-controller storage systems.
@@ -30,7 +30,8 @@ enum Command {
     /// Create, inspect and verify disk images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Create, inspect and fail disks of RAID arrays (offline administration).
+    /// Create, inspect, fail, replace, rebuild and scrub RAID arrays (also while
+    /// they are being served).
     #[command(subcommand)]
     Array(ArrayCommand),
     /// Serve a disk image, or the volumes of an array, over NBD.
@@ -46,9 +47,6 @@ enum Command {
         /// Controller id.
         #[arg(long)]
         id: u8,
-        /// Rate limit for this controller, MiB/s.
-        #[arg(long)]
-        rate: Option<f64>,
         /// Lease length.
         #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
         lease_ms: u64,
@@ -85,7 +83,8 @@ enum ArrayCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Mark a member disk failed (persistently).
+    /// Mark a member disk failed (persistently; a running server stops using it
+    /// before its next I/O).
     Fail {
         /// Array directory.
         dir: PathBuf,
@@ -118,6 +117,35 @@ enum ArrayCommand {
         #[command(flatten)]
         task: TaskArgs,
     },
+    /// Pause a running rebuild or scrub (controllers keep their partitions).
+    Pause(AdjustArgs),
+    /// Resume a paused rebuild or scrub.
+    Resume(AdjustArgs),
+    /// Cancel a rebuild or scrub (a disk being rebuilt stays `rebuilding`).
+    Cancel(AdjustArgs),
+    /// Change the rate limit of a running rebuild or scrub.
+    SetRate {
+        #[command(flatten)]
+        which: AdjustArgs,
+        /// New total rate limit in MiB/s, or 0 for none.
+        #[arg(long)]
+        rate: f64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AdjustArgs {
+    /// Array directory.
+    dir: PathBuf,
+    /// Which task (default: the only one in progress).
+    #[arg(long, value_enum)]
+    task: Option<TaskKind>,
+    /// Print the task's progress as JSON.
+    #[arg(long)]
+    json: bool,
+    /// How long a cancel waits for a controller that stopped answering.
+    #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
+    lease_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -247,10 +275,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             task,
             id,
-            rate,
             lease_ms,
         } => {
-            emulator::tasks::run_controller(&dir, task, id, rate, lease_ms)?;
+            emulator::tasks::run_controller(&dir, task, id, lease_ms)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(args),
@@ -408,17 +435,30 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
                 for task in &tasks {
+                    let eta = task
+                        .eta_s
+                        .map(|s| format!(", eta {s:.0} s"))
+                        .unwrap_or_default();
+                    let limit = task
+                        .rate_limit_mib_s
+                        .map(|r| format!(", limit {r} MiB/s"))
+                        .unwrap_or_default();
                     println!(
-                        "task:    {:?} {:.1}% ({} of {} bytes per disk); partitions: {} ready, {} in progress {:?}, {} complete",
+                        "task:    {:?} ({:?}) {:.1}% ({} of {} bytes per disk, {:.1} MiB/s{eta}{limit}); partitions: {} ready, {} in progress {:?}, {} complete",
                         task.operation,
-                        100.0 * task.bytes_done as f64 / task.bytes_total.max(1) as f64,
+                        task.control,
+                        task.percent,
                         task.bytes_done,
                         task.bytes_total,
+                        task.mib_per_s,
                         task.partitions_ready,
                         task.in_progress.len(),
                         task.in_progress,
                         task.partitions_complete
                     );
+                }
+                if !status.processes.is_empty() {
+                    println!("open by: pids {:?}", status.processes);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -435,6 +475,12 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
         }
         ArrayCommand::Rebuild { dir, task } => run_task(&dir, TaskKind::Rebuild, false, &task),
         ArrayCommand::Scrub { dir, repair, task } => run_task(&dir, TaskKind::Scrub, repair, &task),
+        ArrayCommand::Pause(which) => adjust_task(&which, Adjust::Pause),
+        ArrayCommand::Resume(which) => adjust_task(&which, Adjust::Resume),
+        ArrayCommand::Cancel(which) => adjust_task(&which, Adjust::Cancel),
+        ArrayCommand::SetRate { which, rate } => {
+            adjust_task(&which, Adjust::Rate((rate != 0.0).then_some(rate)))
+        }
         ArrayCommand::Fail { dir, disk } => {
             let mut array = Array::open(&dir)?;
             array.fail(disk)?;
@@ -446,6 +492,28 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn adjust_task(which: &AdjustArgs, adjust: Adjust) -> anyhow::Result<ExitCode> {
+    let progress = emulator::tasks::adjust(&which.dir, which.task, adjust, which.lease_ms)?;
+    if which.json {
+        println!("{}", serde_json::to_string_pretty(&progress)?);
+    } else {
+        let what = match adjust {
+            Adjust::Pause => "paused".to_string(),
+            Adjust::Resume => "resumed".to_string(),
+            Adjust::Cancel => "cancelled".to_string(),
+            Adjust::Rate(Some(rate)) => format!("limited to {rate} MiB/s"),
+            Adjust::Rate(None) => "no longer rate limited".to_string(),
+        };
+        println!(
+            "{:?} of {} {what} at {:.1}%",
+            progress.operation,
+            which.dir.display(),
+            progress.percent
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_task(dir: &Path, kind: TaskKind, repair: bool, args: &TaskArgs) -> anyhow::Result<ExitCode> {

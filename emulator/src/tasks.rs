@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use controllers::array::Array;
-use controllers::coordination::{Findings, Operation, PartitionState, TaskFile, TaskSpec};
+use controllers::coordination::{Control, Findings, Operation, PartitionState, TaskFile, TaskSpec};
 use controllers::work::{rebuild_range, scrub_range, WorkError};
 use serde::{Deserialize, Serialize};
 
@@ -162,46 +162,51 @@ pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskF
     Ok(TaskFile::create(&path, &spec, now_ms())?)
 }
 
-/// Paces work to `rate_mib_s` (none: full speed).
+/// Paces one controller's work to its share of the task's rate limit, which an
+/// operator may change while the task runs (read from the coordination object
+/// at every step).
 struct Pacer {
-    rate_bytes_per_s: Option<f64>,
-    started: Instant,
-    bytes: u64,
+    last: Instant,
 }
 
 impl Pacer {
-    fn step(&mut self, bytes: u64) {
-        self.bytes += bytes;
-        if let Some(rate) = self.rate_bytes_per_s {
-            let due = Duration::from_secs_f64(self.bytes as f64 / rate);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
-            }
+    fn step(&mut self, bytes: u64, task: &TaskFile) {
+        let now = Instant::now();
+        let Some(rate_kib_s) = task.rate_kib_s() else {
+            self.last = now;
+            return;
+        };
+        let share = rate_kib_s as f64 * 1024.0 / task.controllers() as f64;
+        let due = self.last + Duration::from_secs_f64(bytes as f64 / share);
+        if due > now {
+            std::thread::sleep(due - now);
+            self.last = due;
+        } else {
+            self.last = now;
         }
     }
 }
 
+/// How often a paused controller looks at the control word again.
+const PAUSE_POLL: Duration = Duration::from_millis(50);
+
 /// One controller's share of a task: claim, work, renew, complete, until no
 /// partition is left for it. Controller 0 (the initiator) then waits for the
 /// others and runs the completion actions.
-pub fn run_controller(
-    dir: &Path,
-    kind: TaskKind,
-    id: u8,
-    rate_mib_s: Option<f64>,
-    lease_ms: u64,
-) -> anyhow::Result<()> {
+pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyhow::Result<()> {
     let path = task_path(dir, kind);
     let task = TaskFile::open(&path)?;
     let array = Array::open(dir)?;
     let engine = array.engine();
     let spec = task.spec().clone();
     let mut pacer = Pacer {
-        rate_bytes_per_s: rate_mib_s.map(|r| r * 1024.0 * 1024.0),
-        started: Instant::now(),
-        bytes: 0,
+        last: Instant::now(),
     };
     loop {
+        if task.control() == Control::Cancel {
+            tracing::info!(controller = id, "task cancelled");
+            return Ok(());
+        }
         let Some(mut claim) = task.claim_next(id, now_ms(), lease_ms) else {
             if id != spec.initiator || task.all_complete() {
                 break;
@@ -223,14 +228,26 @@ pub fn run_controller(
         let mut lost = false;
         let mut last = 0;
         let resume_from = claim.resume_from;
+        let mut cancelled = false;
         let progress = |done: u64| {
-            pacer.step(done - last);
+            pacer.step(done - last, &task);
             last = done;
-            let ok = task
-                .renew(&mut claim, resume_from + done, now_ms(), lease_ms)
-                .is_ok();
-            lost |= !ok;
-            ok
+            loop {
+                let ok = task
+                    .renew(&mut claim, resume_from + done, now_ms(), lease_ms)
+                    .is_ok();
+                lost |= !ok;
+                match task.control() {
+                    _ if !ok => return false,
+                    Control::Run => return true,
+                    Control::Cancel => {
+                        cancelled = true;
+                        return false;
+                    }
+                    // Paused: keep the lease, hold no lock, look again shortly.
+                    Control::Pause => std::thread::sleep(PAUSE_POLL),
+                }
+            }
         };
         let mut findings = Findings::default();
         let mut detail = PartitionDetail::default();
@@ -267,6 +284,12 @@ pub fn run_controller(
                     "lease lost; another controller has the partition"
                 );
                 continue;
+            }
+            Err(WorkError::Stopped) if cancelled => {
+                let done = task.partition(claim.partition).progress_bytes;
+                let _ = task.release(claim, done);
+                tracing::info!(controller = id, "task cancelled; partition released");
+                return Ok(());
             }
             Err(err) => return Err(err).context(format!("partition {}", claim.partition)),
         }
@@ -360,10 +383,20 @@ fn complete_task(dir: &Path, kind: TaskKind, task: &TaskFile) -> anyhow::Result<
 pub struct TaskProgress {
     /// The task.
     pub operation: TaskKind,
+    /// Run, pause or cancel, as an operator last asked.
+    pub control: Control,
     /// Member bytes done, per disk.
     pub bytes_done: u64,
     /// Member bytes in all, per disk.
     pub bytes_total: u64,
+    /// Percent done.
+    pub percent: f64,
+    /// Average speed since the task was created, MiB/s of member bytes per disk.
+    pub mib_per_s: f64,
+    /// Seconds left at that speed (none while paused or before any progress).
+    pub eta_s: Option<f64>,
+    /// Total rate limit in MiB/s, if any.
+    pub rate_limit_mib_s: Option<f64>,
     /// Partitions READY / IN PROGRESS / COMPLETE.
     pub partitions_ready: u32,
     /// Partitions being worked on, and by which controllers.
@@ -372,28 +405,144 @@ pub struct TaskProgress {
     pub partitions_complete: u32,
 }
 
+impl TaskProgress {
+    fn of(kind: TaskKind, task: &TaskFile) -> Self {
+        let partitions = task.partitions();
+        let count = |state| partitions.iter().filter(|p| p.state == state).count() as u32;
+        let bytes_done = task.bytes_done();
+        let bytes_total = task.spec().data_set_bytes;
+        let elapsed_s = now_ms().saturating_sub(task.created_ms()) as f64 / 1000.0;
+        let mib_per_s = if elapsed_s > 0.0 {
+            bytes_done as f64 / 1048576.0 / elapsed_s
+        } else {
+            0.0
+        };
+        let control = task.control();
+        Self {
+            operation: kind,
+            control,
+            bytes_done,
+            bytes_total,
+            percent: 100.0 * bytes_done as f64 / bytes_total.max(1) as f64,
+            mib_per_s,
+            eta_s: (control == Control::Run && mib_per_s > 0.0)
+                .then(|| (bytes_total - bytes_done) as f64 / 1048576.0 / mib_per_s),
+            rate_limit_mib_s: task.rate_kib_s().map(|r| r as f64 / 1024.0),
+            partitions_ready: count(PartitionState::Ready),
+            in_progress: partitions
+                .iter()
+                .filter(|p| p.state == PartitionState::InProgress)
+                .map(|p| (p.index, p.owner))
+                .collect(),
+            partitions_complete: count(PartitionState::Complete),
+        }
+    }
+}
+
 /// The tasks in progress (or interrupted, waiting to be resumed) in `dir`.
 pub fn in_progress(dir: &Path) -> Vec<TaskProgress> {
     [TaskKind::Rebuild, TaskKind::Scrub]
         .into_iter()
         .filter_map(|kind| {
             let task = TaskFile::open(&task_path(dir, kind)).ok()?;
-            let partitions = task.partitions();
-            let count = |state| partitions.iter().filter(|p| p.state == state).count() as u32;
-            Some(TaskProgress {
-                operation: kind,
-                bytes_done: task.bytes_done(),
-                bytes_total: task.spec().data_set_bytes,
-                partitions_ready: count(PartitionState::Ready),
-                in_progress: partitions
-                    .iter()
-                    .filter(|p| p.state == PartitionState::InProgress)
-                    .map(|p| (p.index, p.owner))
-                    .collect(),
-                partitions_complete: count(PartitionState::Complete),
-            })
+            Some(TaskProgress::of(kind, &task))
         })
         .collect()
+}
+
+/// What an operator can do to a task in progress.
+#[derive(Debug, Clone, Copy)]
+pub enum Adjust {
+    /// Hold every partition until resumed.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Stop and forget the task (a rebuilt disk stays `rebuilding`; running
+    /// `array rebuild` again starts over).
+    Cancel,
+    /// Change the total rate limit (MiB/s; `None` removes it).
+    Rate(Option<f64>),
+}
+
+/// The task `kind` in `dir`, or the only one in progress when `kind` is `None`.
+fn find_task(dir: &Path, kind: Option<TaskKind>) -> anyhow::Result<(TaskKind, TaskFile)> {
+    let kinds: Vec<TaskKind> = match kind {
+        Some(kind) => vec![kind],
+        None => [TaskKind::Rebuild, TaskKind::Scrub]
+            .into_iter()
+            .filter(|k| task_path(dir, *k).exists())
+            .collect(),
+    };
+    match kinds.as_slice() {
+        [] => bail!("no rebuild or scrub is in progress in {}", dir.display()),
+        [kind] => {
+            let path = task_path(dir, *kind);
+            if !path.exists() {
+                bail!("no {} is in progress in {}", kind.name(), dir.display());
+            }
+            Ok((*kind, TaskFile::open(&path)?))
+        }
+        _ => bail!(
+            "both a rebuild and a scrub are in progress in {}: say which with --task",
+            dir.display()
+        ),
+    }
+}
+
+/// Pauses, resumes, cancels or re-paces a running task; returns its progress
+/// afterwards (for a cancel: just before it was removed).
+pub fn adjust(
+    dir: &Path,
+    kind: Option<TaskKind>,
+    adjust: Adjust,
+    lease_ms: u64,
+) -> anyhow::Result<TaskProgress> {
+    // The array must be valid: this is an administrative change to it.
+    controllers::array::read_metadata(dir)?;
+    let (kind, task) = find_task(dir, kind)?;
+    match adjust {
+        Adjust::Pause => task.set_control(Control::Pause),
+        Adjust::Resume => {
+            if task.control() == Control::Cancel {
+                bail!(
+                    "the {} is being cancelled; it cannot be resumed",
+                    kind.name()
+                );
+            }
+            task.set_control(Control::Run)
+        }
+        Adjust::Rate(rate) => {
+            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                bail!("--rate must be a positive number of MiB/s");
+            }
+            task.set_rate_kib_s(rate.map(|r| (r * 1024.0).ceil() as u64))
+        }
+        Adjust::Cancel => {
+            task.set_control(Control::Cancel);
+            // Controllers release their partitions at their next step; one that
+            // died holds its partition until its lease runs out.
+            let deadline =
+                Instant::now() + Duration::from_millis(lease_ms) + Duration::from_secs(5);
+            while task
+                .partitions()
+                .iter()
+                .any(|p| p.state == PartitionState::InProgress)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let progress = TaskProgress::of(kind, &task);
+            let count = task.partition_count();
+            drop(task);
+            std::fs::remove_file(task_path(dir, kind))
+                .with_context(|| format!("remove {}", task_path(dir, kind).display()))?;
+            for index in 0..count {
+                let _ = std::fs::remove_file(partition_detail_path(dir, kind, index));
+            }
+            return Ok(progress);
+        }
+    }
+    Ok(TaskProgress::of(kind, &task))
 }
 
 /// How `array rebuild|scrub` runs a task.
@@ -429,7 +578,9 @@ pub fn start(
     }
     let task = prepare(dir, kind, repair)?;
     let total = task.spec().data_set_bytes;
-    drop(task);
+    task.set_controllers(u64::from(options.controllers));
+    task.set_rate_kib_s(options.rate_mib_s.map(|r| (r * 1024.0).ceil() as u64));
+    task.set_control(Control::Run);
     let exe = std::env::current_exe().context("cannot find the emulator binary")?;
     let mut children = Vec::new();
     for id in 0..options.controllers {
@@ -451,12 +602,6 @@ pub fn start(
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log_file);
-        if let Some(rate) = options.rate_mib_s {
-            command.args([
-                "--rate",
-                &(rate / f64::from(options.controllers)).to_string(),
-            ]);
-        }
         children.push(command.spawn().context("start a controller process")?);
     }
     if !options.wait {
@@ -486,16 +631,25 @@ pub fn start(
     let started = Instant::now();
     let mut last_line = Instant::now();
     loop {
-        let done = TaskFile::open(&path)
-            .map(|task| task.bytes_done())
-            .unwrap_or(total);
+        let done = task.bytes_done();
+        let control = task.control();
         bar.set_position(done);
+        bar.set_message(match control {
+            Control::Run => kind.name().to_string(),
+            Control::Pause => format!("{} (paused)", kind.name()),
+            Control::Cancel => format!("{} (cancelling)", kind.name()),
+        });
         if plain && last_line.elapsed() >= Duration::from_secs(2) {
             // Progress goes to stderr: stdout carries the report (maybe JSON).
             let seconds = started.elapsed().as_secs_f64();
             eprintln!(
-                "{}: {:.1}% ({} of {} bytes per disk, {:.1} MiB/s)",
+                "{}{}: {:.1}% ({} of {} bytes per disk, {:.1} MiB/s)",
                 kind.name(),
+                if control == Control::Pause {
+                    " (paused)"
+                } else {
+                    ""
+                },
                 100.0 * done as f64 / total as f64,
                 done,
                 total,
@@ -521,6 +675,18 @@ pub fn start(
             tracing::warn!(controller = id, %status, "controller process failed; see controller-{id}.log");
         }
     }
+    if task.control() == Control::Cancel {
+        bail!(
+            "the {} was cancelled{}",
+            kind.name(),
+            if kind == TaskKind::Rebuild {
+                "; the disk stays `rebuilding` (written, not read) until a new `array rebuild` finishes"
+            } else {
+                ""
+            }
+        );
+    }
+    drop(task);
     if path.exists() {
         bail!(
             "the controllers stopped before the {} finished (see {}/controller-*.log); run the same command again to resume it",

@@ -201,3 +201,95 @@ def test_a_waiting_server_recovers_a_stripe_lock_held_by_a_killed_process(tmp_pa
     assert xor(member_chunks(array, 4, 0)) == bytes(CHUNK)
     g.shutdown()
     wait_until(lambda: "resynced" in healthy.log(), 5, "the healthy server logs the resync")
+
+
+def task_status(array) -> dict | None:
+    tasks = status(array)["tasks"]
+    assert len(tasks) <= 1, tasks
+    return tasks[0] if tasks else None
+
+
+def controllers_running(array) -> bool:
+    found = subprocess.run(["pgrep", "-f", f"controller {array} --task"], capture_output=True, text=True)
+    return bool(found.stdout.strip())
+
+
+def test_pause_set_rate_resume_of_a_running_rebuild(tmp_path):
+    array = create_array(tmp_path, spares=1)
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    # 1 MiB/s in all, 0.5 MiB/s per controller: a 1 MiB step takes each about 2 s.
+    started = emulator("array", "rebuild", str(array), "--controllers", "2", "--rate", "1")
+    assert started.returncode == 0, started.describe()
+    wait_until(lambda: (task_status(array) or {}).get("bytes_done", 0) >= MIB, 15, "the rebuild makes progress")
+    assert task_status(array)["rate_limit_mib_s"] == 1.0
+
+    paused = emulator("array", "pause", str(array), "--json")
+    assert paused.returncode == 0, paused.describe()
+    assert json.loads(paused.stdout)["control"] == "pause"
+    first = task_status(array)["bytes_done"]
+    # Each controller may finish the step it is in; then nothing moves.
+    time.sleep(2.5)  # a measurement window, not synchronisation
+    second = task_status(array)["bytes_done"]
+    assert second - first <= 2 * MIB, (first, second)
+    time.sleep(1.0)  # a measurement window
+    third = task_status(array)
+    assert third["bytes_done"] == second and third["control"] == "pause"
+    assert third["eta_s"] is None
+    assert third["bytes_done"] <= DISK - 4 * MIB, "at least 4 MiB left: 4 s at the old rate"
+
+    assert emulator("array", "set-rate", str(array), "--rate", "0").returncode == 0
+    assert task_status(array)["rate_limit_mib_s"] is None
+    resumed_at = time.monotonic()
+    assert emulator("array", "resume", str(array)).returncode == 0
+    wait_until(lambda: task_status(array) is None, 20, "the rebuild finishes")
+    assert time.monotonic() - resumed_at < 3.5, "unlimited, the rest takes well under the old rate's 4 s"
+    wait_until(lambda: not controllers_running(array), 10, "the controllers exit")
+    assert status(array)["state"] == "optimal"
+    report = json.loads((array / "rebuild-report.json").read_text())
+    assert report["rebuilt_disk"] == 1 and report["unrecoverable"] == []
+
+
+def test_cancel_stops_the_controllers_and_a_new_rebuild_starts_over(tmp_path):
+    array = create_array(tmp_path, spares=1)
+    assert emulator("array", "fail", str(array), "--disk", "3").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "3").returncode == 0
+    waiting = subprocess.Popen(
+        [str(emulator_bin()), "array", "rebuild", str(array), "--controllers", "2", "--rate", "1", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_until(lambda: (task_status(array) or {}).get("bytes_done", 0) > 0, 15, "the rebuild makes progress")
+    cancelled = emulator("array", "cancel", str(array))
+    assert cancelled.returncode == 0, cancelled.describe()
+    assert task_status(array) is None
+    assert not (array / "task-rebuild.coord").exists()
+    _, stderr = waiting.communicate(timeout=20)
+    assert waiting.returncode == 2 and "cancelled" in stderr, stderr
+    wait_until(lambda: not controllers_running(array), 10, "the controllers exit")
+    assert status(array)["members"][3]["state"] == "rebuilding", "still written, not read"
+    again = emulator("array", "rebuild", str(array), "--controllers", "2", "--wait", "--json", timeout=120)
+    assert again.returncode == 0, again.describe()
+    assert status(array)["state"] == "optimal"
+    for member in status(array)["members"]:
+        assert emulator("image", "verify", str(array / member["file"])).returncode == 0
+
+
+def test_task_control_and_a_corrupt_coordination_file_give_clear_errors(tmp_path):
+    from bbhelpers import error_line, snapshot
+
+    array = create_array(tmp_path)
+    for verb in ["pause", "resume", "cancel"]:
+        result = emulator("array", verb, str(array))
+        assert result.returncode == 2 and "no rebuild or scrub is in progress" in error_line(result), result.describe()
+    result = emulator("array", "pause", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "is not an array" in error_line(result), result.describe()
+
+    coordination = array / "task-scrub.coord"
+    coordination.write_bytes(b"EMUTASK1" + bytes(5000))
+    before = snapshot(*sorted(array.iterdir()))
+    for args in (["scrub", str(array), "--wait"], ["pause", str(array)], ["set-rate", str(array), "--rate", "5"]):
+        result = emulator("array", *args)
+        assert result.returncode == 2, result.describe()
+        line = error_line(result)
+        assert "task-scrub.coord" in line and ("checksum" in line or "version" in line), line
+    assert snapshot(*sorted(array.iterdir())) == before, "nothing was changed"
