@@ -163,11 +163,30 @@ fn io<'a>(
 impl Array {
     /// Creates an array in `dir` (created if missing; must hold no array or
     /// images yet): `disks` members and `spares` hot spares of `disk_bytes` each,
-    /// and one volume, `vol0`, spanning the array.
-    pub fn create(dir: &Path, geometry: Geometry, spares: usize) -> Result<Self, ArrayError> {
+    /// and `volumes` equal volumes `vol0`, `vol1`, … filling it (0: none; carve
+    /// them later with [`Array::create_volume`]).
+    pub fn create(
+        dir: &Path,
+        geometry: Geometry,
+        spares: usize,
+        volumes: usize,
+    ) -> Result<Self, ArrayError> {
         geometry.validate()?;
         if spares > 16 {
             return Err(ArrayError::Invalid(format!("{spares} spares; at most 16")));
+        }
+        if volumes > MAX_VOLUMES {
+            return Err(ArrayError::Invalid(format!(
+                "{volumes} volumes; at most {MAX_VOLUMES}"
+            )));
+        }
+        let align = volume_alignment(&geometry);
+        let each = geometry.data_bytes() / align / (volumes.max(1) as u64) * align;
+        if each == 0 {
+            return Err(ArrayError::Invalid(format!(
+                "{volumes} volumes do not fit: the array holds {} bytes and volumes start on {align}-byte boundaries",
+                geometry.data_bytes()
+            )));
         }
         std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
         let member_files: Vec<String> = (0..geometry.disks)
@@ -212,11 +231,18 @@ impl Array {
                 })
                 .collect(),
             spares: spare_files,
-            volumes: vec![VolumeRecord {
-                name: "vol0".into(),
-                offset: 0,
-                size: geometry.data_bytes(),
-            }],
+            volumes: (0..volumes)
+                .map(|i| VolumeRecord {
+                    name: format!("vol{i}"),
+                    offset: i as u64 * each,
+                    // One volume fills the array exactly.
+                    size: if volumes == 1 {
+                        geometry.data_bytes()
+                    } else {
+                        each
+                    },
+                })
+                .collect(),
         };
         write_metadata(dir, &metadata)?;
         Self::open(dir)
@@ -348,6 +374,60 @@ impl Array {
         })
     }
 
+    /// Carves volume `name` of `size` bytes (a multiple of 4 KiB) from the
+    /// first free space big enough, starting on a stripe boundary (RAID-5: a
+    /// whole row of data chunks; RAID-1: a chunk) so two volumes never share a
+    /// stripe. Servers started afterwards export it.
+    pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeRecord, ArrayError> {
+        check_volume_name(name).map_err(ArrayError::Invalid)?;
+        if size == 0 || !size.is_multiple_of(4096) {
+            return Err(ArrayError::Invalid(format!(
+                "volume size {size} must be a positive multiple of 4096 bytes"
+            )));
+        }
+        self.change(|metadata, _| {
+            if metadata.volumes.iter().any(|v| v.name == name) {
+                return Err(ArrayError::Invalid(format!("a volume named {name:?} already exists")));
+            }
+            if metadata.volumes.len() >= MAX_VOLUMES {
+                return Err(ArrayError::Invalid(format!("the array already has {MAX_VOLUMES} volumes")));
+            }
+            let align = volume_alignment(&metadata.geometry);
+            let mut taken: Vec<(u64, u64)> = metadata
+                .volumes
+                .iter()
+                .map(|v| (v.offset, v.offset + v.size))
+                .collect();
+            taken.sort_unstable();
+            let end = metadata.geometry.data_bytes();
+            let mut candidate = 0u64;
+            for (start, stop) in taken.iter().copied().chain(std::iter::once((end, end))) {
+                if candidate.checked_add(size).is_some_and(|last| last <= start) {
+                    let volume = VolumeRecord { name: name.to_string(), offset: candidate, size };
+                    metadata.volumes.push(volume.clone());
+                    return Ok(volume);
+                }
+                candidate = candidate.max(stop.next_multiple_of(align));
+            }
+            let free: u64 = end - taken.iter().map(|(a, b)| b - a).sum::<u64>();
+            Err(ArrayError::Invalid(format!(
+                "no free space for {size} bytes: the array holds {end} bytes, {free} of them in no volume (volumes start on {align}-byte boundaries)"
+            )))
+        })
+    }
+
+    /// Removes volume `name` (its data stays on the disks until overwritten).
+    pub fn delete_volume(&mut self, name: &str) -> Result<(), ArrayError> {
+        self.change(|metadata, _| {
+            let before = metadata.volumes.len();
+            metadata.volumes.retain(|v| v.name != name);
+            if metadata.volumes.len() == before {
+                return Err(ArrayError::Invalid(format!("no volume named {name:?}")));
+            }
+            Ok(())
+        })
+    }
+
     /// Current status (re-reading the metadata if another process changed it).
     pub fn status(&mut self) -> Result<ArrayStatus, ArrayError> {
         self.metadata = read_metadata(&self.dir)?;
@@ -389,6 +469,34 @@ impl Array {
             metadata.members[index].state = MemberState::Failed;
             Ok(())
         })
+    }
+}
+
+/// Most volumes an array carries.
+pub const MAX_VOLUMES: usize = 64;
+
+/// Where volumes may start: RAID-5 on a whole row of data chunks, RAID-1 on a
+/// chunk, so no stripe (and no stripe lock) is shared by two volumes.
+fn volume_alignment(geometry: &Geometry) -> u64 {
+    match geometry.level {
+        Level::Raid1 => geometry.chunk_bytes,
+        Level::Raid5 => geometry.row_bytes(),
+    }
+}
+
+/// Volume names are NBD export names: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+fn check_volume_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
+        ))
     }
 }
 
@@ -474,6 +582,28 @@ pub fn read_metadata(dir: &Path) -> Result<ArrayMetadata, ArrayError> {
         return Err(not_an_array(
             "member count does not match the geometry".into(),
         ));
+    }
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for volume in &metadata.volumes {
+        check_volume_name(&volume.name).map_err(not_an_array)?;
+        let end = volume.offset.checked_add(volume.size);
+        if volume.size == 0 || end.is_none_or(|end| end > metadata.geometry.data_bytes()) {
+            return Err(not_an_array(format!(
+                "volume {:?} does not fit in the array",
+                volume.name
+            )));
+        }
+        spans.push((volume.offset, volume.offset + volume.size));
+    }
+    spans.sort_unstable();
+    if spans.windows(2).any(|pair| pair[0].1 > pair[1].0)
+        || metadata
+            .volumes
+            .iter()
+            .enumerate()
+            .any(|(i, v)| metadata.volumes[..i].iter().any(|w| w.name == v.name))
+    {
+        return Err(not_an_array("volumes overlap or share a name".into()));
     }
     let safe_name =
         |name: &str| !name.is_empty() && !name.contains('/') && name != "." && name != "..";

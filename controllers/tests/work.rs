@@ -13,6 +13,7 @@ fn filled_array(level: Level, disks: usize) -> (tempfile::TempDir, Array, Vec<u8
         &dir.path().join("a"),
         array::geometry(level, disks, 16 * 1024, DISK),
         0,
+        1,
     )
     .expect("create");
     let size = array.metadata().geometry.data_bytes() as usize;
@@ -166,6 +167,7 @@ mod model {
             &dir.path().join("a"),
             array::geometry(level, disks, 8 * 1024, SMALL_DISK),
             0,
+            1,
         )
         .expect("create");
         let size = array.metadata().geometry.data_bytes();

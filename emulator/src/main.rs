@@ -74,6 +74,30 @@ enum ArrayCommand {
         /// Chunk (stripe unit) size, a power of two from 4KiB to 16MiB.
         #[arg(long, value_parser = parse_size, default_value = "64KiB")]
         chunk: u64,
+        /// Equal volumes vol0, vol1, … to carve from the whole array (0: none yet;
+        /// see volume-create).
+        #[arg(long, default_value_t = 1)]
+        volumes: usize,
+    },
+    /// Carve a new volume from the array's free space (exported by servers
+    /// started afterwards).
+    VolumeCreate {
+        /// Array directory.
+        dir: PathBuf,
+        /// Volume (export) name: 1-64 of A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// Size, e.g. 64MiB (a multiple of 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (its data stays on the disks until overwritten).
+    VolumeDelete {
+        /// Array directory.
+        dir: PathBuf,
+        /// Volume name.
+        #[arg(long)]
+        name: String,
     },
     /// Show the array's state, members, spares and volumes.
     Status {
@@ -381,6 +405,7 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             spares,
             disk_size,
             chunk,
+            volumes,
         } => {
             let level = match level {
                 LevelArg::Raid1 => Level::Raid1,
@@ -390,16 +415,40 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
                 &dir,
                 array::geometry(level, disks, chunk, disk_size),
                 spares,
+                volumes,
             )?;
             let status = array.status()?;
             println!(
-                "created {:?} array in {} with {} disks and {} spares: {} bytes usable, volume vol0",
+                "created {:?} array in {} with {} disks and {} spares: {} bytes usable, volumes: {}",
                 status.geometry.level,
                 dir.display(),
                 disks,
                 spares,
-                status.data_bytes
+                status.data_bytes,
+                if status.volumes.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    status
+                        .volumes
+                        .iter()
+                        .map(|v| format!("{} ({} bytes)", v.name, v.size))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        ArrayCommand::VolumeCreate { dir, name, size } => {
+            let volume = Array::open(&dir)?.create_volume(&name, size)?;
+            println!(
+                "volume {} created: {} bytes at array offset {} (servers started from now on export it)",
+                volume.name, volume.size, volume.offset
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ArrayCommand::VolumeDelete { dir, name } => {
+            Array::open(&dir)?.delete_volume(&name)?;
+            println!("volume {name} deleted from {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         ArrayCommand::Status { dir, json } => {
@@ -576,6 +625,12 @@ fn run_task(dir: &Path, kind: TaskKind, repair: bool, args: &TaskArgs) -> anyhow
 fn exports_for(args: &ServeArgs) -> anyhow::Result<ExportSet> {
     let exports = if let Some(dir) = &args.array {
         let array = Array::open(dir)?;
+        if array.metadata().volumes.is_empty() {
+            bail!(
+                "array {} has no volumes to export; create one with `emulator array volume-create`",
+                dir.display()
+            );
+        }
         array
             .metadata()
             .volumes

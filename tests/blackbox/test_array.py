@@ -257,3 +257,60 @@ def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, 
     out = tmp_path / "out.bin"
     assert run(["nbdcopy", server.uri("vol0"), str(out)]).returncode == 0
     assert out.read_bytes() == source.read_bytes()
+
+
+def test_volumes_carved_from_an_array_are_separate_exports(tmp_path, serve, rng, need_tools):
+    need_tools("nbdinfo")
+    array = tmp_path / "array"
+    created = emulator("array", "create", str(array), "--level", "raid5", "--disks", "4",
+                       "--disk-size", "8MiB", "--volumes", "3")
+    assert created.returncode == 0, created.describe()
+    volumes = status(array)["volumes"]
+    row = 3 * 64 * 1024
+    assert [v["name"] for v in volumes] == ["vol0", "vol1", "vol2"]
+    assert all(v["offset"] % row == 0 and v["size"] > 0 for v in volumes)
+    assert all(a["offset"] + a["size"] <= b["offset"] for a, b in zip(volumes, volumes[1:]))
+
+    assert emulator("array", "volume-delete", str(array), "--name", "vol1").returncode == 0
+    made = emulator("array", "volume-create", str(array), "--name", "db", "--size", "1MiB")
+    assert made.returncode == 0, made.describe()
+    db = next(v for v in status(array)["volumes"] if v["name"] == "db")
+    assert db["offset"] == volumes[1]["offset"], "first fit: the space vol1 left"
+
+    server = serve_array(serve, array)
+    listed = run(["nbdinfo", "--list", "--json", server.uri("vol0")])
+    assert listed.returncode == 0, listed.describe()
+    exports = {e["export-name"]: e["export-size"] for e in json.loads(listed.stdout)["exports"]}
+    assert exports == {"vol0": volumes[0]["size"], "db": MIB, "vol2": volumes[2]["size"]}
+    patterns = {}
+    for name in exports:
+        h = nbd_connect(server.uri(name))
+        patterns[name] = rng.randbytes(MIB)
+        h.pwrite(patterns[name], 0)
+        h.shutdown()
+    for name in exports:
+        h = nbd_connect(server.uri(name))
+        assert h.pread(MIB, 0) == patterns[name], f"{name} kept its own data"
+        with pytest.raises(nbd.Error):
+            h.pread(4096, exports[name])  # past the end of the volume
+        h.shutdown()
+
+
+def test_bad_volume_requests_change_nothing(tmp_path):
+    array = create_array(tmp_path)  # one volume filling the array
+    metadata = array / "array.json"
+    before = metadata.read_bytes()
+    for args, needle in [
+        (["volume-create", str(array), "--name", "x", "--size", "1MiB"], "no free space"),
+        (["volume-create", str(array), "--name", "vol0", "--size", "1MiB"], "already exists"),
+        (["volume-create", str(array), "--name", "a/b", "--size", "1MiB"], "volume name"),
+        (["volume-create", str(array), "--name", "x", "--size", "1000"], "multiple of 4096"),
+        (["volume-delete", str(array), "--name", "nope"], "no volume named"),
+    ]:
+        result = emulator("array", *args)
+        assert result.returncode == 2, result.describe()
+        assert needle in error_line(result), result.describe()
+    assert metadata.read_bytes() == before
+    assert emulator("array", "volume-delete", str(array), "--name", "vol0").returncode == 0
+    result = emulator("serve", "--array", str(array), "--socket", str(tmp_path / "s.sock"))
+    assert result.returncode == 2 and "no volumes" in error_line(result), result.describe()
