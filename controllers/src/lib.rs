@@ -1,11 +1,11 @@
 //! Controllers: what the two controllers of a server system do together with the
-//! disks they share. Today that is the task coordination object through which
-//! controllers split long tasks (rebuild, scrub, resync) into partitions and
-//! claim them ([`coordination`]), and the RAID engine that turns array I/O into
-//! member I/O with redundancy, reconstruction and repair ([`raid`]), and arrays on
-//! disk: member images plus checksummed metadata ([`array`]). Rebuild onto spares
-//! and scrub, driven through the coordination object, come next (see
-//! `ARCHITECTURE.md`).
+//! disks they share: the RAID engine that turns array I/O into member I/O with
+//! redundancy, reconstruction and repair ([`raid`]); arrays on disk, member
+//! images plus checksummed metadata and volumes ([`array`]); the live state every
+//! process using an array shares, with cross-process stripe locks and crash
+//! recovery ([`live`]); the task coordination object through which controllers
+//! split rebuild and scrub into partitions and claim them ([`coordination`]); and
+//! the work of one partition ([`work`]).
 //!
 //! This crate sits on `disk-images` and never depends on the emulator's
 //! processes or protocols.
