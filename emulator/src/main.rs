@@ -174,7 +174,7 @@ struct AdjustArgs {
 
 #[derive(Debug, Args)]
 struct TaskArgs {
-    /// Controller processes to split the work across (1-8).
+    /// Controller processes to split the work across (1-4).
     #[arg(long, default_value_t = 1)]
     controllers: u8,
     /// Total rate limit in MiB/s (default: as fast as possible).

@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 /// another controller.
 pub const DEFAULT_LEASE_MS: u64 = 5_000;
 /// Most controllers a task may be split across.
-pub const MAX_CONTROLLERS: u8 = 8;
+/// (Each has the array open, and at most `controllers::live::SLOTS` = 8 processes may:
+/// this leaves room for servers and the CLI.)
+pub const MAX_CONTROLLERS: u8 = 4;
 
 /// The tasks the CLI starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -293,3 +293,17 @@ def test_task_control_and_a_corrupt_coordination_file_give_clear_errors(tmp_path
         line = error_line(result)
         assert "task-scrub.coord" in line and ("checksum" in line or "version" in line), line
     assert snapshot(*sorted(array.iterdir())) == before, "nothing was changed"
+
+
+def test_a_corrupt_live_state_file_is_refused_and_left_alone(tmp_path):
+    from bbhelpers import error_line, snapshot
+
+    array = create_array(tmp_path)
+    live = array / "array.live"
+    live.write_bytes(b"\xff" * live.stat().st_size)
+    before = snapshot(*sorted(array.iterdir()))
+    for args in (["status", str(array)], ["fail", str(array), "--disk", "1"], ["scrub", str(array), "--wait"]):
+        result = emulator("array", *args)
+        assert result.returncode == 2, result.describe()
+        assert "array.live" in error_line(result) and "not a valid live-state file" in error_line(result)
+    assert snapshot(*sorted(array.iterdir())) == before
