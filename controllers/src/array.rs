@@ -309,13 +309,7 @@ impl Array {
     /// host write from now on, filled by `array rebuild`.
     pub fn replace(&mut self, index: usize) -> Result<String, ArrayError> {
         self.change(|metadata, array| {
-            let disks = metadata.members.len();
-            if index >= disks {
-                return Err(ArrayError::Invalid(format!(
-                    "disk {index} is out of range: the array has disks 0..{}",
-                    disks - 1
-                )));
-            }
+            check_index(metadata, index)?;
             if metadata.members[index].state != MemberState::Failed {
                 return Err(ArrayError::Invalid(format!(
                     "disk {index} is not a failed disk (fail it first)"
@@ -449,13 +443,7 @@ impl Array {
     /// array has already FAILED.
     pub fn fail(&mut self, index: usize) -> Result<(), ArrayError> {
         self.change(|metadata, _| {
-            let disks = metadata.members.len();
-            if index >= disks {
-                return Err(ArrayError::Invalid(format!(
-                    "disk {index} is out of range: the array has disks 0..{}",
-                    disks - 1
-                )));
-            }
+            check_index(metadata, index)?;
             if state_of(metadata) == ArrayState::Failed {
                 return Err(ArrayError::Invalid(
                     "the array has already FAILED; failing more disks changes nothing".into(),
@@ -470,6 +458,18 @@ impl Array {
             Ok(())
         })
     }
+}
+
+/// Refuses a member index the array does not have.
+fn check_index(metadata: &ArrayMetadata, index: usize) -> Result<(), ArrayError> {
+    let disks = metadata.members.len();
+    if index >= disks {
+        return Err(ArrayError::Invalid(format!(
+            "disk {index} is out of range: the array has disks 0..{}",
+            disks - 1
+        )));
+    }
+    Ok(())
 }
 
 /// Most volumes an array carries.

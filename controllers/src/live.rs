@@ -382,20 +382,15 @@ impl Live {
             .expect("locks are only taken by a registered process")
     }
 
-    /// Takes lock `lock` shared (in addition to the caller's in-process lock).
-    pub fn lock_shared(&self, lock: usize, resync: Resync<'_>) {
-        let slot = self.my_slot();
+    /// Waits until `take(word)` gives the new value of lock `lock`'s word and
+    /// swaps it in; while waiting, recovers dead holders.
+    fn acquire(&self, lock: usize, resync: Resync<'_>, take: impl Fn(u64) -> Option<u64>) {
         let at = LOCK_TABLE + LOCK_ENTRY * lock;
-        let exclusive_bits = 0x8080_8080_8080_8080u64;
         let mut backoff = Backoff::new();
         loop {
             let word = self.map.load_u64_le(at);
-            if word & exclusive_bits == 0 && byte(word, slot) < MAX_SHARED {
-                if self
-                    .map
-                    .compare_exchange_u64_le(at, word, word + (1 << (8 * slot)))
-                    .is_ok()
-                {
+            if let Some(new) = take(word) {
+                if self.map.compare_exchange_u64_le(at, word, new).is_ok() {
                     return;
                 }
                 continue;
@@ -405,6 +400,16 @@ impl Live {
                 self.check_holders(word, resync);
             }
         }
+    }
+
+    /// Takes lock `lock` shared (in addition to the caller's in-process lock).
+    pub fn lock_shared(&self, lock: usize, resync: Resync<'_>) {
+        let shift = 8 * self.my_slot();
+        let exclusive_bits = 0x8080_8080_8080_8080u64;
+        self.acquire(lock, resync, |word| {
+            (word & exclusive_bits == 0 && (word >> shift) & 0xff < MAX_SHARED)
+                .then(|| word + (1 << shift))
+        });
     }
 
     /// Releases a shared hold of lock `lock`.
@@ -417,27 +422,12 @@ impl Live {
 
     /// Takes lock `lock` exclusively to write `stripe`.
     pub fn lock_exclusive(&self, lock: usize, stripe: u64, resync: Resync<'_>) {
-        let slot = self.my_slot();
-        let at = LOCK_TABLE + LOCK_ENTRY * lock;
-        let mut backoff = Backoff::new();
-        loop {
-            let word = self.map.load_u64_le(at);
-            if word == 0 {
-                if self
-                    .map
-                    .compare_exchange_u64_le(at, 0, EXCLUSIVE << (8 * slot))
-                    .is_ok()
-                {
-                    self.map.store_u64_le(at + 8, stripe + 1);
-                    return;
-                }
-                continue;
-            }
-            backoff.snooze();
-            if backoff.liveness_due() {
-                self.check_holders(word, resync);
-            }
-        }
+        let shift = 8 * self.my_slot();
+        self.acquire(lock, resync, |word| {
+            (word == 0).then_some(EXCLUSIVE << shift)
+        });
+        self.map
+            .store_u64_le(LOCK_TABLE + LOCK_ENTRY * lock + 8, stripe + 1);
     }
 
     /// Releases an exclusive hold of lock `lock`.
