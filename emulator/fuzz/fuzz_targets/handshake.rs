@@ -3,7 +3,7 @@
 //! bytes left go to `transmission::transmit`, so option handling, the request
 //! decoder and request execution are all reached. Replies go to a sink. Nothing
 //! may panic, whatever the bytes (libfuzzer-sys aborts on any panic, including
-//! panics inside tokio tasks, which tokio would otherwise swallow).
+//! panics on the connection's worker threads, which `transmit` passes on).
 //!
 //! The first input byte picks how the rest is read:
 //!
@@ -30,7 +30,9 @@
 #![no_main]
 
 use std::borrow::Cow;
+use std::io::{self, Read};
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use disk_images::Extent;
@@ -41,7 +43,6 @@ use emulator::nbd::transmission::{self, Ending};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::BufReader;
 use tokio::runtime::{Builder, Runtime};
-use tokio::sync::watch;
 
 const BLOCK: u64 = 4096;
 /// Largest WRITE the framed mode generates.
@@ -280,19 +281,21 @@ fn frame(input: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn serve(stream: &[u8], exports: &ExportSet) {
+fn serve(stream: &[u8], exports: &ExportSet) {
     let mut reader = BufReader::new(stream);
-    let Ok(session) = handshake::negotiate(&mut reader, &mut tokio::io::sink(), exports).await
-    else {
+    let negotiated =
+        runtime().block_on(handshake::negotiate(&mut reader, &mut tokio::io::sink(), exports));
+    let Ok(session) = negotiated else {
         return;
     };
     assert!(
         session.base_allocation.is_none() || session.structured_replies,
         "a metadata context without structured replies: {session:?}"
     );
-    // Never signalled, but kept alive: a dropped sender reads as shutdown.
-    let (_shutdown_sender, shutdown) = watch::channel(false);
-    let ending = transmission::transmit(&mut reader, tokio::io::sink(), &session, shutdown).await;
+    // What the handshake's reader buffered, then the rest: as the server does.
+    let requests = io::Cursor::new(reader.buffer().to_vec()).chain(reader.into_inner());
+    let never_stopping = AtomicBool::new(false);
+    let ending = transmission::transmit(requests, &io::sink(), &session, &never_stopping);
     assert!(
         !matches!(ending, Ok(Ending::Shutdown)),
         "transmission reported a shutdown nobody asked for"
@@ -310,5 +313,5 @@ fuzz_target!(|data: &[u8]| {
     };
     let fixture = fixture();
     fixture.devices.iter().for_each(|device| device.reset());
-    runtime().block_on(serve(&stream, &fixture.exports));
+    serve(&stream, &fixture.exports);
 });

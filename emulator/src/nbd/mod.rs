@@ -1,6 +1,7 @@
-//! The NBD server, written on tokio: wire format ([`proto`]), negotiation
-//! ([`handshake`]), request handling ([`transmission`]), sockets and shutdown
-//! ([`server`]), and the device trait exports are served from ([`export`]).
+//! The NBD server: wire format ([`proto`]), negotiation on tokio ([`handshake`]),
+//! request handling on threads of each connection's own ([`transmission`]),
+//! sockets and shutdown ([`server`]), and the device trait exports are served
+//! from ([`export`]).
 //!
 //! The protocol is `doc/proto.md` of the NetworkBlockDevice/nbd repository.
 

@@ -1,11 +1,22 @@
 //! The NBD server: accepts connections on a TCP or Unix socket, caps how many are
 //! served at once, runs each through handshake and transmission, and shuts down
 //! in order (stop accepting, let every connection answer what it has read, flush).
+//!
+//! Accepting, the handshake and shutdown run on tokio. Once a connection is
+//! negotiated its socket turns blocking and the transmission phase runs on
+//! threads of its own ([`transmission`]); the connection's task then only
+//! waits for it to end, and on shutdown tells it to stop.
 
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::socket::{send, MsgFlags};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
@@ -14,11 +25,10 @@ use tracing::Instrument;
 
 use super::export::ExportSet;
 use super::handshake::{self, HandshakeError};
-use super::transmission::{self, Ending};
+use super::transmission::{self, Ending, ReplyWriter};
 
-/// Read buffer per connection: large enough to take many queued requests (or a
-/// large write payload) per syscall.
-const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// Read buffer for the handshake (transmission has its own).
+const HANDSHAKE_BUFFER_BYTES: usize = 16 * 1024;
 /// A client must finish negotiating within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// On shutdown, connections get this long to answer what they have read.
@@ -167,7 +177,7 @@ pub async fn run(
             }
             accepted = accept(&listener) => accepted,
         };
-        let (reader, writer, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(parts) => parts,
             Err(err) => {
                 // Typically EMFILE: keep serving the connections we have.
@@ -188,7 +198,7 @@ pub async fn run(
         connections.spawn(
             async move {
                 let _permit = permit;
-                serve_connection(reader, writer, &exports, stop).await;
+                serve_connection(stream, &exports, stop, id).await;
             }
             .instrument(span),
         );
@@ -241,36 +251,166 @@ fn enlarge_socket_buffers(socket: &impl std::os::fd::AsFd) {
     }
 }
 
-type BoxedRead = Box<dyn AsyncRead + Unpin + Send>;
-type BoxedWrite = Box<dyn AsyncWrite + Unpin + Send>;
+/// An accepted connection, before the handshake.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
 
-async fn accept(listener: &Listener) -> std::io::Result<(BoxedRead, BoxedWrite, String)> {
+async fn accept(listener: &Listener) -> io::Result<(Accepted, String)> {
     match listener {
         Listener::Tcp(listener) => {
             let (stream, peer) = listener.accept().await?;
             stream.set_nodelay(true)?;
             enlarge_socket_buffers(&stream);
-            let (reader, writer) = stream.into_split();
-            Ok((Box::new(reader), Box::new(writer), peer.to_string()))
+            Ok((Accepted::Tcp(stream), peer.to_string()))
         }
         Listener::Unix(listener, _) => {
             let (stream, _) = listener.accept().await?;
             enlarge_socket_buffers(&stream);
-            let (reader, writer) = stream.into_split();
-            Ok((Box::new(reader), Box::new(writer), "unix".to_string()))
+            Ok((Accepted::Unix(stream), "unix".to_string()))
+        }
+    }
+}
+
+impl Accepted {
+    /// Runs the handshake; on success, also returns what the client sent after
+    /// it that is already buffered.
+    async fn negotiate(
+        &mut self,
+        exports: &ExportSet,
+    ) -> Result<(handshake::Negotiated, Vec<u8>), HandshakeError> {
+        match self {
+            Self::Tcp(stream) => {
+                let (reader, mut writer) = stream.split();
+                negotiate_on(reader, &mut writer, exports).await
+            }
+            Self::Unix(stream) => {
+                let (reader, mut writer) = stream.split();
+                negotiate_on(reader, &mut writer, exports).await
+            }
+        }
+    }
+
+    /// The socket, now in blocking mode and out of tokio's hands.
+    fn into_blocking(self) -> io::Result<Socket> {
+        let socket = match self {
+            Self::Tcp(stream) => Socket::Tcp(stream.into_std()?),
+            Self::Unix(stream) => Socket::Unix(stream.into_std()?),
+        };
+        match &socket {
+            Socket::Tcp(stream) => stream.set_nonblocking(false)?,
+            Socket::Unix(stream) => stream.set_nonblocking(false)?,
+        }
+        Ok(socket)
+    }
+}
+
+async fn negotiate_on<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: R,
+    writer: &mut W,
+    exports: &ExportSet,
+) -> Result<(handshake::Negotiated, Vec<u8>), HandshakeError> {
+    let mut reader = BufReader::with_capacity(HANDSHAKE_BUFFER_BYTES, reader);
+    let negotiated = handshake::negotiate(&mut reader, writer, exports).await?;
+    Ok((negotiated, reader.buffer().to_vec()))
+}
+
+/// A connection's socket in the transmission phase: blocking, shared by the
+/// connection's threads.
+#[derive(Debug)]
+enum Socket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Socket {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(stream) => Self::Tcp(stream.try_clone()?),
+            Self::Unix(stream) => Self::Unix(stream.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Self::Tcp(stream) => stream.shutdown(how),
+            Self::Unix(stream) => stream.shutdown(how),
+        }
+    }
+
+    fn send(&self, buf: &[u8], flags: MsgFlags) -> io::Result<usize> {
+        // MSG_NOSIGNAL: a client gone is an error to handle, not a SIGPIPE.
+        Ok(send(
+            self.as_fd().as_raw_fd(),
+            buf,
+            flags | MsgFlags::MSG_NOSIGNAL,
+        )?)
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Tcp(stream) => stream.as_fd(),
+            Self::Unix(stream) => stream.as_fd(),
+        }
+    }
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => (&*stream).read(buf),
+            Socket::Unix(stream) => (&*stream).read(buf),
+        }
+    }
+}
+
+impl ReplyWriter for Socket {
+    fn write_now(&self, buf: &[u8]) -> io::Result<usize> {
+        match self.send(buf, MsgFlags::MSG_DONTWAIT) {
+            Err(err) if err.raw_os_error() == Some(Errno::EAGAIN as i32) => Ok(0),
+            result => result,
+        }
+    }
+
+    fn write_blocking(&self, buf: &[u8]) -> io::Result<usize> {
+        self.send(buf, MsgFlags::empty())
+    }
+
+    fn finish(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// Cuts a socket (both directions) when dropped, unless released first: if the
+/// connection's task is dropped (the drain on shutdown timed out), its threads,
+/// blocked on the socket, must still end.
+struct CutOnDrop(Option<Socket>);
+
+impl CutOnDrop {
+    fn release(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CutOnDrop {
+    fn drop(&mut self) {
+        if let Some(socket) = &self.0 {
+            let _ = socket.shutdown(Shutdown::Both);
         }
     }
 }
 
 async fn serve_connection(
-    reader: BoxedRead,
-    mut writer: BoxedWrite,
+    mut stream: Accepted,
     exports: &ExportSet,
     mut stop: watch::Receiver<bool>,
+    id: u64,
 ) {
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let negotiated = tokio::select! {
-        result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut reader, &mut writer, exports)) => {
+        result = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.negotiate(exports)) => {
             match result {
                 Ok(Ok(negotiated)) => negotiated,
                 Ok(Err(HandshakeError::Aborted)) => {
@@ -289,16 +429,67 @@ async fn serve_connection(
         }
         _ = stop.wait_for(|stopping| *stopping) => return,
     };
+    let (negotiated, early_requests) = negotiated;
     tracing::info!(
         export = %negotiated.export.name,
         structured = negotiated.structured_replies,
         flags = format_args!("{:#x}", negotiated.transmission_flags),
         "transmission started"
     );
-    match transmission::transmit(&mut reader, writer, &negotiated, stop).await {
-        Ok(Ending::Disconnect) => tracing::info!("client disconnected"),
-        Ok(Ending::ClientClosed) => tracing::info!("client closed the connection"),
-        Ok(Ending::Shutdown) => tracing::info!("closed for shutdown"),
-        Err(err) => tracing::warn!(%err, "connection dropped"),
+    let sockets = stream
+        .into_blocking()
+        .and_then(|socket| Ok((socket.try_clone()?, socket)));
+    let (control, socket) = match sockets {
+        Ok(sockets) => sockets,
+        Err(err) => {
+            tracing::warn!(%err, "cannot take over the socket; connection dropped");
+            return;
+        }
+    };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (done, ended) = tokio::sync::oneshot::channel();
+    let thread = {
+        let stopping = Arc::clone(&stopping);
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                let _entered = span.enter();
+                let requests = io::Cursor::new(early_requests).chain(&socket);
+                let ending = transmission::transmit(requests, &socket, &negotiated, &stopping);
+                let _ = done.send(ending);
+            })
+    };
+    if let Err(err) = thread {
+        tracing::warn!(%err, "cannot start the connection's thread; connection dropped");
+        return;
+    }
+    let control = CutOnDrop(Some(control));
+    tokio::pin!(ended);
+    let finished = tokio::select! {
+        ending = &mut ended => Some(ending),
+        _ = stop.wait_for(|stopping| *stopping) => None,
+    };
+    let ending = match finished {
+        Some(ending) => ending,
+        None => {
+            stopping.store(true, Ordering::Release);
+            // What the client already sent stays readable; after it, reads see
+            // end-of-file instead of waiting for more.
+            if let Some(socket) = &control.0 {
+                if let Err(err) = socket.shutdown(Shutdown::Read) {
+                    tracing::debug!(%err, "shutdown(SHUT_RD) failed");
+                }
+            }
+            ended.await
+        }
+    };
+    control.release();
+    match ending {
+        Ok(Ok(Ending::Disconnect)) => tracing::info!("client disconnected"),
+        Ok(Ok(Ending::ClientClosed)) => tracing::info!("client closed the connection"),
+        Ok(Ok(Ending::Shutdown)) => tracing::info!("closed for shutdown"),
+        Ok(Err(err)) => tracing::warn!(%err, "connection dropped"),
+        Err(_) => tracing::error!("connection thread panicked"),
     }
 }
