@@ -700,8 +700,9 @@ impl DiskImage {
     }
 
     /// Prefaults `[offset, offset+len)` and its checksums (see
-    /// [`SharedMapping::prefault`]): bulk work such as rebuild and scrub calls
-    /// this before touching a large range, saving a page fault per page.
+    /// [`SharedMapping::prefault`]), saving a page fault per page for a caller
+    /// about to touch a large range through the mapping. (Scrub and rebuild go
+    /// through [`Self::read_blocks`] / [`Self::write_blocks`] instead.)
     pub fn prefault(&self, offset: u64, len: u64, for_write: bool) {
         if len == 0 || self.check_range(offset, len).is_err() {
             return;
