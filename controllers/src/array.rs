@@ -306,7 +306,9 @@ impl Array {
 
     /// Replaces failed member `index` with the first hot spare (or, with none
     /// left, a new empty image), which becomes `rebuilding`: written by every
-    /// host write from now on, filled by `array rebuild`.
+    /// host write from now on, filled by `array rebuild`. Its whole size is
+    /// allocated first ([`DiskImage::allocate`]), so a host file system without
+    /// room fails here rather than half-way through the rebuild.
     pub fn replace(&mut self, index: usize) -> Result<String, ArrayError> {
         self.change(|metadata, array| {
             check_index(metadata, index)?;
@@ -338,9 +340,20 @@ impl Array {
                     }
                     n += 1;
                 };
-                DiskImage::create(&array.dir.join(&name), metadata.geometry.disk_bytes, false)?;
+                let path = array.dir.join(&name);
+                let image = DiskImage::create(&path, metadata.geometry.disk_bytes, false)?;
+                if let Err(err) = image.allocate() {
+                    drop(image);
+                    let _ = std::fs::remove_file(disk_images::sidecar_path(&path));
+                    let _ = std::fs::remove_file(&path);
+                    return Err(err.into());
+                }
                 name
             } else {
+                // The spare is about to be written end to end: reserve its space
+                // now (see `DiskImage::allocate`), before it joins the array.
+                DiskImage::open(&array.dir.join(&metadata.spares[0]), Access::ReadWrite)?
+                    .allocate()?;
                 metadata.spares.remove(0)
             };
             metadata.members[index] = MemberRecord {

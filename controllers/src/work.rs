@@ -104,54 +104,97 @@ fn write_block(members: &Members, index: usize, offset: u64, data: &[u8]) -> Res
         .map_err(|source| WorkError::Member { index, source })
 }
 
+/// `target ^= source`, in a form the compiler vectorises.
 fn xor_into(target: &mut [u8], source: &[u8]) {
     debug_assert_eq!(target.len(), source.len());
-    let mut targets = target.chunks_exact_mut(8);
-    let mut sources = source.chunks_exact(8);
-    for (t, s) in (&mut targets).zip(&mut sources) {
-        let word = u64::from_ne_bytes([t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]])
-            ^ u64::from_ne_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
-        t.copy_from_slice(&word.to_ne_bytes());
-    }
-    for (t, s) in targets.into_remainder().iter_mut().zip(sources.remainder()) {
-        *t ^= s;
+    for (t, s) in target.iter_mut().zip(source) {
+        *t ^= *s;
     }
 }
 
-/// Bytes per member read on the fast path.
-const UNIT_BYTES: u64 = 256 * 1024;
+/// Whether every byte is zero (no early exit: vectorised, and used on 4 KiB).
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
 
-/// Buffers for the fast path: whole units per member, no per-block work unless
-/// something is wrong (then the unit is redone block by block).
+/// Whether the XOR of `buffers[i][..len]` over `i` is all zeros (RAID-5 parity
+/// holds), one 4 KiB block at a time so the accumulator stays in L1.
+fn xor_is_zero(buffers: &[Vec<u8>], len: usize) -> bool {
+    let mut acc = [0u8; BLOCK_BYTES];
+    (0..len).step_by(BLOCK_BYTES).all(|at| {
+        let block = at..at + BLOCK_BYTES;
+        acc.copy_from_slice(&buffers[0][block.clone()]);
+        for buffer in &buffers[1..] {
+            xor_into(&mut acc, &buffer[block.clone()]);
+        }
+        is_zero(&acc)
+    })
+}
+
+/// The CRC32 of the XOR of `terms` equal-length blocks, from their CRCs: CRC32
+/// is affine over GF(2) for a fixed length (`crc(x) = L(x) ^ crc(zeros)`), so
+/// `crc(a ^ b ^ ...) = crc(a) ^ crc(b) ^ ...`, plus `crc(zeros)` once more when
+/// the number of terms is even.
+/// `zero_crc` is [`disk_images::image::zero_block_crc`].
+fn xor_crc(crcs: impl Iterator<Item = u32>, terms: usize, zero_crc: u32) -> u32 {
+    let sum = crcs.fold(0, |acc, crc| acc ^ crc);
+    if terms.is_multiple_of(2) {
+        sum ^ zero_crc
+    } else {
+        sum
+    }
+}
+
+/// Bytes per member handled at once on the fast path: the default chunk, so
+/// every member's piece together stays in L2.
+const UNIT_BYTES: u64 = 64 * 1024;
+const UNIT_BLOCKS: usize = UNIT_BYTES as usize / BLOCK_BYTES;
+
+/// Buffers for the fast path: whole pieces per member, read in bulk
+/// ([`DiskImage::read_blocks`]: one `pread`, every CRC checked) with no
+/// per-block work unless something is wrong (then the piece is redone block by
+/// block).
 struct Units {
     buffers: Vec<Vec<u8>>,
+    crcs: Vec<Vec<u32>>,
     sum: Vec<u8>,
+    sum_crcs: Vec<u32>,
+    zero_crc: u32,
 }
 
 impl Units {
     fn new(disks: usize) -> Self {
         Self {
-            buffers: vec![Vec::with_capacity(UNIT_BYTES as usize); disks],
-            sum: Vec::with_capacity(UNIT_BYTES as usize),
+            buffers: vec![vec![0; UNIT_BYTES as usize]; disks],
+            crcs: vec![vec![0; UNIT_BLOCKS]; disks],
+            sum: vec![0; UNIT_BYTES as usize],
+            sum_crcs: vec![0; UNIT_BLOCKS],
+            zero_crc: disk_images::image::zero_block_crc(),
         }
     }
 
-    /// Reads the unit from every readable member except `skip`; false on any
-    /// media error (the caller takes the slow path).
+    /// Reads the piece from every member `wanted` picks into `buffers` (and
+    /// their verified CRCs into `crcs`); false on any media error, or for a
+    /// piece that is not whole blocks (the caller takes the slow path).
     fn read(
         &mut self,
         members: &Members,
-        skip: Option<usize>,
+        wanted: impl Fn(usize) -> bool,
         offset: u64,
         len: u64,
     ) -> Result<bool, WorkError> {
-        for (index, buffer) in self.buffers.iter_mut().enumerate() {
-            buffer.clear();
-            if !members.readable[index] || Some(index) == skip {
-                continue;
-            }
-            members.images[index].prefault(offset, len, false);
-            match members.images[index].read_append(offset, len as usize, buffer) {
+        let block = BLOCK_BYTES as u64;
+        if !offset.is_multiple_of(block) || !len.is_multiple_of(block) || len > UNIT_BYTES {
+            return Ok(false);
+        }
+        let (bytes, blocks) = (len as usize, len as usize / BLOCK_BYTES);
+        for index in (0..members.images.len()).filter(|&i| wanted(i)) {
+            let read = members.images[index].read_blocks(
+                offset,
+                &mut self.buffers[index][..bytes],
+                &mut self.crcs[index][..blocks],
+            );
+            match read {
                 Ok(()) => {}
                 Err(ImageError::Media(_)) => return Ok(false),
                 Err(source) => return Err(WorkError::Member { index, source }),
@@ -160,8 +203,8 @@ impl Units {
         Ok(true)
     }
 
-    /// Checks a unit whose blocks all pass their CRC; false if anything needs the
-    /// slow path (a media error, or redundancy that does not agree).
+    /// Checks a piece whose blocks all pass their CRC; false if anything needs
+    /// the slow path (a media error, or redundancy that does not agree).
     fn scrub_fast(
         &mut self,
         members: &Members,
@@ -169,21 +212,19 @@ impl Units {
         len: u64,
         findings: &mut ScrubFindings,
     ) -> Result<bool, WorkError> {
-        if !self.read(members, None, offset, len)? {
+        if !self.read(members, |i| members.readable[i], offset, len)? {
             return Ok(false);
         }
+        let bytes = len as usize;
         let all_readable = members.readable.iter().all(|&r| r);
         let consistent = match members.geometry.level {
             // Degraded RAID-5: nothing left to compare against.
             Level::Raid5 if !all_readable => true,
-            Level::Raid5 => {
-                self.sum.clear();
-                self.sum.resize(len as usize, 0);
-                self.buffers.iter().for_each(|b| xor_into(&mut self.sum, b));
-                self.sum.iter().all(|&b| b == 0)
-            }
+            Level::Raid5 => xor_is_zero(&self.buffers, bytes),
             Level::Raid1 => {
-                let mut copies = self.buffers.iter().filter(|b| !b.is_empty());
+                let mut copies = (0..self.buffers.len())
+                    .filter(|&i| members.readable[i])
+                    .map(|i| &self.buffers[i][..bytes]);
                 let first = copies.next();
                 copies.all(|copy| Some(copy) == first)
             }
@@ -194,7 +235,10 @@ impl Units {
         Ok(consistent)
     }
 
-    /// Rebuilds a unit whose sources all pass their CRC; false on a media error.
+    /// Rebuilds a piece whose sources all pass their CRC; false on a media
+    /// error. The target is written in bulk ([`DiskImage::write_blocks`]) with
+    /// CRCs known from the sources: a mirror's own, or for RAID-5 the XOR of the
+    /// sources' (see [`xor_crc`]).
     fn rebuild_fast(
         &mut self,
         members: &Members,
@@ -202,37 +246,56 @@ impl Units {
         offset: u64,
         len: u64,
     ) -> Result<bool, WorkError> {
-        if !self.read(members, Some(target), offset, len)? {
-            return Ok(false);
-        }
-        let sources = self
-            .buffers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != target && members.readable[*i]);
-        self.sum.clear();
-        match members.geometry.level {
+        let (bytes, blocks) = (len as usize, len as usize / BLOCK_BYTES);
+        let disks = members.images.len();
+        let written = match members.geometry.level {
             Level::Raid5 => {
-                if members
-                    .readable
-                    .iter()
-                    .enumerate()
-                    .any(|(i, &r)| i != target && !r)
-                {
+                if (0..disks).any(|i| i != target && !members.readable[i]) {
                     return Ok(false);
                 }
-                self.sum.resize(len as usize, 0);
-                for (_, buffer) in sources {
-                    xor_into(&mut self.sum, buffer);
+                if !self.read(members, |i| i != target, offset, len)? {
+                    return Ok(false);
                 }
+                let mut sources = (0..disks).filter(|&i| i != target);
+                let first = sources.next().unwrap_or(target);
+                self.sum[..bytes].copy_from_slice(&self.buffers[first][..bytes]);
+                for index in sources {
+                    xor_into(&mut self.sum[..bytes], &self.buffers[index][..bytes]);
+                }
+                for (block, sum) in self.sum_crcs[..blocks].iter_mut().enumerate() {
+                    *sum = xor_crc(
+                        (0..disks)
+                            .filter(|&i| i != target)
+                            .map(|i| self.crcs[i][block]),
+                        disks - 1,
+                        self.zero_crc,
+                    );
+                }
+                members.images[target].write_blocks(
+                    offset,
+                    &self.sum[..bytes],
+                    Some(&self.sum_crcs[..blocks]),
+                )
             }
-            Level::Raid1 => match sources.into_iter().next() {
-                Some((_, buffer)) => self.sum.extend_from_slice(buffer),
-                None => return Ok(false),
-            },
-        }
-        members.images[target].prefault(offset, len, true);
-        write_block(members, target, offset, &self.sum)?;
+            // One good mirror is enough: its bytes and CRCs are the target's.
+            Level::Raid1 => {
+                let Some(source) = (0..disks).find(|&i| i != target && members.readable[i]) else {
+                    return Ok(false);
+                };
+                if !self.read(members, |i| i == source, offset, len)? {
+                    return Ok(false);
+                }
+                members.images[target].write_blocks(
+                    offset,
+                    &self.buffers[source][..bytes],
+                    Some(&self.crcs[source][..blocks]),
+                )
+            }
+        };
+        written.map_err(|source| WorkError::Member {
+            index: target,
+            source,
+        })?;
         Ok(true)
     }
 }
@@ -523,5 +586,42 @@ mod tests {
         assert_eq!(array_offset(&geometry, 0, 4096 + 10), Some(4 * 4096 + 10));
         assert_eq!(array_offset(&geometry, 2, 4096), None);
         assert_eq!(parity_member(&geometry, 2 * 4096), 1);
+    }
+
+    #[test]
+    fn crc_of_an_xor_follows_from_the_terms_crcs() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut block = || {
+            (0..BLOCK_BYTES)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect::<Vec<u8>>()
+        };
+        for terms in 1..6 {
+            let blocks: Vec<Vec<u8>> = (0..terms).map(|_| block()).collect();
+            let mut sum = vec![0u8; BLOCK_BYTES];
+            blocks.iter().for_each(|b| xor_into(&mut sum, b));
+            let crcs = blocks.iter().map(|b| crc32fast::hash(b));
+            assert_eq!(
+                xor_crc(crcs, terms, disk_images::image::zero_block_crc()),
+                crc32fast::hash(&sum),
+                "{terms} terms"
+            );
+        }
+    }
+
+    #[test]
+    fn parity_check_finds_one_flipped_bit() {
+        let mut buffers = vec![vec![0u8; 2 * BLOCK_BYTES]; 4];
+        buffers[0][5000] = 0x5a;
+        buffers[2][5000] = 0x5a;
+        assert!(xor_is_zero(&buffers, 2 * BLOCK_BYTES));
+        buffers[3][8191] ^= 1;
+        assert!(!xor_is_zero(&buffers, 2 * BLOCK_BYTES));
+        assert!(xor_is_zero(&buffers, BLOCK_BYTES));
     }
 }

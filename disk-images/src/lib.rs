@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 pub use image::{
     sidecar_path, validate_size, Access, BadBlock, DiskImage, Extent, ImageInfo, VerifyReport,
-    BLOCK_BYTES,
+    BLOCK_BYTES, BULK_BLOCKS,
 };
 
 /// A block whose data does not match its checksum: a media error. Never hidden.
