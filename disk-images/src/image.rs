@@ -699,22 +699,6 @@ impl DiskImage {
         }
     }
 
-    /// Prefaults `[offset, offset+len)` and its checksums (see
-    /// [`SharedMapping::prefault`]), saving a page fault per page for a caller
-    /// about to touch a large range through the mapping. (Scrub and rebuild go
-    /// through [`Self::read_blocks`] / [`Self::write_blocks`] instead.)
-    pub fn prefault(&self, offset: u64, len: u64, for_write: bool) {
-        if len == 0 || self.check_range(offset, len).is_err() {
-            return;
-        }
-        self.data.prefault(offset as usize, len as usize, for_write);
-        let first = offset / u64::from(BLOCK_SIZE);
-        let last = (offset + len - 1) / u64::from(BLOCK_SIZE);
-        let entries = SidecarHeader::entry_offset(first) as usize;
-        self.crcs
-            .prefault(entries, ((last - first + 1) * 4) as usize, for_write);
-    }
-
     /// Makes `[offset, offset+len)` and its checksums durable.
     pub fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check_range(offset, len)?;

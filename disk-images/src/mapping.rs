@@ -202,19 +202,6 @@ impl SharedMapping {
             .map_err(u64::from_le)
     }
 
-    /// Maps `[offset, offset+len)` into the page tables now, in one call, rather
-    /// than one page fault at a time as it is touched (`MADV_POPULATE_READ` /
-    /// `MADV_POPULATE_WRITE`). Only a hint: kernels without it are ignored.
-    pub fn prefault(&self, offset: usize, len: usize, for_write: bool) {
-        self.check_range(offset, len);
-        let advice = if for_write && self.writable {
-            memmap2::Advice::PopulateWrite
-        } else {
-            memmap2::Advice::PopulateRead
-        };
-        let _ = self.map.advise_range(advice, offset, len);
-    }
-
     /// Makes `[offset, offset+len)` durable (msync `MS_SYNC`).
     pub fn flush_range(&self, offset: usize, len: usize) -> io::Result<()> {
         self.check_range(offset, len);

@@ -214,8 +214,9 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
                 break;
             }
             // The initiator waits for partitions others hold: they complete, or
-            // their leases run out and come back to it.
-            std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(10, 500)));
+            // their leases run out and come back to it. Looking is a read of
+            // shared memory, so look often: the task's end is seen at once.
+            std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(1, 10)));
             continue;
         };
         tracing::info!(
@@ -668,7 +669,7 @@ pub fn start(
         if running == 0 {
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
     bar.finish_and_clear();
     for (id, child) in children.iter_mut().enumerate() {
