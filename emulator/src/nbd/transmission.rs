@@ -3,7 +3,8 @@
 //!
 //! Shape: plain OS threads over a blocking socket, the way nbdkit serves a
 //! connection, so that a request wakes the thread that handles it straight out
-//! of `recv` (no event loop in between):
+//! of `recv` (no event loop in between; the socket's `Read` polls for up to
+//! 50 µs before it sleeps, see `server::RECV_POLL`):
 //!
 //! - The **request thread** (the caller of [`transmit`]) reads requests into a
 //!   buffer and runs small ones in place: reads up to [`INLINE_READ_BYTES`],
