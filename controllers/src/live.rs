@@ -48,9 +48,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use disk_images::mapping::SharedMapping;
+use disk_images::process::{alive, identity_of, Backoff};
 
 /// Process slots.
 pub const SLOTS: usize = 8;
@@ -71,8 +71,6 @@ const FILE_BYTES: usize = LOCK_TABLE + LOCKS * LOCK_ENTRY;
 const EXCLUSIVE: u64 = 0x80;
 /// Most shared holders one slot may count on one lock.
 const MAX_SHARED: u64 = 0x7f;
-/// How often a waiter checks whether the holders of its lock are still alive.
-const LIVENESS_CHECK: Duration = Duration::from_millis(10);
 
 /// Errors opening the live state.
 #[derive(Debug, thiserror::Error)]
@@ -121,70 +119,8 @@ pub struct Live {
     metadata_lock: parking_lot::Mutex<()>,
 }
 
-/// The identity word of `pid`, or `None` if it is not running (gone, or a zombie).
-/// Unknown (an unreadable `/proc`) counts as running: never recover a live process.
-fn identity_of(pid: u32) -> Option<u64> {
-    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(_) => return Some(u64::MAX),
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, rest)| rest)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3 (state); field 22 (start time) is fields[19].
-    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
-        return None;
-    }
-    let start: u64 = fields.get(19).and_then(|f| f.parse().ok()).unwrap_or(0);
-    Some(u64::from(pid) | (start & 0x7fff_ffff) << 32)
-}
-
-/// Whether the process an identity word names is still running.
-fn alive(identity: u64) -> bool {
-    match identity_of(identity as u32) {
-        None => false,
-        Some(u64::MAX) => true,
-        Some(now) => now == identity,
-    }
-}
-
 fn byte(word: u64, slot: usize) -> u64 {
     (word >> (8 * slot)) & 0xff
-}
-
-/// Waiting for a lock: spin briefly, then yield, then sleep in growing steps
-/// (cross-process contention is rare and short).
-struct Backoff {
-    round: u32,
-    last_check: Instant,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            round: 0,
-            last_check: Instant::now(),
-        }
-    }
-
-    fn snooze(&mut self) {
-        self.round += 1;
-        match self.round {
-            0..=6 => (0..1u32 << self.round).for_each(|_| std::hint::spin_loop()),
-            7..=20 => std::thread::yield_now(),
-            n => std::thread::sleep(Duration::from_micros(20u64 << (n - 20).min(6))),
-        }
-    }
-
-    fn liveness_due(&mut self) -> bool {
-        if self.last_check.elapsed() >= LIVENESS_CHECK {
-            self.last_check = Instant::now();
-            true
-        } else {
-            false
-        }
-    }
 }
 
 impl Live {
@@ -498,16 +434,6 @@ impl Drop for Live {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identity_of_this_process_is_alive_and_stable() {
-        let me = identity_of(std::process::id()).expect("running");
-        assert_eq!(me as u32, std::process::id());
-        assert!(alive(me));
-        assert_eq!(identity_of(std::process::id()), Some(me));
-        // Same pid, other start time: a reused pid is not the same process.
-        assert!(!alive(me ^ (1 << 40)));
-    }
 
     #[test]
     fn shared_holders_of_several_slots_and_exclusive_exclusion() {

@@ -1,7 +1,9 @@
 //! [`DiskImage`]: a raw image file plus its checksum sidecar, both memory-mapped
 //! shared. This module owns the rules that keep data and checksums in step: every
-//! write updates the CRC of each block it touches under that block's lock, every
-//! read checks it, and a mismatch is a [`MediaError`], never silently returned data.
+//! write updates the CRC of each block it touches under that block's lock (in
+//! this process and, through [`crate::blocklocks`], in every process that has
+//! the image open), every read checks it, and a mismatch is a [`MediaError`],
+//! never silently returned data.
 //!
 //! Bulk work (scrub, rebuild) reads and writes whole blocks through the image
 //! file instead, with `pread`/`pwrite` ([`DiskImage::read_blocks`],
@@ -17,9 +19,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
+use crate::blocklocks::CrossLocks;
 use crate::mapping::SharedMapping;
 use crate::sidecar::{SidecarHeader, BLOCK_SIZE, HEADER_LEN};
 use crate::{ImageError, MediaError};
@@ -33,11 +36,25 @@ const LOCK_STRIPES: usize = 4096;
 pub const BULK_BLOCKS: usize = 64;
 /// How many blocks one zeroing step locks at once (must not exceed `LOCK_STRIPES`).
 const ZERO_BATCH_BLOCKS: u64 = 256;
-/// How many times a read re-checks a block whose CRC does not match before calling
-/// it a media error. A writer in *another process* updates data and CRC one after
-/// the other, so a reader there can catch the pair half-way; a real media error
-/// persists across re-reads.
+/// Without cross-process block locks (see [`DiskImage::shares_locks`]): how many
+/// times a read re-checks a block whose CRC does not match before calling it a
+/// media error. A writer in *another process* updates data and CRC one after the
+/// other, so a reader can catch the pair half-way; a real media error persists
+/// across re-reads. With the locks, one re-read under the block's lock decides.
 const MISMATCH_REREADS: usize = 3;
+
+/// The lock stripe of `block`.
+fn stripe_of(block: u64) -> usize {
+    (block % LOCK_STRIPES as u64) as usize
+}
+
+/// The stripes of blocks `[first, first+count)`, sorted (the lock order).
+fn sorted_stripes(first: u64, count: u64) -> impl Iterator<Item = usize> {
+    debug_assert!(count as usize <= LOCK_STRIPES);
+    let mut stripes: Vec<usize> = (first..first + count).map(stripe_of).collect();
+    stripes.sort_unstable();
+    stripes.into_iter()
+}
 
 /// The CRC32 of a block of zeros (what a freshly created or trimmed block holds).
 pub fn zero_block_crc() -> u32 {
@@ -139,7 +156,50 @@ pub struct DiskImage {
     crcs: SharedMapping,
     size: u64,
     block_count: u64,
+    /// In-process block locks, by stripe.
     locks: Box<[RwLock<()>]>,
+    /// Cross-process block locks, by the same stripes: taken by every writer
+    /// (after the in-process lock) and by a reader whose block failed its CRC.
+    /// `None` when the lock table could not be opened.
+    shared_locks: Option<CrossLocks>,
+    /// Readers holding a stripe's in-process lock shared take its gate before
+    /// its cross-process lock, so one thread of this process at a time does.
+    gates: Box<[Mutex<()>]>,
+}
+
+/// How the caller of a block check holds the block's in-process lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Shared,
+    /// Exclusively, and the cross-process lock too.
+    Exclusive,
+}
+
+/// A stripe's cross-process lock, released on drop.
+struct SharedLockGuard<'a> {
+    locks: &'a CrossLocks,
+    stripe: usize,
+}
+
+impl<'a> SharedLockGuard<'a> {
+    fn take(locks: &'a CrossLocks, stripe: usize) -> Self {
+        locks.lock(stripe);
+        Self { locks, stripe }
+    }
+}
+
+impl Drop for SharedLockGuard<'_> {
+    fn drop(&mut self) {
+        self.locks.unlock(self.stripe);
+    }
+}
+
+/// A block stripe locked for writing: in this process and, when the image has
+/// cross-process locks, in every process. Field order: the cross-process lock
+/// is released first.
+struct WriteGuard<'a> {
+    _shared: Option<SharedLockGuard<'a>>,
+    _local: RwLockWriteGuard<'a, ()>,
 }
 
 fn io_error<'a>(
@@ -278,6 +338,8 @@ impl DiskImage {
         let data = map(&data_file, size, "map image", path)?;
         let crcs = map(&crc_file, header.file_len(), "map checksum file", &sidecar)?;
         let locks = (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect();
+        let gates = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        let shared_locks = CrossLocks::open(&data_file, LOCK_STRIPES).ok();
         Ok(Self {
             path: path.to_path_buf(),
             data_file,
@@ -286,6 +348,8 @@ impl DiskImage {
             size,
             block_count: header.block_count,
             locks,
+            shared_locks,
+            gates,
         })
     }
 
@@ -325,8 +389,33 @@ impl DiskImage {
         }
     }
 
+    /// Whether writers and readers of this image in other processes are
+    /// excluded by cross-process block locks (the lock table in `/dev/shm`
+    /// could be opened). Without them, a read that catches another process's
+    /// write half-way is re-read a few times before it counts as a media error,
+    /// and two processes writing one block at once can leave it failing its CRC.
+    pub fn shares_locks(&self) -> bool {
+        self.shared_locks.is_some()
+    }
+
     fn lock(&self, block: u64) -> &RwLock<()> {
-        &self.locks[(block % LOCK_STRIPES as u64) as usize]
+        &self.locks[stripe_of(block)]
+    }
+
+    /// Locks `block`'s stripe for writing, in this process and across processes.
+    fn lock_exclusive(&self, block: u64) -> WriteGuard<'_> {
+        self.lock_stripe_exclusive(stripe_of(block))
+    }
+
+    fn lock_stripe_exclusive(&self, stripe: usize) -> WriteGuard<'_> {
+        let local = self.locks[stripe].write();
+        WriteGuard {
+            _shared: self
+                .shared_locks
+                .as_ref()
+                .map(|locks| SharedLockGuard::take(locks, stripe)),
+            _local: local,
+        }
     }
 
     fn stored_crc(&self, block: u64) -> u32 {
@@ -340,38 +429,59 @@ impl DiskImage {
     }
 
     /// Runs `read_block` (which copies block `block` somewhere and returns the
-    /// CRC of what it copied) until the CRC matches the stored one, a few times at
-    /// most (see [`MISMATCH_REREADS`]). The caller holds the block's lock.
+    /// CRC of what it copied) and checks the CRC against the stored one. The
+    /// caller holds the block's in-process lock as `held` says; that excludes
+    /// writers in this process, not in others. So a mismatch under a shared hold
+    /// is read again under the block's cross-process lock, which settles it; an
+    /// image without cross-process locks re-reads a few times instead (see
+    /// [`MISMATCH_REREADS`]).
     fn reread_until_valid(
         &self,
         block: u64,
+        held: Held,
         mut read_block: impl FnMut() -> u32,
     ) -> Result<(), MediaError> {
-        let mut attempt = 0;
-        loop {
-            let actual = read_block();
-            let expected = self.stored_crc(block);
-            if expected == actual {
-                return Ok(());
+        let mut actual = read_block();
+        let mut expected = self.stored_crc(block);
+        match (&self.shared_locks, held) {
+            _ if expected == actual => {}
+            (Some(_), Held::Exclusive) => {}
+            (Some(locks), Held::Shared) => {
+                let stripe = stripe_of(block);
+                let _gate = self.gates[stripe].lock();
+                let _shared = SharedLockGuard::take(locks, stripe);
+                actual = read_block();
+                expected = self.stored_crc(block);
             }
-            attempt += 1;
-            if attempt > MISMATCH_REREADS {
-                return Err(MediaError {
-                    image: self.path.clone(),
-                    block,
-                    expected_crc: expected,
-                    actual_crc: actual,
-                });
+            (None, _) => {
+                for _ in 0..MISMATCH_REREADS {
+                    std::thread::yield_now();
+                    actual = read_block();
+                    expected = self.stored_crc(block);
+                    if expected == actual {
+                        break;
+                    }
+                }
             }
-            std::thread::yield_now();
+        }
+        if expected == actual {
+            Ok(())
+        } else {
+            Err(MediaError {
+                image: self.path.clone(),
+                block,
+                expected_crc: expected,
+                actual_crc: actual,
+            })
         }
     }
 
-    /// Reads a whole block into `dst` and checks it.
-    fn read_checked_block(&self, block: u64, dst: &mut [u8]) -> Result<(), MediaError> {
+    /// Reads a whole block into `dst` and checks it; the caller holds the
+    /// block's lock as `held` says.
+    fn read_checked_block(&self, block: u64, dst: &mut [u8], held: Held) -> Result<(), MediaError> {
         debug_assert_eq!(dst.len(), BLOCK_BYTES);
         let offset = (block * u64::from(BLOCK_SIZE)) as usize;
-        self.reread_until_valid(block, || {
+        self.reread_until_valid(block, held, || {
             self.data.read_into(offset, dst);
             crc32fast::hash(dst)
         })
@@ -390,9 +500,9 @@ impl DiskImage {
         {
             let _guard = self.lock(block).read();
             if step == BLOCK_BYTES {
-                self.read_checked_block(block, &mut buf[done..done + step])?;
+                self.read_checked_block(block, &mut buf[done..done + step], Held::Shared)?;
             } else {
-                self.read_checked_block(block, &mut scratch)?;
+                self.read_checked_block(block, &mut scratch, Held::Shared)?;
                 buf[done..done + step].copy_from_slice(&scratch[within..within + step]);
             }
         }
@@ -424,7 +534,7 @@ impl DiskImage {
             let result = if step == BLOCK_BYTES {
                 self.append_checked_block(block, out)
             } else {
-                self.read_checked_block(block, &mut scratch)
+                self.read_checked_block(block, &mut scratch, Held::Shared)
                     .map(|()| out.extend_from_slice(&scratch[within..within + step]))
             };
             if let Err(err) = result {
@@ -440,7 +550,7 @@ impl DiskImage {
     fn append_checked_block(&self, block: u64, out: &mut Vec<u8>) -> Result<(), MediaError> {
         let offset = (block * u64::from(BLOCK_SIZE)) as usize;
         let start = out.len();
-        self.reread_until_valid(block, || {
+        self.reread_until_valid(block, Held::Shared, || {
             out.truncate(start);
             self.data.append_to(offset, BLOCK_BYTES, out);
             crc32fast::hash(&out[start..])
@@ -464,12 +574,12 @@ impl DiskImage {
         {
             let position = offset + done as u64;
             let chunk = &data[done..done + step];
-            let _guard = self.lock(block).write();
+            let _guard = self.lock_exclusive(block);
             if step == BLOCK_BYTES {
                 self.data.write_from(position as usize, chunk);
                 self.store_crc(block, crc32fast::hash(chunk));
             } else {
-                self.read_checked_block(block, &mut scratch)?;
+                self.read_checked_block(block, &mut scratch, Held::Exclusive)?;
                 scratch[within..within + step].copy_from_slice(chunk);
                 self.data.write_from(position as usize, chunk);
                 self.store_crc(block, crc32fast::hash(&scratch));
@@ -518,20 +628,36 @@ impl DiskImage {
             .enumerate()
         {
             let first = first_block + (batch * BULK_BLOCKS) as u64;
-            let _guards = self.lock_blocks_shared(first, sums.len() as u64);
-            self.data_file
-                .read_exact_at(bytes, first * u64::from(BLOCK_SIZE))
-                .map_err(io_error(&self.path, "read image"))?;
-            for (i, (block_bytes, sum)) in bytes
-                .chunks_exact_mut(BLOCK_BYTES)
-                .zip(sums.iter_mut())
-                .enumerate()
+            let mut mismatched = false;
             {
-                let block = first + i as u64;
-                *sum = self.stored_crc(block);
-                if crc32fast::hash(block_bytes) != *sum {
-                    self.read_checked_block(block, block_bytes)?;
-                    *sum = self.stored_crc(block);
+                let _guards = self.lock_blocks_shared(first, sums.len() as u64);
+                self.data_file
+                    .read_exact_at(bytes, first * u64::from(BLOCK_SIZE))
+                    .map_err(io_error(&self.path, "read image"))?;
+                for (i, (block_bytes, sum)) in bytes
+                    .chunks_exact(BLOCK_BYTES)
+                    .zip(sums.iter_mut())
+                    .enumerate()
+                {
+                    *sum = self.stored_crc(first + i as u64);
+                    mismatched |= crc32fast::hash(block_bytes) != *sum;
+                }
+            }
+            if mismatched {
+                // Checked again one block at a time, holding only that block's
+                // lock: waiting for another process's lock while holding a
+                // batch of ours could close a cycle with it.
+                for (i, (block_bytes, sum)) in bytes
+                    .chunks_exact_mut(BLOCK_BYTES)
+                    .zip(sums.iter_mut())
+                    .enumerate()
+                {
+                    if crc32fast::hash(block_bytes) != *sum {
+                        let block = first + i as u64;
+                        let _guard = self.lock(block).read();
+                        self.read_checked_block(block, block_bytes, Held::Shared)?;
+                        *sum = self.stored_crc(block);
+                    }
                 }
             }
         }
@@ -595,30 +721,20 @@ impl DiskImage {
         Ok(())
     }
 
-    /// Locks the blocks `[first, first+count)` for reading, in stripe order.
+    /// Locks the blocks `[first, first+count)` for reading in this process, in
+    /// stripe order.
     fn lock_blocks_shared(&self, first: u64, count: u64) -> Vec<RwLockReadGuard<'_, ()>> {
-        debug_assert!(count as usize <= LOCK_STRIPES);
-        let mut stripes: Vec<usize> = (first..first + count)
-            .map(|b| (b % LOCK_STRIPES as u64) as usize)
-            .collect();
-        stripes.sort_unstable();
-        stripes
-            .into_iter()
+        sorted_stripes(first, count)
             .map(|stripe| self.locks[stripe].read())
             .collect()
     }
 
-    /// Locks the blocks `[first, first+count)` for writing, in stripe order so two
-    /// threads locking overlapping ranges cannot deadlock.
-    fn lock_blocks(&self, first: u64, count: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        debug_assert!(count as usize <= LOCK_STRIPES);
-        let mut stripes: Vec<usize> = (first..first + count)
-            .map(|b| (b % LOCK_STRIPES as u64) as usize)
-            .collect();
-        stripes.sort_unstable();
-        stripes
-            .into_iter()
-            .map(|stripe| self.locks[stripe].write())
+    /// Locks the blocks `[first, first+count)` for writing, in this process and
+    /// across processes, in stripe order so that two threads (of one process or
+    /// of two) locking overlapping ranges cannot deadlock.
+    fn lock_blocks(&self, first: u64, count: u64) -> Vec<WriteGuard<'_>> {
+        sorted_stripes(first, count)
+            .map(|stripe| self.lock_stripe_exclusive(stripe))
             .collect()
     }
 
@@ -800,7 +916,7 @@ impl DiskImage {
         let mut buf = vec![0u8; BLOCK_BYTES];
         for block in 0..self.block_count {
             let _guard = self.lock(block).read();
-            if let Err(err) = self.read_checked_block(block, &mut buf) {
+            if let Err(err) = self.read_checked_block(block, &mut buf, Held::Shared) {
                 bad_blocks.push(BadBlock {
                     block,
                     offset: block * u64::from(BLOCK_SIZE),

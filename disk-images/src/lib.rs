@@ -6,12 +6,16 @@
 //! - [`mapping`]: the only module with `unsafe`; copies in and out of a shared
 //!   mapping and does atomic word access, never handing out references into it.
 //! - [`sidecar`]: the checksum file's byte format.
+//! - [`process`]: process identities and liveness, for cross-process locks.
+//! - [`blocklocks`]: the block locks every process with the image open shares.
 //! - [`image`]: [`DiskImage`], which keeps data and checksums in step.
 //!
-//! This crate knows nothing of RAID, NBD or processes; higher crates build on it.
+//! This crate knows nothing of RAID or NBD; higher crates build on it.
 
+pub mod blocklocks;
 pub mod image;
 pub mod mapping;
+pub mod process;
 pub mod sidecar;
 
 use std::path::PathBuf;

@@ -1,0 +1,306 @@
+//! Block locks shared by every process that has one image open.
+//!
+//! Inside a process, [`crate::DiskImage`] guards each block with a striped
+//! `RwLock`. Two processes serving the same image (the reason it is mapped
+//! `MAP_SHARED`) also need to exclude each other: a writer updates a block's
+//! data and then its CRC, and without a lock between processes a reader in the
+//! other process can see the pair half-way (a spurious media error), and two
+//! writers can interleave so that data and CRC never match again.
+//!
+//! [`CrossLocks`] is that lock: one 8-byte word per stripe (the same stripes as
+//! the in-process locks) in a small file in `/dev/shm` named after the image's
+//! device and inode, so every process that opens the image, by whatever path,
+//! maps the same table. A word is `0` when free, or the holder's
+//! [identity](crate::process); it is taken by compare-and-swap. Within a process
+//! only one thread at a time may hold or wait for a stripe's word (the image
+//! makes sure of that), so the identity is enough.
+//!
+//! A holder that dies (kill -9) leaves its words set; a waiter finds the holder
+//! gone (checked every [`LIVENESS_CHECK`](crate::process::LIVENESS_CHECK)) and
+//! takes the word over. Whatever that process was writing was never
+//! acknowledged; a block it left half-written fails its CRC, as it would after
+//! a crash of a single process.
+//!
+//! Life cycle of the table file: every process holds a shared `flock` on it
+//! while it has the image open. The first opener (the one that can get the
+//! `flock` exclusively) zeroes it; the last to close removes it, and a first
+//! opener also removes other images' tables that nobody holds (left by a
+//! process killed with the image open). An opener that raced with a removal
+//! notices that the path no longer names the file it locked and starts again.
+//!
+//! ## File format (native endianness: the file lives in memory and never
+//! leaves the machine)
+//!
+//! | offset | size      | field | meaning                                     |
+//! |-------:|----------:|-------|---------------------------------------------|
+//! | 0      | 8 × 4096  | words | per stripe: holder identity, `0` when free  |
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::mapping::SharedMapping;
+use crate::process::{alive, my_identity, Backoff};
+
+/// Directory of the lock tables.
+const TABLE_DIR: &str = "/dev/shm";
+/// Name prefix of the lock tables.
+const TABLE_PREFIX: &str = "emulator-blocklocks-";
+
+/// The lock table's path for the image open as `image`.
+fn table_path(image: &File) -> io::Result<PathBuf> {
+    let metadata = image.metadata()?;
+    Ok(Path::new(TABLE_DIR).join(format!(
+        "{TABLE_PREFIX}{:x}-{}",
+        metadata.dev(),
+        metadata.ino()
+    )))
+}
+
+/// Removes the tables of other images that no process uses any more (their
+/// last user was killed before it could remove them). A table is unused when
+/// its `flock` can be taken exclusively; an opener racing with the removal
+/// notices it (see [`CrossLocks::open`]).
+fn remove_abandoned(keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(TABLE_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(TABLE_PREFIX));
+        if !ours || path == keep {
+            continue;
+        }
+        if let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) {
+            if file.try_lock().is_ok() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// The cross-process block locks of one image.
+#[derive(Debug)]
+pub struct CrossLocks {
+    path: PathBuf,
+    file: File,
+    map: SharedMapping,
+    stripes: usize,
+    me: u64,
+}
+
+impl CrossLocks {
+    /// Opens (creating it if needed) the lock table of the image open as
+    /// `image`, with `stripes` words.
+    pub fn open(image: &File, stripes: usize) -> io::Result<Self> {
+        let path = table_path(image)?;
+        let len = (stripes * 8) as u64;
+        let file = loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    // Alone with this image: whatever the table holds is left
+                    // over from processes that are gone. Start from zeros.
+                    file.set_len(0)?;
+                    file.set_len(len)?;
+                    file.lock_shared()?;
+                    remove_abandoned(&path);
+                }
+                Err(TryLockError::WouldBlock) => file.lock_shared()?,
+                Err(TryLockError::Error(err)) => return Err(err),
+            }
+            // The last user of the table may have removed it between our open
+            // and our lock; then this file is orphaned and we start again.
+            let ours = file.metadata()?;
+            match std::fs::metadata(&path) {
+                Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => break file,
+                Ok(_) => continue,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            }
+        };
+        let actual = file.metadata()?.len();
+        if actual != len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "lock table {} is {actual} bytes, expected {len}",
+                    path.display()
+                ),
+            ));
+        }
+        let map = SharedMapping::map_writable(&file, len)?;
+        Ok(Self {
+            path,
+            file,
+            map,
+            stripes,
+            me: my_identity(),
+        })
+    }
+
+    /// The table file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes stripe `stripe`'s word, waiting for its holder (or taking it over
+    /// from a holder that is gone). The caller must be the only thread of this
+    /// process holding or waiting for this stripe.
+    pub fn lock(&self, stripe: usize) {
+        assert!(stripe < self.stripes, "stripe {stripe} out of range");
+        let at = stripe * 8;
+        let mut backoff = Backoff::new();
+        loop {
+            let holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
+                Ok(_) => return,
+                Err(holder) => holder,
+            };
+            // Our own identity here can only be left over from a process that
+            // had our pid and start time: never a live holder.
+            if (holder == self.me || backoff.liveness_due() && !alive(holder))
+                && self
+                    .map
+                    .compare_exchange_u64_le(at, holder, self.me)
+                    .is_ok()
+            {
+                return;
+            }
+            backoff.snooze();
+        }
+    }
+
+    /// Releases stripe `stripe`'s word.
+    pub fn unlock(&self, stripe: usize) {
+        let at = stripe * 8;
+        let released = self.map.compare_exchange_u64_le(at, self.me, 0);
+        debug_assert!(
+            released.is_ok(),
+            "unlock of a stripe this process did not hold"
+        );
+    }
+
+    #[cfg(test)]
+    fn holder(&self, stripe: usize) -> u64 {
+        self.map.load_u64_le(stripe * 8)
+    }
+
+    #[cfg(test)]
+    fn set_holder(&self, stripe: usize, identity: u64) {
+        self.map.store_u64_le(stripe * 8, identity);
+    }
+}
+
+impl Drop for CrossLocks {
+    fn drop(&mut self) {
+        // The last process to close the image removes the table.
+        if self.file.try_lock().is_ok() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    fn image() -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::create(dir.path().join("img")).expect("create");
+        (dir, file)
+    }
+
+    #[test]
+    fn one_table_per_image_removed_by_the_last_user() {
+        let (_dir, img) = image();
+        let a = CrossLocks::open(&img, 16).expect("open");
+        let b = CrossLocks::open(&img, 16).expect("open");
+        assert_eq!(a.path(), b.path());
+        a.lock(3);
+        assert_eq!(b.holder(3), a.me, "b sees a's hold");
+        a.unlock(3);
+        assert_eq!(b.holder(3), 0);
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(path.exists(), "b still uses the table");
+        drop(b);
+        assert!(!path.exists(), "the last user removes the table");
+    }
+
+    #[test]
+    fn a_lone_opener_starts_from_a_clean_table_and_keeps_a_used_one() {
+        let (_dir, img) = image();
+        // Leftovers of processes that are gone, in a table nobody removed.
+        std::fs::write(table_path(&img).expect("path"), [0xffu8; 16 * 8]).expect("write");
+        let a = CrossLocks::open(&img, 16).expect("open");
+        assert!(
+            (0..16).all(|s| a.holder(s) == 0),
+            "a lone opener zeroes the table"
+        );
+        a.lock(5);
+        let b = CrossLocks::open(&img, 16).expect("open");
+        assert_eq!(b.holder(5), a.me, "a table in use is kept");
+        a.unlock(5);
+    }
+
+    #[test]
+    fn a_holder_that_is_gone_is_taken_over() {
+        let (_dir, img) = image();
+        let locks = CrossLocks::open(&img, 16).expect("open");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        locks.set_holder(2, u64::from(pid));
+        let started = Instant::now();
+        locks.lock(2);
+        assert_eq!(locks.holder(2), locks.me);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        locks.unlock(2);
+    }
+
+    #[test]
+    fn a_live_holder_is_waited_for() {
+        let (_dir, img) = image();
+        let a = CrossLocks::open(&img, 16).expect("open");
+        let b = CrossLocks::open(&img, 16).expect("open");
+        // A holder that is another live process (b would take its own
+        // identity for a leftover).
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let other = crate::process::identity_of(sleeper.id()).expect("sleep runs");
+        a.set_holder(7, other);
+        let released = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                b.lock(7);
+                assert!(released.load(Ordering::SeqCst), "took a held lock");
+                b.unlock(7);
+            });
+            // Bounded wait for the waiter to be waiting: it cannot finish before
+            // the release below.
+            let deadline = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < deadline {
+                assert!(!waiter.is_finished());
+                std::thread::yield_now();
+            }
+            released.store(true, Ordering::SeqCst);
+            a.set_holder(7, 0);
+        });
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+}
