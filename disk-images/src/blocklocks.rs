@@ -160,12 +160,12 @@ impl CrossLocks {
     pub fn lock(&self, stripe: usize) {
         assert!(stripe < self.stripes, "stripe {stripe} out of range");
         let at = stripe * 8;
+        let mut holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
+            Ok(_) => return,
+            Err(holder) => holder,
+        };
         let mut backoff = Backoff::new();
         loop {
-            let holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
-                Ok(_) => return,
-                Err(holder) => holder,
-            };
             // Our own identity here can only be left over from a process that
             // had our pid and start time: never a live holder.
             if (holder == self.me || backoff.liveness_due() && !alive(holder))
@@ -177,6 +177,10 @@ impl CrossLocks {
                 return;
             }
             backoff.snooze();
+            holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
+                Ok(_) => return,
+                Err(holder) => holder,
+            };
         }
     }
 

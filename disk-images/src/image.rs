@@ -29,12 +29,20 @@ use crate::{ImageError, MediaError};
 
 /// Bytes per checksummed block, as a `usize` for slicing.
 pub const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
-/// Number of lock stripes; block `b` is guarded by stripe `b % LOCK_STRIPES`.
+/// Number of lock stripes; block `b` is guarded by stripe
+/// `(b / STRIPE_BLOCKS) % LOCK_STRIPES`.
 const LOCK_STRIPES: usize = 4096;
+/// Consecutive blocks that share a lock stripe (64 KiB): a large request takes
+/// one lock per 16 blocks, not one per block.
+const STRIPE_BLOCKS: u64 = 16;
 /// How many blocks one `pread`/`pwrite` of [`DiskImage::read_blocks`] /
 /// [`DiskImage::write_blocks`] covers (and locks at once): 256 KiB.
 pub const BULK_BLOCKS: usize = 64;
-/// How many blocks one zeroing step locks at once (must not exceed `LOCK_STRIPES`).
+/// Writes at least this long store their whole blocks with streaming stores
+/// ([`SharedMapping::write_from_streaming`]): a large write's bytes are not
+/// read back soon, and ordinary stores would first read every destination line.
+const STREAMING_WRITE_BYTES: usize = 256 * 1024;
+/// How many blocks one zeroing step locks at once.
 const ZERO_BATCH_BLOCKS: u64 = 256;
 /// Without cross-process block locks (see [`DiskImage::shares_locks`]): how many
 /// times a read re-checks a block whose CRC does not match before calling it a
@@ -45,13 +53,16 @@ const MISMATCH_REREADS: usize = 3;
 
 /// The lock stripe of `block`.
 fn stripe_of(block: u64) -> usize {
-    (block % LOCK_STRIPES as u64) as usize
+    ((block / STRIPE_BLOCKS) % LOCK_STRIPES as u64) as usize
 }
 
-/// The stripes of blocks `[first, first+count)`, sorted (the lock order).
+/// The stripes of blocks `[first, first+count)`, sorted (the lock order), each once.
 fn sorted_stripes(first: u64, count: u64) -> impl Iterator<Item = usize> {
-    debug_assert!(count as usize <= LOCK_STRIPES);
-    let mut stripes: Vec<usize> = (first..first + count).map(stripe_of).collect();
+    let end = first + count;
+    let mut stripes: Vec<usize> = (first / STRIPE_BLOCKS..end.div_ceil(STRIPE_BLOCKS))
+        .take(LOCK_STRIPES)
+        .map(|group| stripe_of(group * STRIPE_BLOCKS))
+        .collect();
     stripes.sort_unstable();
     stripes.into_iter()
 }
@@ -402,9 +413,23 @@ impl DiskImage {
         &self.locks[stripe_of(block)]
     }
 
-    /// Locks `block`'s stripe for writing, in this process and across processes.
-    fn lock_exclusive(&self, block: u64) -> WriteGuard<'_> {
-        self.lock_stripe_exclusive(stripe_of(block))
+    /// Makes `held` the read lock of `block`'s stripe, keeping it if it already
+    /// is (consecutive blocks share a stripe), releasing the old one first.
+    fn hold_shared<'a>(&'a self, held: &mut Option<(usize, RwLockReadGuard<'a, ()>)>, block: u64) {
+        let stripe = stripe_of(block);
+        if held.as_ref().map(|(s, _)| *s) != Some(stripe) {
+            *held = None;
+            *held = Some((stripe, self.locks[stripe].read()));
+        }
+    }
+
+    /// Like [`Self::hold_shared`], for writing.
+    fn hold_exclusive<'a>(&'a self, held: &mut Option<(usize, WriteGuard<'a>)>, block: u64) {
+        let stripe = stripe_of(block);
+        if held.as_ref().map(|(s, _)| *s) != Some(stripe) {
+            *held = None;
+            *held = Some((stripe, self.lock_stripe_exclusive(stripe)));
+        }
     }
 
     fn lock_stripe_exclusive(&self, stripe: usize) -> WriteGuard<'_> {
@@ -491,6 +516,7 @@ impl DiskImage {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.check_range(offset, buf.len() as u64)?;
         let mut scratch = [0u8; BLOCK_BYTES];
+        let mut held = None;
         for Piece {
             block,
             within,
@@ -498,7 +524,7 @@ impl DiskImage {
             done,
         } in pieces(offset, buf.len())
         {
-            let _guard = self.lock(block).read();
+            self.hold_shared(&mut held, block);
             if step == BLOCK_BYTES {
                 self.read_checked_block(block, &mut buf[done..done + step], Held::Shared)?;
             } else {
@@ -523,6 +549,7 @@ impl DiskImage {
         let start = out.len();
         out.reserve(len);
         let mut scratch = [0u8; BLOCK_BYTES];
+        let mut held = None;
         for Piece {
             block,
             within,
@@ -530,7 +557,7 @@ impl DiskImage {
             ..
         } in pieces(offset, len)
         {
-            let _guard = self.lock(block).read();
+            self.hold_shared(&mut held, block);
             let result = if step == BLOCK_BYTES {
                 self.append_checked_block(block, out)
             } else {
@@ -565,6 +592,7 @@ impl DiskImage {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let mut scratch = [0u8; BLOCK_BYTES];
+        let mut held = None;
         for Piece {
             block,
             within,
@@ -574,8 +602,11 @@ impl DiskImage {
         {
             let position = offset + done as u64;
             let chunk = &data[done..done + step];
-            let _guard = self.lock_exclusive(block);
-            if step == BLOCK_BYTES {
+            self.hold_exclusive(&mut held, block);
+            if step == BLOCK_BYTES && data.len() >= STREAMING_WRITE_BYTES {
+                self.data.write_from_streaming(position as usize, chunk);
+                self.store_crc(block, crc32fast::hash(chunk));
+            } else if step == BLOCK_BYTES {
                 self.data.write_from(position as usize, chunk);
                 self.store_crc(block, crc32fast::hash(chunk));
             } else {
