@@ -112,30 +112,18 @@ fn xor_into(target: &mut [u8], source: &[u8]) {
     }
 }
 
-/// Whether every byte is zero (no early exit: vectorised, and used on 4 KiB).
-fn is_zero(bytes: &[u8]) -> bool {
-    bytes.iter().fold(0u8, |acc, &b| acc | b) == 0
-}
-
-/// Whether the XOR of `buffers[i][..len]` over `i` is all zeros (RAID-5 parity
-/// holds), one 4 KiB block at a time so the accumulator stays in L1.
-fn xor_is_zero(buffers: &[Vec<u8>], len: usize) -> bool {
-    let mut acc = [0u8; BLOCK_BYTES];
-    (0..len).step_by(BLOCK_BYTES).all(|at| {
-        let block = at..at + BLOCK_BYTES;
-        acc.copy_from_slice(&buffers[0][block.clone()]);
-        for buffer in &buffers[1..] {
-            xor_into(&mut acc, &buffer[block.clone()]);
-        }
-        is_zero(&acc)
-    })
-}
-
 /// The CRC32 of the XOR of `terms` equal-length blocks, from their CRCs: CRC32
 /// is affine over GF(2) for a fixed length (`crc(x) = L(x) ^ crc(zeros)`), so
 /// `crc(a ^ b ^ ...) = crc(a) ^ crc(b) ^ ...`, plus `crc(zeros)` once more when
 /// the number of terms is even.
 /// `zero_crc` is [`disk_images::image::zero_block_crc`].
+///
+/// Scrub's fast path uses this to check redundancy without touching the bytes
+/// again: blocks whose bytes match their CRCs are consistent (RAID-5: their XOR
+/// is all zeros; RAID-1: they are equal) exactly when the CRCs say so, except
+/// for a difference that is a multiple of the CRC polynomial, which a CRC32
+/// cannot see: never one confined to 32 consecutive bits, 1 in 2^32 of random
+/// ones. What the CRCs flag is then compared byte by byte.
 fn xor_crc(crcs: impl Iterator<Item = u32>, terms: usize, zero_crc: u32) -> u32 {
     let sum = crcs.fold(0, |acc, crc| acc ^ crc);
     if terms.is_multiple_of(2) {
@@ -143,6 +131,13 @@ fn xor_crc(crcs: impl Iterator<Item = u32>, terms: usize, zero_crc: u32) -> u32 
     } else {
         sum
     }
+}
+
+/// Whether RAID-5 blocks whose bytes match the CRCs `crcs` (one per member,
+/// parity included) XOR to zeros, judged from the CRCs (see [`xor_crc`]).
+fn parity_holds_by_crc(crcs: impl ExactSizeIterator<Item = u32>, zero_crc: u32) -> bool {
+    let terms = crcs.len();
+    xor_crc(crcs, terms, zero_crc) == zero_crc
 }
 
 /// Bytes per member handled at once on the fast path: the default chunk, so
@@ -215,16 +210,21 @@ impl Units {
         if !self.read(members, |i| members.readable[i], offset, len)? {
             return Ok(false);
         }
-        let bytes = len as usize;
+        // Every block read matches its CRC, so redundancy is checked on the
+        // CRCs (see `consistent_by_crc`); anything that does not add up is
+        // compared byte by byte on the slow path.
+        let blocks = len as usize / BLOCK_BYTES;
         let all_readable = members.readable.iter().all(|&r| r);
         let consistent = match members.geometry.level {
             // Degraded RAID-5: nothing left to compare against.
             Level::Raid5 if !all_readable => true,
-            Level::Raid5 => xor_is_zero(&self.buffers, bytes),
+            Level::Raid5 => (0..blocks).all(|block| {
+                parity_holds_by_crc(self.crcs.iter().map(|crcs| crcs[block]), self.zero_crc)
+            }),
             Level::Raid1 => {
-                let mut copies = (0..self.buffers.len())
+                let mut copies = (0..self.crcs.len())
                     .filter(|&i| members.readable[i])
-                    .map(|i| &self.buffers[i][..bytes]);
+                    .map(|i| &self.crcs[i][..blocks]);
                 let first = copies.next();
                 copies.all(|copy| Some(copy) == first)
             }
@@ -615,13 +615,43 @@ mod tests {
     }
 
     #[test]
-    fn parity_check_finds_one_flipped_bit() {
-        let mut buffers = vec![vec![0u8; 2 * BLOCK_BYTES]; 4];
-        buffers[0][5000] = 0x5a;
-        buffers[2][5000] = 0x5a;
-        assert!(xor_is_zero(&buffers, 2 * BLOCK_BYTES));
-        buffers[3][8191] ^= 1;
-        assert!(!xor_is_zero(&buffers, 2 * BLOCK_BYTES));
-        assert!(xor_is_zero(&buffers, BLOCK_BYTES));
+    fn parity_check_by_crc_finds_every_flipped_bit_and_burst() {
+        let zero = disk_images::image::zero_block_crc();
+        let mut blocks = vec![vec![0u8; BLOCK_BYTES]; 4];
+        for (i, byte) in blocks[0].iter_mut().enumerate() {
+            *byte = (i * 31 + 7) as u8;
+        }
+        blocks[1][100] = 0x5a;
+        let parity: Vec<u8> = (0..BLOCK_BYTES)
+            .map(|i| blocks[0][i] ^ blocks[1][i] ^ blocks[2][i])
+            .collect();
+        blocks[3] = parity;
+        let crcs = |blocks: &[Vec<u8>]| {
+            blocks
+                .iter()
+                .map(|b| crc32fast::hash(b))
+                .collect::<Vec<_>>()
+        };
+        assert!(parity_holds_by_crc(crcs(&blocks).into_iter(), zero));
+        // Any single flipped bit, in any member.
+        for bit in 0..BLOCK_BYTES * 8 {
+            let member = bit % 4;
+            blocks[member][bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                !parity_holds_by_crc(crcs(&blocks).into_iter(), zero),
+                "bit {bit}"
+            );
+            blocks[member][bit / 8] ^= 1 << (bit % 8);
+        }
+        // A burst of up to 32 bits.
+        for at in (0..BLOCK_BYTES - 4).step_by(61) {
+            blocks[2][at..at + 4].iter_mut().for_each(|b| *b ^= 0xff);
+            assert!(
+                !parity_holds_by_crc(crcs(&blocks).into_iter(), zero),
+                "burst at {at}"
+            );
+            blocks[2][at..at + 4].iter_mut().for_each(|b| *b ^= 0xff);
+        }
+        assert!(parity_holds_by_crc(crcs(&blocks).into_iter(), zero));
     }
 }
