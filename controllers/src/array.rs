@@ -384,7 +384,7 @@ impl Array {
     /// Carves volume `name` of `size` bytes (a multiple of 4 KiB) from the
     /// first free space big enough, starting on a stripe boundary (RAID-5: a
     /// whole row of data chunks; RAID-1: a chunk) so two volumes never share a
-    /// stripe. Servers started afterwards export it.
+    /// stripe. Running servers offer it to their next client.
     pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeRecord, ArrayError> {
         check_volume_name(name).map_err(ArrayError::Invalid)?;
         if size == 0 || !size.is_multiple_of(4096) {

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use controllers::array::{self, Array};
 use controllers::raid::Level;
 use disk_images::{Access, DiskImage};
-use emulator::nbd::export::{ArrayVolume, Export, ExportSet};
+use emulator::nbd::export::{ArrayVolumes, Catalog, Export, ExportSet};
 use emulator::nbd::server::{self, ListenAddress, Listener, ServerConfig};
 use emulator::tasks::{Adjust, StartOptions, TaskKind};
 use emulator::units::parse_size;
@@ -79,8 +79,8 @@ enum ArrayCommand {
         #[arg(long, default_value_t = 1)]
         volumes: usize,
     },
-    /// Carve a new volume from the array's free space (exported by servers
-    /// started afterwards).
+    /// Carve a new volume from the array's free space (running servers offer it
+    /// to their next client).
     VolumeCreate {
         /// Array directory.
         dir: PathBuf,
@@ -91,7 +91,8 @@ enum ArrayCommand {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
-    /// Delete a volume (its data stays on the disks until overwritten).
+    /// Delete a volume (its data stays on the disks until overwritten; running
+    /// servers refuse its I/O from then on).
     VolumeDelete {
         /// Array directory.
         dir: PathBuf,
@@ -621,9 +622,10 @@ fn run_task(dir: &Path, kind: TaskKind, repair: bool, args: &TaskArgs) -> anyhow
     })
 }
 
-/// The exports `serve` offers: one image, or every volume of an array.
-fn exports_for(args: &ServeArgs) -> anyhow::Result<ExportSet> {
-    let exports = if let Some(dir) = &args.array {
+/// The exports `serve` offers: one image, or every volume of an array (as the
+/// array's volumes are when each client connects).
+fn exports_for(args: &ServeArgs) -> anyhow::Result<Catalog> {
+    if let Some(dir) = &args.array {
         let array = Array::open(dir)?;
         if array.metadata().volumes.is_empty() {
             bail!(
@@ -631,59 +633,46 @@ fn exports_for(args: &ServeArgs) -> anyhow::Result<ExportSet> {
                 dir.display()
             );
         }
-        array
-            .metadata()
-            .volumes
-            .iter()
-            .map(|volume| Export {
-                description: format!(
-                    "volume {} of array {} ({} bytes)",
-                    volume.name,
-                    dir.display(),
-                    volume.size
-                ),
-                name: volume.name.clone(),
-                device: Arc::new(ArrayVolume::new(
-                    Arc::clone(array.engine()),
-                    volume.offset,
-                    volume.size,
-                )),
-                read_only: false,
-            })
-            .collect()
+        let volumes = ArrayVolumes::new(
+            dir,
+            Arc::clone(array.engine()),
+            array.metadata().volumes.clone(),
+        );
+        return Ok(Catalog::array(volumes));
+    }
+    let path = args.image.as_ref().context("pass --image or --array")?;
+    let access = if args.read_only {
+        Access::ReadOnly
     } else {
-        let path = args.image.as_ref().context("pass --image or --array")?;
-        let access = if args.read_only {
-            Access::ReadOnly
-        } else {
-            Access::ReadWrite
-        };
-        let image = DiskImage::open(path, access)?;
-        if !image.shares_locks() {
-            tracing::warn!(
-                image = %path.display(),
-                "no cross-process block locks (is /dev/shm writable?): another process \
-                 serving this image at the same time could see spurious media errors"
-            );
-        }
-        let name = match &args.export {
-            Some(name) => name.clone(),
-            None => path
-                .file_stem()
-                .map(|stem| stem.to_string_lossy().into_owned())
-                .context("cannot derive an export name from the image path; pass --export")?,
-        };
-        if name.len() > emulator::nbd::proto::MAX_STRING_LEN || name.contains('\0') {
-            bail!("export name must be at most 4096 bytes without NUL characters");
-        }
-        vec![Export {
-            description: format!("{} ({} bytes)", path.display(), image.size()),
-            name,
-            device: Arc::new(image),
-            read_only: args.read_only,
-        }]
+        Access::ReadWrite
     };
-    ExportSet::new(exports).map_err(anyhow::Error::msg)
+    let image = DiskImage::open(path, access)?;
+    if !image.shares_locks() {
+        tracing::warn!(
+            image = %path.display(),
+            "no cross-process block locks (is /dev/shm writable?): another process \
+             serving this image at the same time could see spurious media errors"
+        );
+    }
+    let name = match &args.export {
+        Some(name) => name.clone(),
+        None => path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .context("cannot derive an export name from the image path; pass --export")?,
+    };
+    if name.len() > emulator::nbd::proto::MAX_STRING_LEN || name.contains('\0') {
+        bail!("export name must be at most 4096 bytes without NUL characters");
+    }
+    let export = Export {
+        description: format!("{} ({} bytes)", path.display(), image.size()),
+        name,
+        device: Arc::new(image),
+        read_only: args.read_only,
+    };
+    Ok(Catalog::fixed(
+        ExportSet::new(vec![export]).map_err(anyhow::Error::msg)?,
+    ))
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -705,7 +694,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let listener = Listener::bind(&address).await?;
-        for export in exports.iter() {
+        for export in exports.current().iter() {
             tracing::info!(
                 export = %export.name,
                 size = export.device.size(),

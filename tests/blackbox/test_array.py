@@ -296,6 +296,55 @@ def test_volumes_carved_from_an_array_are_separate_exports(tmp_path, serve, rng,
         h.shutdown()
 
 
+def test_volumes_created_and_deleted_while_serving(tmp_path, serve, rng, need_tools):
+    """A running server offers a volume created after it started to the next
+    client, stops offering a deleted one, and refuses the deleted one's I/O on
+    connections already open (its space may belong to a new volume by then)."""
+    need_tools("nbdinfo")
+    array = tmp_path / "array"
+    created = emulator("array", "create", str(array), "--level", "raid5", "--disks", "4",
+                       "--disk-size", "8MiB", "--volumes", "2")
+    assert created.returncode == 0, created.describe()
+    assert emulator("array", "volume-delete", str(array), "--name", "vol1").returncode == 0
+    server = serve_array(serve, array)
+    keep = nbd_connect(server.uri("vol0"))
+    kept = rng.randbytes(MIB)
+    keep.pwrite(kept, 0)
+    with pytest.raises(nbd.Error):
+        nbd_connect(server.uri("db"))
+
+    made = emulator("array", "volume-create", str(array), "--name", "db", "--size", "1MiB")
+    assert made.returncode == 0, made.describe()
+    listed = run(["nbdinfo", "--list", "--json", server.uri("vol0")])
+    assert listed.returncode == 0, listed.describe()
+    names = sorted(e["export-name"] for e in json.loads(listed.stdout)["exports"])
+    assert names == ["db", "vol0"]
+    old = nbd_connect(server.uri("db"))
+    assert old.get_size() == MIB
+    old.pwrite(rng.randbytes(MIB), 0)
+
+    assert emulator("array", "volume-delete", str(array), "--name", "db").returncode == 0
+    with pytest.raises(nbd.Error) as refused:
+        old.pread(4096, 0)
+    assert errno_name(refused.value.errno) == "EIO"
+    with pytest.raises(nbd.Error):
+        nbd_connect(server.uri("db"))
+
+    # A new volume in the same space: the old connection cannot write into it.
+    made = emulator("array", "volume-create", str(array), "--name", "db2", "--size", "1MiB")
+    assert made.returncode == 0, made.describe()
+    fresh = nbd_connect(server.uri("db2"))
+    pattern = rng.randbytes(MIB)
+    fresh.pwrite(pattern, 0)
+    with pytest.raises(nbd.Error):
+        old.pwrite(b"\xee" * 4096, 0)
+    assert fresh.pread(MIB, 0) == pattern
+    assert keep.pread(MIB, 0) == kept, "vol0 and its connection were not disturbed"
+    for h in (old, fresh, keep):
+        h.shutdown()
+    server.stop_clean()
+
+
 def test_bad_volume_requests_change_nothing(tmp_path):
     array = create_array(tmp_path)  # one volume filling the array
     metadata = array / "array.json"

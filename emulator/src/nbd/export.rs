@@ -1,10 +1,16 @@
 //! What the NBD server exports: named block devices behind a small trait, so the
-//! same protocol code serves a single disk image or the volumes of a RAID array.
+//! same protocol code serves a single disk image or the volumes of a RAID array,
+//! and the [`Catalog`] a server takes its exports from: fixed, or following an
+//! array whose volumes are created and deleted while it serves.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use controllers::array::{read_metadata, VolumeRecord};
 use controllers::raid::{RaidEngine, RaidError};
 use disk_images::{DiskImage, Extent, ImageError};
+use parking_lot::Mutex;
 
 use super::proto::errno;
 
@@ -145,6 +151,11 @@ impl ExportSet {
         })
     }
 
+    /// A set that may be empty, for a catalog whose array has no volumes left.
+    fn from_shared(exports: Vec<Arc<Export>>) -> Self {
+        Self { exports }
+    }
+
     /// Looks up an export; the empty name means the default export.
     pub fn find(&self, name: &str) -> Option<&Arc<Export>> {
         if name.is_empty() {
@@ -159,28 +170,121 @@ impl ExportSet {
     }
 }
 
+/// The volumes of one array as this process knows them, re-read from
+/// `array.json` whenever the array's live generation moves (another process
+/// created or deleted a volume, or changed a member).
+#[derive(Debug)]
+pub struct ArrayVolumes {
+    dir: PathBuf,
+    engine: Arc<RaidEngine>,
+    known: Mutex<(u64, Vec<VolumeRecord>)>,
+}
+
+impl ArrayVolumes {
+    /// The volumes of the array in `dir` served through `engine`; `volumes` are
+    /// those `array.json` recorded when the engine was opened.
+    pub fn new(dir: &Path, engine: Arc<RaidEngine>, volumes: Vec<VolumeRecord>) -> Arc<Self> {
+        let generation = Self::generation_of(&engine);
+        Arc::new(Self {
+            dir: dir.to_path_buf(),
+            engine,
+            known: Mutex::new((generation, volumes)),
+        })
+    }
+
+    fn generation_of(engine: &RaidEngine) -> u64 {
+        engine.live().map_or(0, |live| live.generation())
+    }
+
+    /// The live generation now (one atomic load).
+    fn generation(&self) -> u64 {
+        Self::generation_of(&self.engine)
+    }
+
+    /// The array's volumes now, and the generation they were read at.
+    pub fn current(&self) -> Result<(u64, Vec<VolumeRecord>), DeviceError> {
+        let generation = self.generation();
+        let mut known = self.known.lock();
+        if known.0 != generation {
+            // Generation first: a change racing with this read bumps it again.
+            let metadata =
+                read_metadata(&self.dir).map_err(|err| DeviceError::Io(err.to_string()))?;
+            *known = (generation, metadata.volumes);
+        }
+        Ok(known.clone())
+    }
+
+    /// The export of `volume`.
+    pub fn export(self: &Arc<Self>, volume: &VolumeRecord) -> Export {
+        Export {
+            description: format!(
+                "volume {} of array {} ({} bytes)",
+                volume.name,
+                self.dir.display(),
+                volume.size
+            ),
+            name: volume.name.clone(),
+            device: Arc::new(ArrayVolume::new(Arc::clone(self), volume.clone())),
+            read_only: false,
+        }
+    }
+}
+
 /// A volume of a RAID array, served as a block device: `size` bytes starting at
-/// `offset` in the array's data space.
+/// `offset` in the array's data space. Before each operation it checks, with one
+/// atomic load, that the array's configuration has not changed since it last
+/// looked; if it has, that the volume still exists as it was. A deleted volume
+/// answers every later operation with an error (its space may already belong to
+/// a new volume); an operation already under way when it is deleted finishes.
 #[derive(Debug)]
 pub struct ArrayVolume {
-    engine: Arc<RaidEngine>,
-    offset: u64,
-    size: u64,
+    volumes: Arc<ArrayVolumes>,
+    record: VolumeRecord,
+    checked_at: AtomicU64,
+    deleted: AtomicBool,
 }
 
 impl ArrayVolume {
-    /// The volume `[offset, offset+size)` of the array behind `engine`.
-    pub fn new(engine: Arc<RaidEngine>, offset: u64, size: u64) -> Self {
+    /// Volume `record` of the array behind `volumes`.
+    pub fn new(volumes: Arc<ArrayVolumes>, record: VolumeRecord) -> Self {
+        let checked_at = volumes.known.lock().0;
         Self {
-            engine,
-            offset,
-            size,
+            volumes,
+            record,
+            checked_at: AtomicU64::new(checked_at),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    fn engine(&self) -> &RaidEngine {
+        &self.volumes.engine
+    }
+
+    /// Fails once the volume has been deleted (or changed) in `array.json`.
+    fn check_exists(&self) -> Result<(), DeviceError> {
+        let gone = || DeviceError::Io(format!("volume {} was deleted", self.record.name));
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(gone());
+        }
+        if self.checked_at.load(Ordering::Acquire) == self.volumes.generation() {
+            return Ok(());
+        }
+        let (generation, volumes) = self.volumes.current()?;
+        if volumes.contains(&self.record) {
+            self.checked_at.store(generation, Ordering::Release);
+            Ok(())
+        } else {
+            if !self.deleted.swap(true, Ordering::AcqRel) {
+                tracing::warn!(volume = %self.record.name, "volume deleted while served; refusing its I/O");
+            }
+            Err(gone())
         }
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<u64, DeviceError> {
+        self.check_exists()?;
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(self.offset + offset),
+            Some(end) if end <= self.record.size => Ok(self.record.offset + offset),
             _ => Err(DeviceError::OutOfRange),
         }
     }
@@ -201,11 +305,11 @@ impl From<RaidError> for DeviceError {
 
 impl BlockDevice for ArrayVolume {
     fn size(&self) -> u64 {
-        self.size
+        self.record.size
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let at = self.map(offset, buf.len() as u64)?;
-        self.engine
+        self.engine()
             .read_at(at, buf)
             .map_err(|err| match DeviceError::from(err) {
                 // Report media errors in the volume's own address space.
@@ -213,7 +317,7 @@ impl BlockDevice for ArrayVolume {
                     offset: array_offset,
                     message,
                 } => DeviceError::Media {
-                    offset: array_offset.saturating_sub(self.offset),
+                    offset: array_offset.saturating_sub(self.record.offset),
                     message,
                 },
                 other => other,
@@ -221,18 +325,19 @@ impl BlockDevice for ArrayVolume {
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let at = self.map(offset, data.len() as u64)?;
-        Ok(self.engine.write_at(at, data)?)
+        Ok(self.engine().write_at(at, data)?)
     }
     fn write_zeroes(&self, offset: u64, len: u64, _punch_hole: bool) -> Result<(), DeviceError> {
         let at = self.map(offset, len)?;
-        Ok(self.engine.write_zeroes(at, len)?)
+        Ok(self.engine().write_zeroes(at, len)?)
     }
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.map(offset, len)?;
-        Ok(self.engine.flush()?)
+        Ok(self.engine().flush()?)
     }
     fn flush(&self) -> Result<(), DeviceError> {
-        Ok(self.engine.flush()?)
+        // Flushing makes the array durable, deleted volume or not.
+        Ok(self.engine().flush()?)
     }
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
         // Striped data has no holes to report: say "data", which is always safe.
@@ -245,5 +350,87 @@ impl BlockDevice for ArrayVolume {
                 hole: false,
             }]
         })
+    }
+}
+
+/// Where a server takes its exports from, once per connection: a fixed set, or
+/// the current volumes of an array (so a volume created while the server runs
+/// is offered to the next client, and a deleted one no longer is).
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Fixed(ExportSet),
+    Array(Arc<ArrayCatalog>),
+}
+
+#[derive(Debug)]
+struct ArrayCatalog {
+    volumes: Arc<ArrayVolumes>,
+    /// The generation the exports were built at, and each volume's export,
+    /// reused while the volume does not change.
+    last: Mutex<(u64, Vec<Served>)>,
+}
+
+/// A volume and the export serving it.
+type Served = (VolumeRecord, Arc<Export>);
+
+impl Catalog {
+    /// Always the same exports.
+    pub fn fixed(exports: ExportSet) -> Self {
+        Self {
+            source: Source::Fixed(exports),
+        }
+    }
+
+    /// The volumes of an array, as they are when each client connects.
+    pub fn array(volumes: Arc<ArrayVolumes>) -> Self {
+        Self {
+            source: Source::Array(Arc::new(ArrayCatalog {
+                volumes,
+                // No generation matches u64::MAX: the first `current` builds.
+                last: Mutex::new((u64::MAX, Vec::new())),
+            })),
+        }
+    }
+
+    /// The exports to offer a client connecting now. If the array cannot be
+    /// read, the last known ones (and the error is logged).
+    pub fn current(&self) -> ExportSet {
+        let catalog = match &self.source {
+            Source::Fixed(exports) => return exports.clone(),
+            Source::Array(catalog) => catalog,
+        };
+        let mut last = catalog.last.lock();
+        match catalog.volumes.current() {
+            Ok((generation, volumes)) if generation != last.0 => {
+                let exports = volumes
+                    .into_iter()
+                    .map(|volume| {
+                        let export = last
+                            .1
+                            .iter()
+                            .find(|(known, _)| *known == volume)
+                            .map(|(_, export)| Arc::clone(export))
+                            .unwrap_or_else(|| Arc::new(catalog.volumes.export(&volume)));
+                        (volume, export)
+                    })
+                    .collect();
+                *last = (generation, exports);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(%err, "cannot re-read the array's volumes; offering the last known ones");
+            }
+        }
+        ExportSet::from_shared(
+            last.1
+                .iter()
+                .map(|(_, export)| Arc::clone(export))
+                .collect(),
+        )
     }
 }

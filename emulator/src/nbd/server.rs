@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::export::ExportSet;
+use super::export::{Catalog, ExportSet};
 use super::handshake::{self, HandshakeError};
 use super::transmission::{self, Ending, ReplyWriter};
 
@@ -161,10 +161,11 @@ async fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
     })
 }
 
-/// Serves `exports` on `listener` until `shutdown` resolves, then drains.
+/// Serves the exports of `catalog` (as they are when each client connects) on
+/// `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     listener: Listener,
-    exports: ExportSet,
+    catalog: Catalog,
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -198,7 +199,7 @@ pub async fn run(
             tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; refusing connection");
             continue;
         };
-        let exports = exports.clone();
+        let exports = catalog.current();
         let stop = stop.clone();
         let id = next_id;
         let span = tracing::info_span!("conn", id, %peer);
@@ -231,7 +232,7 @@ pub async fn run(
         );
         connections.shutdown().await;
     }
-    for export in exports.iter() {
+    for export in catalog.current().iter() {
         if let Err(err) = export.device.flush() {
             tracing::error!(export = %export.name, %err, "final flush failed");
         }
