@@ -3,7 +3,8 @@
 //! redundancy, reconstruction and repair ([`raid`]); arrays on disk, member
 //! images plus checksummed metadata and volumes ([`array`]); the live state every
 //! process using an array shares, with cross-process stripe locks and crash
-//! recovery ([`live`]); the task coordination object through which controllers
+//! recovery ([`live`]), and the journal that closes the RAID-5 write hole for a
+//! process dying mid-write on a degraded array ([`journal`]); the task coordination object through which controllers
 //! split rebuild and scrub into partitions and claim them ([`coordination`]); and
 //! the work of one partition ([`work`]).
 //!
@@ -12,6 +13,7 @@
 
 pub mod array;
 pub mod coordination;
+pub mod journal;
 pub mod live;
 pub mod raid;
 pub mod work;

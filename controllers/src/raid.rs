@@ -55,11 +55,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 
+use crate::journal::{Journal, JOURNAL_FILE};
 use crate::live::Live;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -349,6 +351,8 @@ pub struct RaidEngine {
     geometry: Geometry,
     view: RwLock<Arc<View>>,
     shared: Option<Shared>,
+    /// The degraded-write journal of a shared engine (see [`crate::journal`]).
+    journal: Option<Journal>,
     locks: Box<[RwLock<()>]>,
     repaired: AtomicU64,
 }
@@ -461,6 +465,7 @@ impl RaidEngine {
                 generation: 0,
             })),
             shared: None,
+            journal: None,
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             repaired: AtomicU64::new(0),
         })
@@ -484,6 +489,13 @@ impl RaidEngine {
         // holder's locks keep everyone else off the stripes being resynced.
         let mut engine = Self::new(geometry, images, states)?;
         Arc::make_mut(engine.view.get_mut()).generation = generation;
+        let dir = live.path().parent().unwrap_or(Path::new("."));
+        engine.journal = Some(Journal::open(dir).map_err(|err| {
+            RaidError::Config(format!(
+                "cannot open {}: {err}",
+                dir.join(JOURNAL_FILE).display()
+            ))
+        })?);
         live.recover_dead(&|stripe| engine.resync_stripe(stripe));
         live.register()
             .map_err(|err| RaidError::Config(err.to_string()))?;
@@ -805,6 +817,15 @@ impl RaidEngine {
             if stripe >= self.geometry.disk_bytes / chunk {
                 return Ok(());
             }
+            if let (Level::Raid5, Some(missing)) =
+                (self.geometry.level, self.missing_data_member(&view, stripe))
+            {
+                return match self.r5_resync_degraded(&view, stripe, missing) {
+                    Ok(()) => Ok(()),
+                    Err(Fault::Raid(err)) => Err(err),
+                    Err(Fault::NeedExclusive) => unreachable!("resync reads repair in place"),
+                };
+            }
             let base = stripe * chunk;
             let mut done = 0;
             while done < chunk {
@@ -819,6 +840,13 @@ impl RaidEngine {
                     Err(Fault::NeedExclusive) => unreachable!("resync reads repair in place"),
                 }
                 done += len;
+            }
+            // A degraded write's entry cannot be left behind here (recovery runs
+            // before the array changes), but a stale one must never be applied.
+            if let Some(journal) = &self.journal {
+                journal.clear(Self::lock_index(stripe)).map_err(|err| {
+                    RaidError::Config(format!("{}: {err}", journal.path().display()))
+                })?;
             }
             Ok(())
         });
@@ -844,18 +872,73 @@ impl RaidEngine {
         Ok(())
     }
 
-    fn r5_resync(&self, view: &View, stripe: u64, in_chunk: u64, len: u64) -> StepResult<()> {
+    /// The data member of `stripe` that cannot be read (failed, or being
+    /// rebuilt), if any: its bytes there exist only as the XOR of the others.
+    fn missing_data_member(&self, view: &View, stripe: u64) -> Option<usize> {
+        let parity_disk = self.geometry.parity_disk(stripe);
+        (0..self.geometry.disks).find(|&d| d != parity_disk && !view.readable(d))
+    }
+
+    /// Resync of a degraded RAID-5 stripe: the parity is recomputed from the
+    /// surviving data and the missing member's bytes saved in the journal before
+    /// the interrupted write (see [`crate::journal`]). No valid entry means the
+    /// write had not touched a member yet, or had finished: nothing to do.
+    fn r5_resync_degraded(&self, view: &View, stripe: u64, missing: usize) -> StepResult<()> {
         let g = &self.geometry;
-        let parity_disk = g.parity_disk(stripe);
-        if let Some(missing) = (0..g.disks).find(|&d| d != parity_disk && !view.readable(d)) {
+        let lock = Self::lock_index(stripe);
+        let Some(journal) = &self.journal else {
             tracing::error!(
                 stripe,
                 member = missing,
-                "a write to this stripe of a degraded RAID-5 was cut short: member \
-                 {missing}'s data in it may be lost (RAID-5 write hole)"
+                "a write to this stripe of a degraded RAID-5 was cut short and there is \
+                 no journal: member {missing}'s data in it may be lost (RAID-5 write hole)"
             );
             return Ok(());
+        };
+        let journal_error = |err: std::io::Error| {
+            Fault::Raid(RaidError::Config(format!(
+                "{}: {err}",
+                journal.path().display()
+            )))
+        };
+        let Some(saved) = journal.saved(lock, stripe).map_err(journal_error)? else {
+            return Ok(());
+        };
+        let parity_disk = g.parity_disk(stripe);
+        let offset = stripe * g.chunk_bytes + saved.offset;
+        if view.writable(parity_disk) {
+            let mut parity = saved.bytes.clone();
+            let mut data = vec![0u8; saved.bytes.len()];
+            for k in 0..g.disks - 1 {
+                let disk = g.data_disk(stripe, k);
+                if disk != missing {
+                    self.r5_read_member(view, stripe, disk, saved.offset, &mut data, true)?;
+                    xor_into(&mut parity, &data);
+                }
+            }
+            view.images[parity_disk]
+                .write_at(offset, &parity)
+                .map_err(|source| Self::member_error(parity_disk, source))?;
         }
+        if view.writable(missing) {
+            // Being rebuilt: it holds what the interrupted write gave it.
+            view.images[missing]
+                .write_at(offset, &saved.bytes)
+                .map_err(|source| Self::member_error(missing, source))?;
+        }
+        journal.clear(lock).map_err(journal_error)?;
+        tracing::warn!(
+            stripe,
+            member = missing,
+            "restored the missing member's data in a stripe a dead process was writing, \
+             from the journal"
+        );
+        Ok(())
+    }
+
+    fn r5_resync(&self, view: &View, stripe: u64, in_chunk: u64, len: u64) -> StepResult<()> {
+        let g = &self.geometry;
+        let parity_disk = g.parity_disk(stripe);
         if !view.writable(parity_disk) {
             return Ok(());
         }
@@ -1243,6 +1326,10 @@ impl RaidEngine {
         };
 
         let offset = stripe * chunk + lo;
+        let journaled = match &parity {
+            Some(_) => self.journal_missing(view, stripe, lo, len)?,
+            None => None,
+        };
         for t in &touched {
             if view.writable(t.disk) {
                 view.images[t.disk]
@@ -1256,7 +1343,43 @@ impl RaidEngine {
                 .write_at(offset, &parity)
                 .map_err(|source| Self::member_error(parity_disk, source))?;
         }
+        if let (Some(lock), Some(journal)) = (journaled, &self.journal) {
+            journal.clear(lock).map_err(|err| {
+                Fault::Raid(RaidError::Config(format!(
+                    "{}: {err}",
+                    journal.path().display()
+                )))
+            })?;
+        }
         Ok(())
+    }
+
+    /// Before a write to `[lo, lo+len)` of a degraded RAID-5 stripe changes any
+    /// member: saves the missing data member's bytes there in the journal entry
+    /// of the stripe's lock (held exclusively), so that a resync after this
+    /// process dies half-way can restore them. Returns the entry's lock.
+    fn journal_missing(
+        &self,
+        view: &View,
+        stripe: u64,
+        lo: u64,
+        len: usize,
+    ) -> StepResult<Option<usize>> {
+        let (Some(journal), Some(missing)) =
+            (&self.journal, self.missing_data_member(view, stripe))
+        else {
+            return Ok(None);
+        };
+        let mut saved = vec![0u8; len];
+        self.r5_reconstruct(view, stripe, missing, lo, &mut saved)?;
+        let lock = Self::lock_index(stripe);
+        journal.record(lock, stripe, lo, &saved).map_err(|err| {
+            Fault::Raid(RaidError::Config(format!(
+                "{}: {err}",
+                journal.path().display()
+            )))
+        })?;
+        Ok(Some(lock))
     }
 }
 

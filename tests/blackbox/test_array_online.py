@@ -178,6 +178,41 @@ def test_a_stripe_left_half_written_by_a_killed_process_is_resynced(tmp_path, se
     assert json.loads(scrub.stdout)["parity_mismatches"] == 0
 
 
+def test_a_process_killed_mid_write_on_a_degraded_raid5_loses_nothing_acknowledged(
+        tmp_path, serve, rng):
+    """The RAID-5 write hole: on a degraded array a process dies between the data
+    and the parity write of a stripe. The failed member's bytes in that stripe
+    exist only as data XOR parity; the journal restores them."""
+    array = create_array(tmp_path)
+    server = serve(None, "unix", extra=["--array", str(array)])
+    h = nbd_connect(server.uri("vol0"))
+    row = rng.randbytes(3 * CHUNK)  # stripe 0: disk0, disk1, disk2 data; parity on disk3
+    h.pwrite(row, 0, nbd.CMD_FLAG_FUA)
+    h.shutdown()
+    server.stop_clean()
+    failed = emulator("array", "fail", str(array), "--disk", "1")
+    assert failed.returncode == 0, failed.describe()
+
+    crashing = serve(None, "unix", extra=["--array", str(array)],
+                     env={"EMULATOR_FAULT_CRASH_MID_WRITE": "1"})
+    crashing.expect_dead = True  # it aborts on purpose
+    h = nbd_connect(crashing.uri("vol0"))
+    with pytest.raises(nbd.Error):
+        h.pwrite(rng.randbytes(4096), 0)  # disk0 written, parity not
+    assert crashing.proc.wait(timeout=10) == -6, "SIGABRT"
+
+    result = emulator("array", "status", str(array), "--json")
+    assert result.returncode == 0, result.describe()
+    assert "from the journal" in result.stderr, result.describe()
+    server = serve(None, "unix", extra=["--array", str(array)])
+    h = nbd_connect(server.uri("vol0"))
+    assert h.pread(CHUNK, CHUNK) == row[CHUNK:2 * CHUNK], "the failed member's data survived"
+    assert h.pread(CHUNK, 2 * CHUNK) == row[2 * CHUNK:]
+    assert h.pread(CHUNK - 4096, 4096) == row[4096:CHUNK], "outside the interrupted write"
+    h.shutdown()
+    server.stop_clean()
+
+
 def test_a_waiting_server_recovers_a_stripe_lock_held_by_a_killed_process(tmp_path, serve, rng):
     """A live server that needs a stripe a dead process held does not hang: it
     notices the holder is gone, resyncs the stripe and goes on."""
