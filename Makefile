@@ -5,7 +5,7 @@ RUN_DIR ?= run
 IMAGE ?= $(RUN_DIR)/disk0.img
 IMAGE_SIZE ?= 1GiB
 LISTEN ?= 127.0.0.1:10809
-EMULATOR := target/release/emulator
+EMULATOR := $(or $(CARGO_TARGET_DIR),target)/release/emulator
 PYTHON := /usr/bin/python3
 FUZZ_SECONDS ?= 20
 
@@ -44,10 +44,10 @@ unit:
 	$(CARGO) test --workspace --locked
 
 blackbox: build
-	EMULATOR_BIN=$(CURDIR)/$(EMULATOR) $(PYTHON) -m pytest -q tests/blackbox
+	EMULATOR_BIN=$(abspath $(EMULATOR)) $(PYTHON) -m pytest -q tests/blackbox
 
 linux-host: build
-	EMULATOR=$(CURDIR)/$(EMULATOR) scripts/linux-host-test.sh
+	EMULATOR=$(abspath $(EMULATOR)) scripts/linux-host-test.sh
 
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
@@ -57,11 +57,11 @@ bench: bench-nbd bench-controllers
 
 bench-nbd: build
 	@scripts/install-deps.sh bench
-	scripts/bench-nbd.sh
+	EMULATOR=$(abspath $(EMULATOR)) scripts/bench-nbd.sh
 
 bench-controllers: build
 	@scripts/install-deps.sh bench
-	EMULATOR=$(CURDIR)/$(EMULATOR) scripts/bench-controllers.sh
+	EMULATOR=$(abspath $(EMULATOR)) scripts/bench-controllers.sh
 
 clean:
 	$(CARGO) clean
