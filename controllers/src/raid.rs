@@ -290,6 +290,11 @@ fn crash_point() {
     }
 }
 
+/// A failed read or write of the degraded-write journal.
+fn journal_error(journal: &Journal, err: std::io::Error) -> RaidError {
+    RaidError::Config(format!("{}: {err}", journal.path().display()))
+}
+
 /// Internal outcome of one stripe step.
 enum Fault {
     /// A media error was met under the shared lock: redo under the exclusive one.
@@ -844,9 +849,9 @@ impl RaidEngine {
             // A degraded write's entry cannot be left behind here (recovery runs
             // before the array changes), but a stale one must never be applied.
             if let Some(journal) = &self.journal {
-                journal.clear(Self::lock_index(stripe)).map_err(|err| {
-                    RaidError::Config(format!("{}: {err}", journal.path().display()))
-                })?;
+                journal
+                    .clear(Self::lock_index(stripe))
+                    .map_err(|err| journal_error(journal, err))?;
             }
             Ok(())
         });
@@ -895,13 +900,8 @@ impl RaidEngine {
             );
             return Ok(());
         };
-        let journal_error = |err: std::io::Error| {
-            Fault::Raid(RaidError::Config(format!(
-                "{}: {err}",
-                journal.path().display()
-            )))
-        };
-        let Some(saved) = journal.saved(lock, stripe).map_err(journal_error)? else {
+        let fault = |err| Fault::Raid(journal_error(journal, err));
+        let Some(saved) = journal.saved(lock, stripe).map_err(fault)? else {
             return Ok(());
         };
         let parity_disk = g.parity_disk(stripe);
@@ -926,7 +926,7 @@ impl RaidEngine {
                 .write_at(offset, &saved.bytes)
                 .map_err(|source| Self::member_error(missing, source))?;
         }
-        journal.clear(lock).map_err(journal_error)?;
+        journal.clear(lock).map_err(fault)?;
         tracing::warn!(
             stripe,
             member = missing,
@@ -1344,12 +1344,9 @@ impl RaidEngine {
                 .map_err(|source| Self::member_error(parity_disk, source))?;
         }
         if let (Some(lock), Some(journal)) = (journaled, &self.journal) {
-            journal.clear(lock).map_err(|err| {
-                Fault::Raid(RaidError::Config(format!(
-                    "{}: {err}",
-                    journal.path().display()
-                )))
-            })?;
+            journal
+                .clear(lock)
+                .map_err(|err| Fault::Raid(journal_error(journal, err)))?;
         }
         Ok(())
     }
@@ -1373,12 +1370,9 @@ impl RaidEngine {
         let mut saved = vec![0u8; len];
         self.r5_reconstruct(view, stripe, missing, lo, &mut saved)?;
         let lock = Self::lock_index(stripe);
-        journal.record(lock, stripe, lo, &saved).map_err(|err| {
-            Fault::Raid(RaidError::Config(format!(
-                "{}: {err}",
-                journal.path().display()
-            )))
-        })?;
+        journal
+            .record(lock, stripe, lo, &saved)
+            .map_err(|err| Fault::Raid(journal_error(journal, err)))?;
         Ok(Some(lock))
     }
 }
