@@ -13,7 +13,8 @@
 //! maps the same table. A word is `0` when free, or the holder's
 //! [identity](crate::process); it is taken by compare-and-swap. Within a process
 //! only one thread at a time may hold or wait for a stripe's word (the image
-//! makes sure of that), so the identity is enough.
+//! makes sure of that: every `DiskImage` of one file in a process shares one
+//! set of in-process locks and one `CrossLocks`), so the identity is enough.
 //!
 //! A holder that dies (kill -9) leaves its words set; a waiter finds the holder
 //! gone (checked every [`LIVENESS_CHECK`](crate::process::LIVENESS_CHECK)) and

@@ -13,11 +13,13 @@
 //! page in (or, for a new sparse disk, the kernel zeroing each page before it is
 //! overwritten).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
@@ -167,15 +169,51 @@ pub struct DiskImage {
     crcs: SharedMapping,
     size: u64,
     block_count: u64,
+    /// The image file's block locks, shared by every `DiskImage` of this
+    /// process that has the same file open.
+    block_locks: Arc<BlockLocks>,
+}
+
+/// The block locks of one image file, one set per process (see
+/// [`BlockLocks::for_file`]): two `DiskImage`s of the same file in one process
+/// (a RAID view reloaded while I/O on the old one finishes) exclude each other
+/// like two threads of one, and only one thread per process ever holds or waits
+/// for a stripe's cross-process word, which is what [`CrossLocks`] requires.
+#[derive(Debug)]
+struct BlockLocks {
     /// In-process block locks, by stripe.
-    locks: Box<[RwLock<()>]>,
+    local: Box<[RwLock<()>]>,
     /// Cross-process block locks, by the same stripes: taken by every writer
     /// (after the in-process lock) and by a reader whose block failed its CRC.
     /// `None` when the lock table could not be opened.
-    shared_locks: Option<CrossLocks>,
+    shared: Option<CrossLocks>,
     /// Readers holding a stripe's in-process lock shared take its gate before
     /// its cross-process lock, so one thread of this process at a time does.
     gates: Box<[Mutex<()>]>,
+}
+
+impl BlockLocks {
+    /// This process's block locks for the image open as `file` (by device and
+    /// inode, whatever the path), made on first use and dropped with the last
+    /// `DiskImage` using them.
+    fn for_file(file: &File) -> io::Result<Arc<Self>> {
+        type Registry = Mutex<HashMap<(u64, u64), Weak<BlockLocks>>>;
+        static REGISTRY: OnceLock<Registry> = OnceLock::new();
+        let metadata = file.metadata()?;
+        let key = (metadata.dev(), metadata.ino());
+        let mut registry = REGISTRY.get_or_init(Registry::default).lock();
+        if let Some(locks) = registry.get(&key).and_then(Weak::upgrade) {
+            return Ok(locks);
+        }
+        registry.retain(|_, locks| locks.strong_count() > 0);
+        let locks = Arc::new(Self {
+            local: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            shared: CrossLocks::open(file, LOCK_STRIPES).ok(),
+            gates: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        });
+        registry.insert(key, Arc::downgrade(&locks));
+        Ok(locks)
+    }
 }
 
 /// How the caller of a block check holds the block's in-process lock.
@@ -348,9 +386,7 @@ impl DiskImage {
         };
         let data = map(&data_file, size, "map image", path)?;
         let crcs = map(&crc_file, header.file_len(), "map checksum file", &sidecar)?;
-        let locks = (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect();
-        let gates = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        let shared_locks = CrossLocks::open(&data_file, LOCK_STRIPES).ok();
+        let block_locks = BlockLocks::for_file(&data_file).map_err(io_error(path, "stat image"))?;
         Ok(Self {
             path: path.to_path_buf(),
             data_file,
@@ -358,9 +394,7 @@ impl DiskImage {
             crcs,
             size,
             block_count: header.block_count,
-            locks,
-            shared_locks,
-            gates,
+            block_locks,
         })
     }
 
@@ -406,11 +440,11 @@ impl DiskImage {
     /// write half-way is re-read a few times before it counts as a media error,
     /// and two processes writing one block at once can leave it failing its CRC.
     pub fn shares_locks(&self) -> bool {
-        self.shared_locks.is_some()
+        self.block_locks.shared.is_some()
     }
 
     fn lock(&self, block: u64) -> &RwLock<()> {
-        &self.locks[stripe_of(block)]
+        &self.block_locks.local[stripe_of(block)]
     }
 
     /// Makes `held` the read lock of `block`'s stripe, keeping it if it already
@@ -419,7 +453,7 @@ impl DiskImage {
         let stripe = stripe_of(block);
         if held.as_ref().map(|(s, _)| *s) != Some(stripe) {
             *held = None;
-            *held = Some((stripe, self.locks[stripe].read()));
+            *held = Some((stripe, self.block_locks.local[stripe].read()));
         }
     }
 
@@ -433,10 +467,11 @@ impl DiskImage {
     }
 
     fn lock_stripe_exclusive(&self, stripe: usize) -> WriteGuard<'_> {
-        let local = self.locks[stripe].write();
+        let local = self.block_locks.local[stripe].write();
         WriteGuard {
             _shared: self
-                .shared_locks
+                .block_locks
+                .shared
                 .as_ref()
                 .map(|locks| SharedLockGuard::take(locks, stripe)),
             _local: local,
@@ -468,12 +503,12 @@ impl DiskImage {
     ) -> Result<(), MediaError> {
         let mut actual = read_block();
         let mut expected = self.stored_crc(block);
-        match (&self.shared_locks, held) {
+        match (&self.block_locks.shared, held) {
             _ if expected == actual => {}
             (Some(_), Held::Exclusive) => {}
             (Some(locks), Held::Shared) => {
                 let stripe = stripe_of(block);
-                let _gate = self.gates[stripe].lock();
+                let _gate = self.block_locks.gates[stripe].lock();
                 let _shared = SharedLockGuard::take(locks, stripe);
                 actual = read_block();
                 expected = self.stored_crc(block);
@@ -756,7 +791,7 @@ impl DiskImage {
     /// stripe order.
     fn lock_blocks_shared(&self, first: u64, count: u64) -> Vec<RwLockReadGuard<'_, ()>> {
         sorted_stripes(first, count)
-            .map(|stripe| self.locks[stripe].read())
+            .map(|stripe| self.block_locks.local[stripe].read())
             .collect()
     }
 
@@ -1074,6 +1109,22 @@ fn punch_hole_in(file: &File, offset: u64, len: u64) -> Result<(), nix::errno::E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_opens_of_one_file_share_its_block_locks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.img");
+        let a = DiskImage::create(&path, 1 << 20, false).expect("create");
+        let b = DiskImage::open(&path, Access::ReadOnly).expect("open");
+        assert!(Arc::ptr_eq(&a.block_locks, &b.block_locks));
+        let other = DiskImage::create(&dir.path().join("e.img"), 1 << 20, false).expect("create");
+        assert!(!Arc::ptr_eq(&a.block_locks, &other.block_locks));
+        // Held by one, the stripe is held for the other.
+        let guard = a.lock_stripe_exclusive(3);
+        assert!(b.block_locks.local[3].try_read().is_none());
+        drop(guard);
+        assert!(b.block_locks.local[3].try_read().is_some());
+    }
 
     #[test]
     fn bulk_blocks_round_trip_and_catch_corruption() {
