@@ -50,7 +50,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use disk_images::mapping::SharedMapping;
-use disk_images::process::{alive, identity_of, Backoff};
+use disk_images::process::{alive, my_identity, Backoff};
 
 /// Process slots.
 pub const SLOTS: usize = 8;
@@ -172,7 +172,7 @@ impl Live {
                 field(16)
             )));
         }
-        let me = identity_of(std::process::id()).unwrap_or(u64::from(std::process::id()));
+        let me = my_identity();
         Ok(Self {
             path,
             file,

@@ -211,7 +211,7 @@ impl Units {
             return Ok(false);
         }
         // Every block read matches its CRC, so redundancy is checked on the
-        // CRCs (see `consistent_by_crc`); anything that does not add up is
+        // CRCs (see `xor_crc`); anything that does not add up is
         // compared byte by byte on the slow path.
         let blocks = len as usize / BLOCK_BYTES;
         let all_readable = members.readable.iter().all(|&r| r);

@@ -161,12 +161,14 @@ impl CrossLocks {
     pub fn lock(&self, stripe: usize) {
         assert!(stripe < self.stripes, "stripe {stripe} out of range");
         let at = stripe * 8;
-        let mut holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
-            Ok(_) => return,
-            Err(holder) => holder,
-        };
-        let mut backoff = Backoff::new();
+        // Made on the first miss only: an uncontended lock reads no clock.
+        let mut backoff: Option<Backoff> = None;
         loop {
+            let holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
+                Ok(_) => return,
+                Err(holder) => holder,
+            };
+            let backoff = backoff.get_or_insert_with(Backoff::new);
             // Our own identity here can only be left over from a process that
             // had our pid and start time: never a live holder.
             if (holder == self.me || backoff.liveness_due() && !alive(holder))
@@ -178,10 +180,6 @@ impl CrossLocks {
                 return;
             }
             backoff.snooze();
-            holder = match self.map.compare_exchange_u64_le(at, 0, self.me) {
-                Ok(_) => return,
-                Err(holder) => holder,
-            };
         }
     }
 

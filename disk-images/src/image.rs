@@ -628,6 +628,7 @@ impl DiskImage {
         self.check_range(offset, data.len() as u64)?;
         let mut scratch = [0u8; BLOCK_BYTES];
         let mut held = None;
+        let streaming = data.len() >= STREAMING_WRITE_BYTES;
         for Piece {
             block,
             within,
@@ -638,11 +639,12 @@ impl DiskImage {
             let position = offset + done as u64;
             let chunk = &data[done..done + step];
             self.hold_exclusive(&mut held, block);
-            if step == BLOCK_BYTES && data.len() >= STREAMING_WRITE_BYTES {
-                self.data.write_from_streaming(position as usize, chunk);
-                self.store_crc(block, crc32fast::hash(chunk));
-            } else if step == BLOCK_BYTES {
-                self.data.write_from(position as usize, chunk);
+            if step == BLOCK_BYTES {
+                if streaming {
+                    self.data.write_from_streaming(position as usize, chunk);
+                } else {
+                    self.data.write_from(position as usize, chunk);
+                }
                 self.store_crc(block, crc32fast::hash(chunk));
             } else {
                 self.read_checked_block(block, &mut scratch, Held::Exclusive)?;

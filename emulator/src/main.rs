@@ -633,11 +633,7 @@ fn exports_for(args: &ServeArgs) -> anyhow::Result<Catalog> {
                 dir.display()
             );
         }
-        let volumes = ArrayVolumes::new(
-            dir,
-            Arc::clone(array.engine()),
-            array.metadata().volumes.clone(),
-        );
+        let volumes = ArrayVolumes::new(dir, Arc::clone(array.engine()));
         return Ok(Catalog::array(volumes));
     }
     let path = args.image.as_ref().context("pass --image or --array")?;

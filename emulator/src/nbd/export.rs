@@ -181,24 +181,20 @@ pub struct ArrayVolumes {
 }
 
 impl ArrayVolumes {
-    /// The volumes of the array in `dir` served through `engine`; `volumes` are
-    /// those `array.json` recorded when the engine was opened.
-    pub fn new(dir: &Path, engine: Arc<RaidEngine>, volumes: Vec<VolumeRecord>) -> Arc<Self> {
-        let generation = Self::generation_of(&engine);
+    /// The volumes of the array in `dir` served through `engine`, read from
+    /// `array.json` on first use.
+    pub fn new(dir: &Path, engine: Arc<RaidEngine>) -> Arc<Self> {
         Arc::new(Self {
             dir: dir.to_path_buf(),
             engine,
-            known: Mutex::new((generation, volumes)),
+            // No generation is u64::MAX: the first `current` reads the file.
+            known: Mutex::new((u64::MAX, Vec::new())),
         })
-    }
-
-    fn generation_of(engine: &RaidEngine) -> u64 {
-        engine.live().map_or(0, |live| live.generation())
     }
 
     /// The live generation now (one atomic load).
     fn generation(&self) -> u64 {
-        Self::generation_of(&self.engine)
+        self.engine.live().map_or(0, |live| live.generation())
     }
 
     /// The array's volumes now, and the generation they were read at.
