@@ -870,7 +870,7 @@ impl RaidEngine {
         for (index, member) in view.images.iter().enumerate() {
             if view.writable(index) && Some(index) != first {
                 member
-                    .write_at(offset, &buf)
+                    .rewrite_at(offset, &buf)
                     .map_err(|source| Self::member_error(index, source))?;
             }
         }
@@ -917,13 +917,13 @@ impl RaidEngine {
                 }
             }
             view.images[parity_disk]
-                .write_at(offset, &parity)
+                .rewrite_at(offset, &parity)
                 .map_err(|source| Self::member_error(parity_disk, source))?;
         }
         if view.writable(missing) {
             // Being rebuilt: it holds what the interrupted write gave it.
             view.images[missing]
-                .write_at(offset, &saved.bytes)
+                .rewrite_at(offset, &saved.bytes)
                 .map_err(|source| Self::member_error(missing, source))?;
         }
         journal.clear(lock).map_err(fault)?;
@@ -950,7 +950,7 @@ impl RaidEngine {
             xor_into(&mut parity, &data);
         }
         view.images[parity_disk]
-            .write_at(stripe * g.chunk_bytes + in_chunk, &parity)
+            .rewrite_at(stripe * g.chunk_bytes + in_chunk, &parity)
             .map_err(|source| Self::member_error(parity_disk, source))
     }
     // ---------------------------------------------------------------- RAID-1
@@ -1007,7 +1007,7 @@ impl RaidEngine {
             }
             for (index, _) in &bad {
                 view.images[*index]
-                    .write_at(start, &block)
+                    .rewrite_at(start, &block)
                     .map_err(|source| Self::member_error(*index, source))?;
                 self.repaired.fetch_add(1, Ordering::Relaxed);
             }
@@ -1174,7 +1174,7 @@ impl RaidEngine {
                 Err(ImageError::Media(_)) => {
                     self.r5_reconstruct(view, stripe, disk, start - chunk_start, &mut block)?;
                     member
-                        .write_at(start, &block)
+                        .rewrite_at(start, &block)
                         .map_err(|source| Self::member_error(disk, source))?;
                     self.repaired.fetch_add(1, Ordering::Relaxed);
                 }

@@ -100,7 +100,7 @@ fn read_block(
 
 fn write_block(members: &Members, index: usize, offset: u64, data: &[u8]) -> Result<(), WorkError> {
     members.images[index]
-        .write_at(offset, data)
+        .rewrite_at(offset, data)
         .map_err(|source| WorkError::Member { index, source })
 }
 

@@ -5,6 +5,15 @@
 //! the image open), every read checks it, and a mismatch is a [`MediaError`],
 //! never silently returned data.
 //!
+//! A writer killed half-way through a block leaves new bytes under the old CRC.
+//! So every block write first records, in the sidecar's pending table, the new
+//! CRC and whether the bytes it overwrites were trusted (a host write) or not
+//! (a repair), and clears that record after storing the new CRC. A block that
+//! fails its CRC under its cross-process lock (no live writer holds it) with a
+//! write recorded was left by a dead writer: it is kept as it was left (each
+//! byte old or new, as after any interrupted write) when the write was a host
+//! write or had completed, and stays a media error when a repair was cut short.
+//!
 //! Bulk work (scrub, rebuild) reads and writes whole blocks through the image
 //! file instead, with `pread`/`pwrite` ([`DiskImage::read_blocks`],
 //! [`DiskImage::write_blocks`]): on Linux a file's pages and every `MAP_SHARED`
@@ -26,7 +35,7 @@ use serde::Serialize;
 
 use crate::blocklocks::CrossLocks;
 use crate::mapping::SharedMapping;
-use crate::sidecar::{SidecarHeader, BLOCK_SIZE, HEADER_LEN};
+use crate::sidecar::{SidecarHeader, BLOCK_SIZE, HEADER_LEN, PENDING, PENDING_LEN, TRUSTED};
 use crate::{ImageError, MediaError};
 
 /// Bytes per checksummed block, as a `usize` for slicing.
@@ -169,6 +178,11 @@ pub struct DiskImage {
     crcs: SharedMapping,
     size: u64,
     block_count: u64,
+    /// The sidecar's format version.
+    sidecar_version: u32,
+    /// Offset of the pending table in `crcs` (None: a version-1 sidecar opened
+    /// read-only, which has none).
+    pending_base: Option<usize>,
     /// The image file's block locks, shared by every `DiskImage` of this
     /// process that has the same file open.
     block_locks: Arc<BlockLocks>,
@@ -222,6 +236,18 @@ enum Held {
     Shared,
     /// Exclusively, and the cross-process lock too.
     Exclusive,
+}
+
+/// What a writer knows about the bytes it overwrites, recorded in the block's
+/// pending word in case it dies half-way (see
+/// [`DiskImage::settle_interrupted_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// They were good data (a host write): a mix of old and new bytes is
+    /// acceptable.
+    OldBytes,
+    /// They may be bad (a repair): only the complete new bytes are.
+    NewBytesOnly,
 }
 
 /// A stripe's cross-process lock, released on drop.
@@ -357,7 +383,7 @@ impl DiskImage {
                 });
             }
         }
-        let header =
+        let mut header =
             SidecarHeader::decode(&header_bytes).map_err(|problem| ImageError::SidecarInvalid {
                 path: sidecar.clone(),
                 problem: problem.to_string(),
@@ -375,6 +401,10 @@ impl DiskImage {
                 expected: header.file_len(),
                 actual: crc_len,
             });
+        }
+        if writable && !header.has_pending() {
+            header = upgrade_sidecar(&crc_file, &header)
+                .map_err(io_error(&sidecar, "upgrade checksum file"))?;
         }
         let map = |file: &File, len: u64, what: &'static str, p: &Path| {
             if writable {
@@ -394,6 +424,8 @@ impl DiskImage {
             crcs,
             size,
             block_count: header.block_count,
+            sidecar_version: header.version,
+            pending_base: header.has_pending().then(|| header.pending_base() as usize),
             block_locks,
         })
     }
@@ -488,6 +520,95 @@ impl DiskImage {
             .store_u32_le(SidecarHeader::entry_offset(block) as usize, crc);
     }
 
+    fn pending_offset(&self, block: u64) -> Option<usize> {
+        self.pending_base
+            .map(|base| base + block as usize * PENDING_LEN)
+    }
+
+    /// Records that block `block` is about to be rewritten with bytes whose CRC
+    /// is `new_crc` (see the sidecar's pending words): the caller holds the
+    /// block's lock for writing, then changes the bytes, then calls
+    /// [`Self::end_write`].
+    fn begin_write(&self, block: u64, new_crc: u32, trust: Trust) {
+        if let Some(at) = self.pending_offset(block) {
+            let trusted = if trust == Trust::OldBytes { TRUSTED } else { 0 };
+            self.crcs
+                .store_u64_le(at, PENDING | trusted | u64::from(new_crc));
+        }
+    }
+
+    /// Fault injection for crash-consistency tests: with
+    /// `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE=N` in its environment, a process
+    /// aborts in the middle of its N-th block write ([`Self::write_at`],
+    /// [`Self::rewrite_at`]): after the first half of the block's new bytes
+    /// (`chunk`, at image offset `position`) is copied, before the rest and
+    /// before the CRC, as a writer killed at the worst moment.
+    fn crash_point(&self, position: u64, chunk: &[u8]) {
+        static AT: OnceLock<Option<u64>> = OnceLock::new();
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let at = AT.get_or_init(|| {
+            std::env::var("EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if let Some(at) = at {
+            if COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *at {
+                self.data
+                    .write_from(position as usize, &chunk[..chunk.len() / 2]);
+                eprintln!(
+                    "EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE: aborting half-way through a block write"
+                );
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Stores block `block`'s new CRC and clears its pending word.
+    fn end_write(&self, block: u64, new_crc: u32) {
+        self.store_crc(block, new_crc);
+        if let Some(at) = self.pending_offset(block) {
+            self.crcs.store_u64_le(at, 0);
+        }
+    }
+
+    /// Block `block` still fails its CRC (`actual` is its bytes' CRC) under its
+    /// cross-process lock, so no live writer is changing it. If its pending word
+    /// says a write was in flight, that writer died half-way, and the bytes are
+    /// settled rather than reported as a media error when they can be trusted:
+    /// when they are the write's new bytes, or when the write was over trusted
+    /// bytes (each byte is then old or new, as after any write cut short). The
+    /// new CRC is stored (on a writable image) and `true` returned. A repair
+    /// cut short (its old bytes were bad) leaves a media error, for redundancy
+    /// to repair again.
+    fn settle_interrupted_write(&self, block: u64, actual: u32) -> bool {
+        let Some(at) = self.pending_offset(block) else {
+            return false;
+        };
+        let word = self.crcs.load_u64_le(at);
+        if word & PENDING == 0 {
+            return false;
+        }
+        let accepted = actual == word as u32 || word & TRUSTED != 0;
+        if self.is_writable() {
+            if accepted {
+                self.store_crc(block, actual);
+            }
+            self.crcs.store_u64_le(at, 0);
+        }
+        tracing::warn!(
+            image = %self.path.display(),
+            block,
+            accepted,
+            "found a write cut short by a process that died: {}",
+            if accepted {
+                "its block is kept as it was left"
+            } else {
+                "the repair it was making is lost, the block reads as a media error"
+            }
+        );
+        accepted
+    }
+
     /// Runs `read_block` (which copies block `block` somewhere and returns the
     /// CRC of what it copied) and checks the CRC against the stored one. The
     /// caller holds the block's in-process lock as `held` says; that excludes
@@ -500,7 +621,7 @@ impl DiskImage {
         block: u64,
         held: Held,
         mut read_block: impl FnMut() -> u32,
-    ) -> Result<(), MediaError> {
+    ) -> Result<u32, MediaError> {
         let mut actual = read_block();
         let mut expected = self.stored_crc(block);
         match (&self.block_locks.shared, held) {
@@ -524,8 +645,11 @@ impl DiskImage {
                 }
             }
         }
-        if expected == actual {
-            Ok(())
+        let settled = expected != actual
+            && self.block_locks.shared.is_some()
+            && self.settle_interrupted_write(block, actual);
+        if expected == actual || settled {
+            Ok(actual)
         } else {
             Err(MediaError {
                 image: self.path.clone(),
@@ -537,8 +661,14 @@ impl DiskImage {
     }
 
     /// Reads a whole block into `dst` and checks it; the caller holds the
-    /// block's lock as `held` says.
-    fn read_checked_block(&self, block: u64, dst: &mut [u8], held: Held) -> Result<(), MediaError> {
+    /// block's lock as `held` says. Returns the CRC of the bytes in `dst` (which
+    /// is the stored one).
+    fn read_checked_block(
+        &self,
+        block: u64,
+        dst: &mut [u8],
+        held: Held,
+    ) -> Result<u32, MediaError> {
         debug_assert_eq!(dst.len(), BLOCK_BYTES);
         let offset = (block * u64::from(BLOCK_SIZE)) as usize;
         self.reread_until_valid(block, held, || {
@@ -597,7 +727,7 @@ impl DiskImage {
                 self.append_checked_block(block, out)
             } else {
                 self.read_checked_block(block, &mut scratch, Held::Shared)
-                    .map(|()| out.extend_from_slice(&scratch[within..within + step]))
+                    .map(|_| out.extend_from_slice(&scratch[within..within + step]))
             };
             if let Err(err) = result {
                 out.truncate(start);
@@ -617,13 +747,32 @@ impl DiskImage {
             self.data.append_to(offset, BLOCK_BYTES, out);
             crc32fast::hash(&out[start..])
         })
+        .map(drop)
         .inspect_err(|_| out.truncate(start))
     }
 
     /// Writes `data` at `offset`, keeping every touched block's CRC current. A
     /// partial-block write first checks the block's old contents: patching a
     /// corrupt block would bless the corruption with a fresh CRC.
+    ///
+    /// This is a host's write over good data: if this process dies half-way, a
+    /// block it was changing is kept as it was left (each byte old or new), see
+    /// [`Self::rewrite_at`] for repairs.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.write_with(offset, data, Trust::OldBytes)
+    }
+
+    /// Writes whole blocks over bytes that are not trusted (a repair, or a
+    /// resync): like [`Self::write_at`], except that if this process dies
+    /// half-way, a block it was changing reads as a media error unless all of
+    /// its new bytes had landed, so that what is left of a bad block is never
+    /// blessed with a fresh CRC.
+    pub fn rewrite_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check_whole_blocks(offset, data.len() as u64)?;
+        self.write_with(offset, data, Trust::NewBytesOnly)
+    }
+
+    fn write_with(&self, offset: u64, data: &[u8], trust: Trust) -> Result<(), ImageError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let mut scratch = [0u8; BLOCK_BYTES];
@@ -640,17 +789,23 @@ impl DiskImage {
             let chunk = &data[done..done + step];
             self.hold_exclusive(&mut held, block);
             if step == BLOCK_BYTES {
+                let crc = crc32fast::hash(chunk);
+                self.begin_write(block, crc, trust);
+                self.crash_point(position, chunk);
                 if streaming {
                     self.data.write_from_streaming(position as usize, chunk);
                 } else {
                     self.data.write_from(position as usize, chunk);
                 }
-                self.store_crc(block, crc32fast::hash(chunk));
+                self.end_write(block, crc);
             } else {
                 self.read_checked_block(block, &mut scratch, Held::Exclusive)?;
                 scratch[within..within + step].copy_from_slice(chunk);
+                let crc = crc32fast::hash(&scratch);
+                self.begin_write(block, crc, trust);
+                self.crash_point(position, chunk);
                 self.data.write_from(position as usize, chunk);
-                self.store_crc(block, crc32fast::hash(&scratch));
+                self.end_write(block, crc);
             }
         }
         Ok(())
@@ -723,8 +878,9 @@ impl DiskImage {
                     if crc32fast::hash(block_bytes) != *sum {
                         let block = first + i as u64;
                         let _guard = self.lock(block).read();
-                        self.read_checked_block(block, block_bytes, Held::Shared)?;
-                        *sum = self.stored_crc(block);
+                        // The CRC these bytes were checked against: the
+                        // stored one may have moved on since.
+                        *sum = self.read_checked_block(block, block_bytes, Held::Shared)?;
                     }
                 }
             }
@@ -779,11 +935,14 @@ impl DiskImage {
             );
             let first = first_block + (batch * BULK_BLOCKS) as u64;
             let _guards = self.lock_blocks(first, count as u64);
+            for (i, &sum) in sums.iter().enumerate() {
+                self.begin_write(first + i as u64, sum, Trust::NewBytesOnly);
+            }
             self.data_file
                 .write_all_at(bytes, first * u64::from(BLOCK_SIZE))
                 .map_err(io_error(&self.path, "write image"))?;
             for (i, &sum) in sums.iter().enumerate() {
-                self.store_crc(first + i as u64, sum);
+                self.end_write(first + i as u64, sum);
             }
         }
         Ok(())
@@ -835,6 +994,9 @@ impl DiskImage {
             let _guards = self.lock_blocks(block, count);
             let byte_offset = block * block_size;
             let byte_len = count * block_size;
+            for b in block..block + count {
+                self.begin_write(b, zero_crc, Trust::OldBytes);
+            }
             if can_punch {
                 if let Err(err) = punch_hole_in(&self.data_file, byte_offset, byte_len) {
                     if err == nix::errno::Errno::EOPNOTSUPP {
@@ -852,7 +1014,7 @@ impl DiskImage {
                 self.data.fill_zero(byte_offset as usize, byte_len as usize);
             }
             for b in block..block + count {
-                self.store_crc(b, zero_crc);
+                self.end_write(b, zero_crc);
             }
             block += count;
         }
@@ -1017,7 +1179,7 @@ impl DiskImage {
             block_size: BLOCK_SIZE,
             block_count: self.block_count,
             allocated_bytes: metadata.blocks() * 512,
-            sidecar_version: crate::sidecar::VERSION,
+            sidecar_version: self.sidecar_version,
         })
     }
 }
@@ -1093,9 +1255,25 @@ fn build_files(image: &Path, sidecar: &Path, size: u64) -> Result<(), ImageError
         }
         out.flush()?;
         drop(out);
+        // The pending table: zero words (no write in flight), left sparse.
+        file.set_len(header.file_len())?;
         file.sync_all()
     };
     write_sidecar().map_err(io_error(sidecar, "write checksum file"))
+}
+
+/// Upgrades a version-1 sidecar (no pending table), open for writing, to the
+/// current version: extends it with zero pending words, then rewrites the
+/// header. Interrupted in between, the file is a version-1 header on a
+/// version-2 length, which `open` refuses as the wrong length rather than
+/// misreading.
+fn upgrade_sidecar(file: &File, header: &SidecarHeader) -> io::Result<SidecarHeader> {
+    use std::os::unix::fs::FileExt;
+    let upgraded = header.upgraded();
+    file.set_len(upgraded.file_len())?;
+    file.write_all_at(&upgraded.encode(), 0)?;
+    file.sync_all()?;
+    Ok(upgraded)
 }
 
 fn punch_hole_in(file: &File, offset: u64, len: u64) -> Result<(), nix::errno::Errno> {

@@ -1,18 +1,38 @@
-//! The checksum sidecar's byte format: a fixed header followed by one CRC32 per
-//! block. This module owns encoding and validating the header; it does no I/O.
+//! The checksum sidecar's byte format: a fixed header, one CRC32 per block, and
+//! one write-in-flight word per block. This module owns encoding and validating
+//! the header and the layout; it does no I/O.
 //!
 //! All integers are little-endian.
 //!
-//! | offset | size | field        | value                                        |
-//! |-------:|-----:|--------------|----------------------------------------------|
-//! | 0      | 8    | magic        | ASCII `EMUCRC32`                             |
-//! | 8      | 4    | version      | `1`                                          |
-//! | 12     | 4    | block_size   | bytes per checksummed block, `4096`          |
-//! | 16     | 8    | image_size   | length of the raw image in bytes             |
-//! | 24     | 8    | block_count  | `image_size / block_size`                    |
-//! | 32     | 4    | header_crc   | CRC32 (IEEE) of bytes 0..32                   |
-//! | 36     | 28   | reserved     | zero                                         |
-//! | 64     | 4·n  | entries      | CRC32 (IEEE) of block *i* at `64 + 4·i`      |
+//! | offset   | size | field         | value                                       |
+//! |---------:|-----:|---------------|---------------------------------------------|
+//! | 0        | 8    | magic         | ASCII `EMUCRC32`                            |
+//! | 8        | 4    | version       | `2` (`1`: no pending table, see below)      |
+//! | 12       | 4    | block_size    | bytes per checksummed block, `4096`         |
+//! | 16       | 8    | image_size    | length of the raw image in bytes            |
+//! | 24       | 8    | block_count   | `n = image_size / block_size`               |
+//! | 32       | 4    | header_crc    | CRC32 (IEEE) of bytes 0..32                  |
+//! | 36       | 28   | reserved      | zero                                        |
+//! | 64       | 4·n  | entries       | CRC32 (IEEE) of block *i* at `64 + 4·i`     |
+//! | P        | 8·n  | pending       | block *i*'s write-in-flight word at `P + 8·i`, where `P` is `64 + 4·n` rounded up to a multiple of 8 |
+//!
+//! A pending word is `0` unless a write of its block is in flight:
+//!
+//! | bits  | meaning                                                            |
+//! |------:|--------------------------------------------------------------------|
+//! | 63    | [`PENDING`]: a writer is changing the block's bytes and CRC        |
+//! | 62    | [`TRUSTED`]: the bytes being overwritten were good data, so a write cut short may leave each byte old or new, and either is acceptable (a host write); clear for a repair, whose old bytes are not trusted |
+//! | 32–61 | zero                                                               |
+//! | 0–31  | the CRC32 of the block's new bytes                                 |
+//!
+//! A writer sets the word before it changes the bytes and clears it after it has
+//! stored the new CRC, so a writer killed half-way leaves behind exactly the
+//! blocks it was changing (see `DiskImage`'s interrupted-write rules).
+//!
+//! Version 1 files (written before the pending table existed) are the same
+//! without it; opened for writing, they are upgraded in place (the file is
+//! extended with zero words and the header rewritten), and opened read-only they
+//! are read as they are.
 
 use std::fmt;
 
@@ -20,12 +40,21 @@ use std::fmt;
 pub const HEADER_LEN: usize = 64;
 /// The sidecar magic.
 pub const MAGIC: [u8; 8] = *b"EMUCRC32";
-/// The only version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this code writes.
+pub const VERSION: u32 = 2;
+/// The version before the pending table: still read, and upgraded when opened
+/// for writing.
+pub const VERSION_WITHOUT_PENDING: u32 = 1;
 /// Bytes per checksummed block.
 pub const BLOCK_SIZE: u32 = 4096;
 /// Bytes per entry.
 pub const ENTRY_LEN: usize = 4;
+/// Bytes per pending word.
+pub const PENDING_LEN: usize = 8;
+/// Pending-word bit: a write of the block is in flight.
+pub const PENDING: u64 = 1 << 63;
+/// Pending-word bit: the bytes being overwritten were trusted (a host write).
+pub const TRUSTED: u64 = 1 << 62;
 
 /// What the header says about the image it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +63,8 @@ pub struct SidecarHeader {
     pub image_size: u64,
     /// Number of blocks, `image_size / BLOCK_SIZE`.
     pub block_count: u64,
+    /// Format version: [`VERSION`], or [`VERSION_WITHOUT_PENDING`].
+    pub version: u32,
 }
 
 /// Why a header was not accepted.
@@ -64,7 +95,7 @@ impl fmt::Display for HeaderProblem {
             ),
             Self::UnknownVersion(version) => write!(
                 f,
-                "unknown version {version} (this build reads version {VERSION})"
+                "unknown version {version} (this build reads versions {VERSION_WITHOUT_PENDING} and {VERSION})"
             ),
             Self::UnsupportedBlockSize(size) => {
                 write!(f, "block size {size}, only {BLOCK_SIZE} is supported")
@@ -88,12 +119,40 @@ impl SidecarHeader {
         Self {
             image_size,
             block_count: image_size / u64::from(BLOCK_SIZE),
+            version: VERSION,
         }
     }
 
-    /// Total sidecar file length for this header.
+    /// Total sidecar file length for this header (and its version).
     pub fn file_len(&self) -> u64 {
+        if self.has_pending() {
+            self.pending_base() + self.block_count * PENDING_LEN as u64
+        } else {
+            self.crc_end()
+        }
+    }
+
+    /// Whether this version has the pending table.
+    pub fn has_pending(&self) -> bool {
+        self.version != VERSION_WITHOUT_PENDING
+    }
+
+    /// The same header at the current version (what an upgrade writes).
+    pub fn upgraded(&self) -> Self {
+        Self {
+            version: VERSION,
+            ..*self
+        }
+    }
+
+    /// End of the CRC entries.
+    fn crc_end(&self) -> u64 {
         HEADER_LEN as u64 + self.block_count * ENTRY_LEN as u64
+    }
+
+    /// Byte offset of the pending table (`P` in the layout table).
+    pub fn pending_base(&self) -> u64 {
+        self.crc_end().next_multiple_of(PENDING_LEN as u64)
     }
 
     /// Byte offset of block `block`'s entry.
@@ -105,7 +164,7 @@ impl SidecarHeader {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
         out[0..8].copy_from_slice(&MAGIC);
-        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
         out[12..16].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
         out[16..24].copy_from_slice(&self.image_size.to_le_bytes());
         out[24..32].copy_from_slice(&self.block_count.to_le_bytes());
@@ -133,7 +192,7 @@ impl SidecarHeader {
             return Err(HeaderProblem::BadMagic(magic));
         }
         let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_WITHOUT_PENDING {
             return Err(HeaderProblem::UnknownVersion(version));
         }
         let stored = u32_at(32);
@@ -158,6 +217,7 @@ impl SidecarHeader {
         Ok(Self {
             image_size,
             block_count,
+            version,
         })
     }
 }
@@ -195,11 +255,31 @@ mod tests {
     fn layout_is_as_documented() {
         let bytes = SidecarHeader::for_image(8192).encode();
         assert_eq!(&bytes[0..8], b"EMUCRC32");
-        assert_eq!(bytes[8..12], [1, 0, 0, 0]);
+        assert_eq!(bytes[8..12], [2, 0, 0, 0]);
         assert_eq!(bytes[12..16], 4096u32.to_le_bytes());
         assert_eq!(bytes[16..24], 8192u64.to_le_bytes());
         assert_eq!(bytes[24..32], 2u64.to_le_bytes());
         assert!(bytes[36..].iter().all(|&b| b == 0));
         assert_eq!(SidecarHeader::entry_offset(1), 68);
+        // 64 + 4·2 = 72 is already a multiple of 8; 3 blocks: 76 rounds up to 80.
+        let two = SidecarHeader::for_image(8192);
+        assert_eq!((two.pending_base(), two.file_len()), (72, 72 + 16));
+        let three = SidecarHeader::for_image(3 * 4096);
+        assert_eq!((three.pending_base(), three.file_len()), (80, 80 + 24));
+    }
+
+    #[test]
+    fn version_1_is_read_and_upgrades_to_2() {
+        let v1 = SidecarHeader {
+            version: VERSION_WITHOUT_PENDING,
+            ..SidecarHeader::for_image(3 * 4096)
+        };
+        let decoded = SidecarHeader::decode(&v1.encode()).expect("version 1 decodes");
+        assert_eq!(decoded, v1);
+        assert!(!decoded.has_pending());
+        assert_eq!(decoded.file_len(), 64 + 12);
+        let v2 = decoded.upgraded();
+        assert_eq!(v2, SidecarHeader::for_image(3 * 4096));
+        assert_eq!(v2.file_len(), 80 + 24);
     }
 }

@@ -360,3 +360,146 @@ fn concurrent_writers_never_leave_a_block_with_a_stale_checksum() {
     }
     assert!(image.verify(|_| {}).bad_blocks.is_empty());
 }
+
+// ------------------------------------------------------------------------
+// A writer killed half-way through a block.
+
+/// Runs this test binary again as a child that executes the ignored test
+/// `name` with `env` set, and checks that it died by `abort` (the fault hook).
+fn run_child_until_abort(name: &str, env: &[(&str, &str)]) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--ignored", "--test-threads=1"])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("spawn child");
+    assert_eq!(
+        status.signal(),
+        Some(libc_sigabrt()),
+        "the child must abort inside its block write: {status:?}"
+    );
+}
+
+fn libc_sigabrt() -> i32 {
+    nix::sys::signal::Signal::SIGABRT as i32
+}
+
+/// Child of the tests below: opens `CHILD_IMAGE` and writes 0xEE over its
+/// first two blocks, a host write (`write_at`) or a repair (`rewrite_at`) as
+/// `CHILD_KIND` says; `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE` kills it half-way.
+#[test]
+#[ignore = "run as a child process by the interrupted-write tests"]
+fn child_writes_and_is_killed() {
+    let Some(path) = std::env::var_os("CHILD_IMAGE") else {
+        return;
+    };
+    let image = DiskImage::open(Path::new(&path), Access::ReadWrite).expect("open");
+    let data = vec![0xEE; 2 * BLOCK_BYTES];
+    match std::env::var("CHILD_KIND").as_deref() {
+        Ok("repair") => image.rewrite_at(0, &data).expect("rewrite"),
+        _ => image.write_at(0, &data).expect("write"),
+    }
+    panic!("the fault hook should have aborted this write");
+}
+
+fn killed_in_block_write(kind: &str, nth: &str) -> (tempfile::TempDir, PathBuf) {
+    let (dir, path, image) = temp_image(64 * 1024);
+    image
+        .write_at(0, &vec![0x11; 4 * BLOCK_BYTES])
+        .expect("old data");
+    drop(image);
+    run_child_until_abort(
+        "child_writes_and_is_killed",
+        &[
+            ("CHILD_IMAGE", path.to_str().expect("utf-8 path")),
+            ("CHILD_KIND", kind),
+            ("EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE", nth),
+        ],
+    );
+    (dir, path)
+}
+
+#[test]
+fn a_host_write_cut_short_leaves_each_byte_old_or_new_and_readable() {
+    // Killed in the second block: the first is wholly new, the second half new.
+    let (_dir, path) = killed_in_block_write("host", "2");
+    let image = DiskImage::open(&path, Access::ReadOnly).expect("open read-only");
+    let mut got = vec![0u8; 3 * BLOCK_BYTES];
+    image
+        .read_at(0, &mut got)
+        .expect("read-only: the interrupted block reads as it was left");
+    drop(image);
+    let image = DiskImage::open(&path, Access::ReadWrite).expect("open");
+    image
+        .read_at(0, &mut got)
+        .expect("the interrupted block is settled, not a media error");
+    let half = BLOCK_BYTES + BLOCK_BYTES / 2;
+    assert!(got[..half].iter().all(|&b| b == 0xEE), "new bytes");
+    assert!(got[half..].iter().all(|&b| b == 0x11), "old bytes");
+    // Settled for good: a fresh open and a full verify agree.
+    drop(image);
+    let image = DiskImage::open(&path, Access::ReadOnly).expect("reopen");
+    assert!(image.verify(|_| {}).bad_blocks.is_empty());
+}
+
+#[test]
+fn a_repair_cut_short_leaves_a_media_error_not_a_mix() {
+    let (_dir, path) = killed_in_block_write("repair", "2");
+    let image = DiskImage::open(&path, Access::ReadWrite).expect("open");
+    let mut block = vec![0u8; BLOCK_BYTES];
+    image
+        .read_at(0, &mut block)
+        .expect("first block was wholly rewritten");
+    assert!(block.iter().all(|&b| b == 0xEE));
+    match image.read_at(BLOCK_BYTES as u64, &mut block) {
+        Err(ImageError::Media(err)) => assert_eq!(err.block, 1),
+        other => panic!("a half-repaired block must stay a media error, got {other:?}"),
+    }
+    image
+        .read_at(2 * BLOCK_BYTES as u64, &mut block)
+        .expect("untouched block");
+    assert!(block.iter().all(|&b| b == 0x11));
+}
+
+#[test]
+fn a_version_1_checksum_file_is_upgraded_when_opened_for_writing() {
+    let (_dir, path, image) = temp_image(3 * BLOCK_BYTES as u64);
+    image.write_at(0, &[0x42; 100]).expect("write");
+    drop(image);
+    // Make it what a version-1 build wrote: header version 1 (and its CRC), no
+    // pending table.
+    let sidecar = sidecar_path(&path);
+    let mut bytes = std::fs::read(&sidecar).expect("read sidecar");
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..32]);
+    bytes[32..36].copy_from_slice(&crc.to_le_bytes());
+    bytes.truncate(64 + 3 * 4);
+    std::fs::write(&sidecar, &bytes).expect("write v1 sidecar");
+
+    let image = DiskImage::open(&path, Access::ReadOnly).expect("read-only open of v1");
+    assert_eq!(image.info().expect("info").sidecar_version, 1);
+    let mut got = [0u8; 100];
+    image.read_at(0, &mut got).expect("read v1");
+    assert_eq!(got, [0x42; 100]);
+    drop(image);
+    assert_eq!(
+        std::fs::read(&sidecar).expect("sidecar").len(),
+        64 + 12,
+        "untouched"
+    );
+
+    let image = DiskImage::open(&path, Access::ReadWrite).expect("read-write open of v1");
+    assert_eq!(image.info().expect("info").sidecar_version, 2);
+    assert_eq!(std::fs::read(&sidecar).expect("sidecar").len(), 80 + 24);
+    image
+        .write_at(50, &[0x43; 10])
+        .expect("write after upgrade");
+    image.read_at(0, &mut got).expect("read after upgrade");
+    assert_eq!(
+        &got[48..62],
+        &[0x42, 0x42, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x42, 0x42]
+    );
+    assert!(image.verify(|_| {}).bad_blocks.is_empty());
+}

@@ -49,7 +49,7 @@ def test_create_info_verify_happy_path(tmp_path):
     assert doc["size_bytes"] == SIZE
     assert doc["block_size"] == BLOCK
     assert doc["block_count"] == BLOCKS
-    assert doc["sidecar_version"] == 1
+    assert doc["sidecar_version"] == 2
     # Created sparse.
     assert 0 <= doc["allocated_bytes"] < SIZE
 
