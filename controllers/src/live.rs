@@ -172,7 +172,11 @@ impl Live {
                 field(16)
             )));
         }
-        let me = my_identity();
+        let me = my_identity().map_err(|source| LiveError::Io {
+            path: path.clone(),
+            operation: "read this process's identity",
+            source,
+        })?;
         Ok(Self {
             path,
             file,

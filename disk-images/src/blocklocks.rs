@@ -19,15 +19,19 @@
 //! A holder that dies (kill -9) leaves its words set; a waiter finds the holder
 //! gone (checked every [`LIVENESS_CHECK`](crate::process::LIVENESS_CHECK)) and
 //! takes the word over. Whatever that process was writing was never
-//! acknowledged; a block it left half-written fails its CRC, as it would after
-//! a crash of a single process.
+//! acknowledged; a block it left half-written is settled by the image's
+//! pending-write record (see [`crate::DiskImage`]), which does not depend on
+//! this table surviving.
 //!
 //! Life cycle of the table file: every process holds a shared `flock` on it
 //! while it has the image open. The first opener (the one that can get the
 //! `flock` exclusively) zeroes it; the last to close removes it, and a first
 //! opener also removes other images' tables that nobody holds (left by a
 //! process killed with the image open). An opener that raced with a removal
-//! notices that the path no longer names the file it locked and starts again.
+//! notices that the path no longer names the file it locked and starts again;
+//! a remover checks, holding the lock, that the path still names the file it
+//! locked (a new table may have been made there since it opened the path).
+//! A process that cannot read its own identity (no `/proc`) opens no table.
 //!
 //! ## File format (native endianness: the file lives in memory and never
 //! leaves the machine)
@@ -78,9 +82,23 @@ fn remove_abandoned(keep: &Path) {
         }
         if let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) {
             if file.try_lock().is_ok() {
-                let _ = std::fs::remove_file(&path);
+                remove_if_still(&path, &file);
             }
         }
+    }
+}
+
+/// Removes `path` if it still names `file`, whose `flock` the caller holds
+/// exclusively. Between opening `path` and locking, its file may have been
+/// removed and a new table created there by another process (which holds it):
+/// that one must stay. While the caller holds the lock nobody else can remove
+/// `file` (removal needs its lock), so once checked, `path` keeps naming it.
+fn remove_if_still(path: &Path, file: &File) {
+    let (Ok(locked), Ok(named)) = (file.metadata(), std::fs::metadata(path)) else {
+        return;
+    };
+    if locked.dev() == named.dev() && locked.ino() == named.ino() {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -98,6 +116,7 @@ impl CrossLocks {
     /// Opens (creating it if needed) the lock table of the image open as
     /// `image`, with `stripes` words.
     pub fn open(image: &File, stripes: usize) -> io::Result<Self> {
+        let me = my_identity()?;
         let path = table_path(image)?;
         let len = (stripes * 8) as u64;
         let file = loop {
@@ -146,7 +165,7 @@ impl CrossLocks {
             file,
             map,
             stripes,
-            me: my_identity(),
+            me,
         })
     }
 
@@ -208,7 +227,7 @@ impl Drop for CrossLocks {
     fn drop(&mut self) {
         // The last process to close the image removes the table.
         if self.file.try_lock().is_ok() {
-            let _ = std::fs::remove_file(&self.path);
+            remove_if_still(&self.path, &self.file);
         }
     }
 }
@@ -223,6 +242,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = File::create(dir.path().join("img")).expect("create");
         (dir, file)
+    }
+
+    #[test]
+    fn a_sweep_that_raced_with_a_new_table_leaves_it_alone() {
+        let (_dir, img) = image();
+        let a = CrossLocks::open(&img, 16).expect("open a");
+        let path = a.path().to_path_buf();
+        // A sweeper opens the table by its path; then its last user removes it,
+        // and a new user of the image makes a new one there.
+        let stale = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("sweeper's open");
+        drop(a);
+        let b = CrossLocks::open(&img, 16).expect("open b");
+        // Nobody holds the old table, so the sweeper's lock succeeds.
+        assert!(stale.try_lock().is_ok());
+        remove_if_still(&path, &stale);
+        drop(stale);
+        let c = CrossLocks::open(&img, 16).expect("open c");
+        b.lock(3);
+        assert_eq!(c.holder(3), b.me, "b and c use one table");
+        b.unlock(3);
+        drop(b);
+        assert!(path.exists(), "c still uses the table");
+        drop(c);
+        assert!(!path.exists(), "the last user removed it");
     }
 
     #[test]

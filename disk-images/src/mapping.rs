@@ -207,9 +207,14 @@ impl SharedMapping {
         unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
     }
 
-    /// Atomically loads a little-endian `u32` at `offset` (4-aligned).
+    /// Atomically loads a little-endian `u32` at `offset` (4-aligned), with
+    /// acquire ordering. The load itself is relaxed, followed by an acquire
+    /// fence: the same ordering, and a relaxed load is what the standard library
+    /// allows on memory that may be mapped read-only.
     pub fn load_u32_le(&self, offset: usize) -> u32 {
-        u32::from_le(self.atomic_u32(offset).load(Ordering::Acquire))
+        let value = self.atomic_u32(offset).load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        u32::from_le(value)
     }
 
     /// Atomically stores a little-endian `u32` at `offset` (4-aligned).
@@ -219,9 +224,12 @@ impl SharedMapping {
             .store(value.to_le(), Ordering::Release);
     }
 
-    /// Atomically loads a little-endian `u64` at `offset` (8-aligned).
+    /// Atomically loads a little-endian `u64` at `offset` (8-aligned), with
+    /// acquire ordering (as [`Self::load_u32_le`]).
     pub fn load_u64_le(&self, offset: usize) -> u64 {
-        u64::from_le(self.atomic_u64(offset).load(Ordering::Acquire))
+        let value = self.atomic_u64(offset).load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        u64::from_le(value)
     }
 
     /// Atomically stores a little-endian `u64` at `offset` (8-aligned).

@@ -21,6 +21,12 @@ pub fn identity_of(pid: u32) -> Option<u64> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
         Err(_) => return Some(u64::MAX),
     };
+    parse_identity(pid, &stat)
+}
+
+/// The identity word from the text of `/proc/<pid>/stat`; `None` for a zombie
+/// or text that does not parse.
+fn parse_identity(pid: u32, stat: &str) -> Option<u64> {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map(|(_, rest)| rest)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -28,17 +34,28 @@ pub fn identity_of(pid: u32) -> Option<u64> {
     if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
         return None;
     }
-    let start: u64 = fields.get(19).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let start: u64 = fields.get(19)?.parse().ok()?;
     Some(u64::from(pid) | (start & 0x7fff_ffff) << 32)
 }
 
-/// This process's identity word.
-pub fn my_identity() -> u64 {
-    let pid = std::process::id();
-    match identity_of(pid) {
-        Some(identity) if identity != u64::MAX => identity,
-        _ => u64::from(pid),
+/// This process's identity word, read from `/proc/self/stat` once and kept. An
+/// error when it cannot be read (no `/proc`, no file descriptor left): a lock
+/// must never publish a bare pid, which every other process would take for a
+/// dead holder (its start time would not match).
+pub fn my_identity() -> std::io::Result<u64> {
+    static ME: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(&me) = ME.get() {
+        return Ok(me);
     }
+    let pid = std::process::id();
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let identity = parse_identity(pid, &stat).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("cannot read this process's start time from /proc/self/stat: {stat:?}"),
+        )
+    })?;
+    Ok(*ME.get_or_init(|| identity))
 }
 
 /// Whether the process an identity word names is still running.
@@ -103,7 +120,7 @@ mod tests {
     fn identity_of_this_process_is_alive_and_stable() {
         let me = identity_of(std::process::id()).expect("running");
         assert_eq!(me as u32, std::process::id());
-        assert_eq!(my_identity(), me);
+        assert_eq!(my_identity().expect("own identity"), me);
         assert!(alive(me));
         // Same pid, other start time: a reused pid is not the same process.
         assert!(!alive(me ^ (1 << 40)));
