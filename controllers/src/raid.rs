@@ -813,9 +813,13 @@ impl RaidEngine {
     /// consistent state after a process died while writing it: RAID-5 parity is
     /// recomputed from the data, a mirror's first readable copy is written to the
     /// other members. Called with the stripe's cross-process lock held by the dead
-    /// process, so it takes no lock itself. On a degraded RAID-5 the data of the
-    /// missing member in that stripe cannot be trusted (the RAID-5 write hole): it
-    /// is logged.
+    /// process, so it takes no lock itself. On a degraded RAID-5 the missing
+    /// member's bytes are restored from the journal entry the dead writer left
+    /// (see [`crate::journal`]). A member block the dead writer left half-written
+    /// is read as it was left (see `disk_images::DiskImage`'s pending writes),
+    /// never rebuilt from the parity it had not updated yet. Rewrites use
+    /// [`DiskImage::rewrite_at`]. A resync that fails is logged, and its journal
+    /// entry cleared.
     pub(crate) fn resync_stripe(&self, stripe: u64) {
         let result = self.view().and_then(|view| {
             let chunk = self.geometry.chunk_bytes;
@@ -858,7 +862,15 @@ impl RaidEngine {
         match result {
             Ok(()) => tracing::warn!(stripe, "resynced a stripe a dead process was writing"),
             Err(err) => {
-                tracing::error!(stripe, %err, "could not resync a stripe a dead process was writing")
+                tracing::error!(stripe, %err, "could not resync a stripe a dead process was writing");
+                // The stripe's lock is released after this either way, and an
+                // entry left behind would later be applied to a stripe that
+                // has moved on.
+                if let Some(journal) = &self.journal {
+                    if let Err(err) = journal.clear(Self::lock_index(stripe)) {
+                        tracing::error!(stripe, %err, "could not clear the stripe's journal entry");
+                    }
+                }
             }
         }
     }
@@ -1330,25 +1342,33 @@ impl RaidEngine {
             Some(_) => self.journal_missing(view, stripe, lo, len)?,
             None => None,
         };
-        for t in &touched {
-            if view.writable(t.disk) {
-                view.images[t.disk]
-                    .write_at(offset, &t.new)
-                    .map_err(|source| Self::member_error(t.disk, source))?;
+        let written = (|| {
+            for t in &touched {
+                if view.writable(t.disk) {
+                    view.images[t.disk]
+                        .write_at(offset, &t.new)
+                        .map_err(|source| Self::member_error(t.disk, source))?;
+                }
             }
-        }
-        crash_point();
-        if let Some(parity) = parity {
-            view.images[parity_disk]
-                .write_at(offset, &parity)
-                .map_err(|source| Self::member_error(parity_disk, source))?;
-        }
+            crash_point();
+            if let Some(parity) = &parity {
+                view.images[parity_disk]
+                    .write_at(offset, parity)
+                    .map_err(|source| Self::member_error(parity_disk, source))?;
+            }
+            Ok(())
+        })();
+        // Cleared whether or not the writes succeeded: an entry is only ever
+        // for a process that died holding the stripe's lock; left behind by
+        // one that returned, it would later be applied to a stripe that has
+        // moved on.
         if let (Some(lock), Some(journal)) = (journaled, &self.journal) {
-            journal
+            let cleared = journal
                 .clear(lock)
-                .map_err(|err| Fault::Raid(journal_error(journal, err)))?;
+                .map_err(|err| Fault::Raid(journal_error(journal, err)));
+            return written.and(cleared);
         }
-        Ok(())
+        written
     }
 
     /// Before a write to `[lo, lo+len)` of a degraded RAID-5 stripe changes any
