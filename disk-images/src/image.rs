@@ -580,6 +580,14 @@ impl DiskImage {
     /// new CRC is stored (on a writable image) and `true` returned. A repair
     /// cut short (its old bytes were bad) leaves a media error, for redundancy
     /// to repair again.
+    ///
+    /// A word whose new CRC is already the stored one was left by a writer that
+    /// died after storing it, before clearing the word: that write completed,
+    /// and a mismatch now is damage since, not a write cut short. (A writer that
+    /// died after setting the word, before changing any byte, leaves a word
+    /// that cannot be told from a cut-short write: until the block is written
+    /// again, damage to it would be taken for one. That window is a few
+    /// instructions wide.)
     fn settle_interrupted_write(&self, block: u64, actual: u32) -> bool {
         let Some(at) = self.pending_offset(block) else {
             return false;
@@ -588,7 +596,9 @@ impl DiskImage {
         if word & PENDING == 0 {
             return false;
         }
-        let accepted = actual == word as u32 || word & TRUSTED != 0;
+        let new_crc = word as u32;
+        let completed = new_crc == self.stored_crc(block);
+        let accepted = actual == new_crc || (word & TRUSTED != 0 && !completed);
         if self.is_writable() {
             if accepted {
                 self.store_crc(block, actual);

@@ -503,3 +503,27 @@ fn a_version_1_checksum_file_is_upgraded_when_opened_for_writing() {
     );
     assert!(image.verify(|_| {}).bad_blocks.is_empty());
 }
+
+#[test]
+fn damage_after_a_completed_write_is_not_taken_for_a_write_cut_short() {
+    // A writer that died after storing a block's CRC, before clearing its
+    // pending word: the write completed. Damage to the block since is a media
+    // error, not a write cut short.
+    let (_dir, path, image) = temp_image(4 * BLOCK_BYTES as u64);
+    image.write_at(0, &vec![0x33; BLOCK_BYTES]).expect("write");
+    drop(image);
+    let sidecar = sidecar_path(&path);
+    let stored = std::fs::read(&sidecar).expect("sidecar")[64..68].to_vec();
+    let pending_base = 64 + 4 * 4; // 4 blocks: 80, already a multiple of 8
+    let mut word = [0u8; 8];
+    word[..4].copy_from_slice(&stored);
+    word[7] = 0xC0; // PENDING | TRUSTED
+    poke(&sidecar, pending_base, &word);
+    poke(&path, 10, &[0x34]);
+    let image = DiskImage::open(&path, Access::ReadWrite).expect("open");
+    let mut block = vec![0u8; BLOCK_BYTES];
+    match image.read_at(0, &mut block) {
+        Err(ImageError::Media(err)) => assert_eq!(err.block, 0),
+        other => panic!("damage after a completed write must be a media error, got {other:?}"),
+    }
+}
