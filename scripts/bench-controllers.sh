@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Benchmark, not a test: rebuild and scrub of arrays of 4 x 1 GiB members (RAID-5)
-# and 2 x 1 GiB (RAID-1) on tmpfs, with 1 and with 2 controller processes, in one
+# and 2 x 1 GiB (RAID-1) on tmpfs ($BENCH_DIR, default /dev/shm), with 1 and with 2 controller processes, in one
 # run; prints GiB/s for each (best of $REPEAT runs), the 2-vs-1 ratio, CPU seconds
 # per GiB, this machine's memcpy bandwidth as the ceiling, and how long
 # `array replace` (which allocates the new disk) took. Writes the table as Markdown
 # to $BENCH_OUT.
 #
 #   scripts/bench-controllers.sh            (DISK=1GiB; DISK=256MiB for a quick look)
+#
+# BENCH_DIR picks the file system the disks live on; for a tmpfs with huge pages:
+#   mount -t tmpfs -o huge=always,size=12G tmpfs /mnt/huge && BENCH_DIR=/mnt/huge make bench-controllers
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,7 +25,8 @@ for tool in fio cc python3; do
   command -v "$tool" >/dev/null || { echo "bench-controllers: missing $tool" >&2; exit 2; }
 done
 
-scratch=$(mktemp -d /dev/shm/bench-controllers.XXXXXX)
+BENCH_DIR=${BENCH_DIR:-/dev/shm}
+scratch=$(mktemp -d "$BENCH_DIR/bench-controllers.XXXXXX")
 server_pid=
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
@@ -137,6 +141,7 @@ bench_level() { # $1 level, $2 disks
 bench_level raid5 4
 bench_level raid1 2
 
+MOUNT="$BENCH_DIR: $(findmnt -rno FSTYPE,OPTIONS --target "$BENCH_DIR" | tail -1)" \
 REPEAT=$REPEAT WRITE_NEW="$write_new" WRITE_AGAIN="$write_again" DISK_MIB=$disk_mib \
 python3 - "$memcpy_gib" "$BENCH_OUT" "$DISK" "$scratch/replace.times" "${rows[@]}" <<'EOF'
 import os, platform, sys, datetime
@@ -153,7 +158,7 @@ for row in rows:
     cpu_per_gib[(name, int(controllers))] = float(cpu_secs) / (int(nbytes) / 2**30)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 lines = [
-    f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC | nproc {os.cpu_count()} | {cpu} | kernel {platform.release()} | disks of {disk} on tmpfs",
+    f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC | nproc {os.cpu_count()} | {cpu} | kernel {platform.release()} | disks of {disk} on {os.environ['MOUNT']}",
     "",
     f"memcpy bandwidth (ceiling): {memcpy:.2f} GiB/s; writing a {disk} tmpfs file with dd: "
     f"{write_new:.2f} GiB/s new, {write_again:.2f} GiB/s over its pages again",
