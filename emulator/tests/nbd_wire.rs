@@ -1019,3 +1019,83 @@ fn assert_success(reply: &Reply, command: u16, data: &[u8], structured: bool) {
         assert!(reply.simple, "{reply:?}");
     }
 }
+
+#[test]
+fn oversized_export_name_closes_the_connection() {
+    // EXPORT_NAME has no error reply: the only answer to one the server will
+    // not read is to end the session (an option reply would be misread as the
+    // export's size and flags).
+    let server = Server::start();
+    let mut conn = server.connect();
+    conn.start_handshake(C_FIXED_NEWSTYLE);
+    conn.send_option(OPT_EXPORT_NAME, &vec![b'x'; 70_000]);
+    conn.expect_closed();
+    let mut other = server.connect();
+    other.handshake(true, true);
+    assert_alive(&mut other);
+}
+
+#[test]
+fn block_status_of_zero_bytes_is_invalid() {
+    let server = Server::start();
+    let mut conn = server.connect();
+    conn.handshake(true, true);
+    let reply = conn.command(0, CMD_BLOCK_STATUS, 0, 0, &[]);
+    assert_eq!(reply.error, EINVAL, "{reply:?}");
+    assert_alive(&mut conn);
+}
+
+/// Anonymous memory of process `pid` (reply buffers, not the image mapping).
+fn anon_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .expect("RssAnon line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("RssAnon value");
+    kib * 1024
+}
+
+#[test]
+fn a_client_that_never_reads_replies_cannot_grow_the_server_without_bound() {
+    // 64 reads of the whole 16 MiB export, sent at once, replies left unread:
+    // 1 GiB of replies. The server must stop taking requests once about
+    // MAX_QUEUED_REPLY_BYTES (64 MiB) wait unread, plus what its workers hold.
+    let server = Server::start();
+    let mut conn = server.connect();
+    conn.handshake(false, false);
+    let before = anon_rss_bytes(server.pid());
+    let size = IMAGE_SIZE as u32;
+    let cookies: Vec<u64> = (0..64)
+        .map(|_| conn.submit(0, CMD_READ, 0, size, &[]))
+        .collect();
+    let bound = 256 * 1024 * 1024;
+    let watch = std::time::Instant::now();
+    let mut most = 0;
+    while watch.elapsed() < Duration::from_millis(1500) {
+        most = most.max(anon_rss_bytes(server.pid()).saturating_sub(before));
+        assert!(
+            most < bound,
+            "server grew by {most} bytes with replies unread"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every reply still arrives, whole and correct (in any order).
+    let mut answered: Vec<u64> = (0..cookies.len())
+        .map(|_| {
+            let reply = conn.next_reply();
+            assert_eq!(reply.error, 0);
+            assert_eq!(reply.data.len(), size as usize);
+            reply.cookie
+        })
+        .collect();
+    answered.sort_unstable();
+    let mut cookies = cookies;
+    cookies.sort_unstable();
+    assert_eq!(answered, cookies);
+    assert_alive(&mut conn);
+}

@@ -81,6 +81,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug + 'static {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
     /// Zeroes a range, deallocating it when `punch_hole` is set.
     fn write_zeroes(&self, offset: u64, len: u64, punch_hole: bool) -> Result<(), DeviceError>;
+    /// Whether zeroing with `punch_hole` is faster than writing zeros (NBD's
+    /// FAST_ZERO asks to fail at once when it is not).
+    fn zeroes_fast(&self) -> bool {
+        true
+    }
     /// Makes a range durable.
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
     /// Makes everything durable.
@@ -326,6 +331,10 @@ impl BlockDevice for ArrayVolume {
     fn write_zeroes(&self, offset: u64, len: u64, _punch_hole: bool) -> Result<(), DeviceError> {
         let at = self.map(offset, len)?;
         Ok(self.engine().write_zeroes(at, len)?)
+    }
+    /// An array writes zeros to every member: no faster than a write.
+    fn zeroes_fast(&self) -> bool {
+        false
     }
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.map(offset, len)?;

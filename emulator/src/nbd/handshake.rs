@@ -128,7 +128,8 @@ where
         let length = reader.read_u32().await?;
         out.clear();
         if length > MAX_OPTION_BYTES {
-            if length > MAX_DISCARDED_OPTION_BYTES {
+            // EXPORT_NAME has no error reply: the session must end.
+            if length > MAX_DISCARDED_OPTION_BYTES || opt == proto::option::EXPORT_NAME {
                 return Err(HandshakeError::OptionTooLarge {
                     option: opt,
                     length,

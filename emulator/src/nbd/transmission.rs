@@ -747,6 +747,12 @@ impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
                 return Ok(());
             }
             cmd::READ => {
+                // Its reply will be queued for the client: first make sure the
+                // client is reading what is queued already, so that a client
+                // that sends large reads and never reads the replies cannot
+                // make the queue grow without bound.
+                self.outbox.send(&mut self.batch)?;
+                self.outbox.wait_for_room()?;
                 self.offload(request.length as usize, move || {
                     let mut reply = pool.take();
                     reply.clear();
@@ -782,10 +788,10 @@ impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
             }
             cmd::WRITE_ZEROES => {
                 let no_hole = request.flags & cflag::NO_HOLE != 0;
-                if request.flags & cflag::FAST_ZERO != 0 && no_hole {
+                if request.flags & cflag::FAST_ZERO != 0 && (no_hole || !device.zeroes_fast()) {
                     // Writing explicit zeros is no faster than a WRITE: the spec asks
                     // us to fail fast and leave the data alone.
-                    let message = "zeroing with NO_HOLE is not faster than writing";
+                    let message = "zeroing here is not faster than writing";
                     error_reply(out, session, &request, errno::ENOTSUP, message, None);
                     return Ok(());
                 }
@@ -1041,8 +1047,10 @@ fn block_status_reply(out: &mut Vec<u8>, session: &Negotiated, request: &Request
         }
     }
     if descriptors.is_empty() {
-        // Zero-length request: describe nothing, successfully.
-        return ok_reply(out, request);
+        // A zero-length request: a successful reply must hold one chunk of at
+        // least one descriptor, and there is nothing to describe.
+        let message = "block status of zero bytes";
+        return error_reply(out, session, request, errno::EINVAL, message, None);
     }
     proto::encode_chunk_header(
         out,
