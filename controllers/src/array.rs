@@ -51,6 +51,12 @@ pub struct VolumeRecord {
     pub offset: u64,
     /// Bytes.
     pub size: u64,
+    /// Distinguishes this volume from any other that had, or will have, the
+    /// same name and place: a volume deleted and created again is a new
+    /// volume, whose clients must never meet the old one's. Numbered from 1
+    /// in creation order (0 in arrays made before it existed).
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// Everything `array.json` records.
@@ -68,6 +74,9 @@ pub struct ArrayMetadata {
     pub spares: Vec<String>,
     /// Volumes.
     pub volumes: Vec<VolumeRecord>,
+    /// Volumes ever created: the last volume id given out.
+    #[serde(default)]
+    pub volumes_created: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -241,8 +250,10 @@ impl Array {
                     } else {
                         each
                     },
+                    id: i as u64 + 1,
                 })
                 .collect(),
+            volumes_created: volumes as u64,
         };
         write_metadata(dir, &metadata)?;
         Self::open(dir)
@@ -410,7 +421,13 @@ impl Array {
             let mut candidate = 0u64;
             for (start, stop) in taken.iter().copied().chain(std::iter::once((end, end))) {
                 if candidate.checked_add(size).is_some_and(|last| last <= start) {
-                    let volume = VolumeRecord { name: name.to_string(), offset: candidate, size };
+                    metadata.volumes_created += 1;
+                    let volume = VolumeRecord {
+                        name: name.to_string(),
+                        offset: candidate,
+                        size,
+                        id: metadata.volumes_created,
+                    };
                     metadata.volumes.push(volume.clone());
                     return Ok(volume);
                 }

@@ -43,7 +43,7 @@ def test_create_and_status(tmp_path, level, disks, usable):
     assert report["data_bytes"] == usable
     assert [m["state"] for m in report["members"]] == ["active"] * disks
     assert report["spares"] == ["spare0.img"]
-    assert report["volumes"] == [{"name": "vol0", "offset": 0, "size": usable}]
+    assert report["volumes"] == [{"name": "vol0", "offset": 0, "size": usable, "id": 1}]
     for member in report["members"]:
         assert emulator("image", "verify", str(array / member["file"])).returncode == 0
 
@@ -339,8 +339,32 @@ def test_volumes_created_and_deleted_while_serving(tmp_path, serve, rng, need_to
     with pytest.raises(nbd.Error):
         old.pwrite(b"\xee" * 4096, 0)
     assert fresh.pread(MIB, 0) == pattern
+
+    # The same name again, same size, same place: a new volume all the same.
+    # A connection that met the delete (EIO) does not poison the new volume
+    # for new clients...
+    assert emulator("array", "volume-delete", str(array), "--name", "db2").returncode == 0
+    with pytest.raises(nbd.Error):
+        fresh.pread(4096, 0)
+    made = emulator("array", "volume-create", str(array), "--name", "db2", "--size", "1MiB")
+    assert made.returncode == 0, made.describe()
+    again = nbd_connect(server.uri("db2"))
+    again.pwrite(pattern, 0)
+    assert again.pread(MIB, 0) == pattern
+    # ...and one that has not touched its volume since the delete does not get
+    # into the new one.
+    assert emulator("array", "volume-create", str(array), "--name", "db3",
+                    "--size", "1MiB").returncode == 0
+    untouched = nbd_connect(server.uri("db3"))
+    untouched.pread(4096, 0)
+    assert emulator("array", "volume-delete", str(array), "--name", "db3").returncode == 0
+    assert emulator("array", "volume-create", str(array), "--name", "db3",
+                    "--size", "1MiB").returncode == 0
+    with pytest.raises(nbd.Error) as refused:
+        untouched.pwrite(b"\xee" * 4096, 0)
+    assert errno_name(refused.value.errno) == "EIO"
     assert keep.pread(MIB, 0) == kept, "vol0 and its connection were not disturbed"
-    for h in (old, fresh, keep):
+    for h in (old, fresh, untouched, again, keep):
         h.shutdown()
     server.stop_clean()
 
