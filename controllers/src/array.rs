@@ -376,7 +376,24 @@ impl Array {
     }
 
     /// Completion action of a rebuild: the rebuilt member becomes active.
+    /// Refused when the array has FAILED meanwhile (another member failed: what
+    /// was rebuilt cannot be trusted).
     pub fn finish_rebuild(&mut self, index: usize) -> Result<(), ArrayError> {
+        self.finish_rebuild_checked(index, None)
+    }
+
+    /// [`Self::finish_rebuild`] of the rebuild onto image `file`: refused when
+    /// disk `index` is another image by now (it failed and was replaced while
+    /// the rebuild ran, so the new image was not rebuilt).
+    pub fn finish_rebuild_onto(&mut self, index: usize, file: &str) -> Result<(), ArrayError> {
+        self.finish_rebuild_checked(index, Some(file))
+    }
+
+    fn finish_rebuild_checked(
+        &mut self,
+        index: usize,
+        file: Option<&str>,
+    ) -> Result<(), ArrayError> {
         self.change(|metadata, _| {
             let member = metadata
                 .members
@@ -387,7 +404,19 @@ impl Array {
                     "disk {index} is not being rebuilt"
                 )));
             }
-            member.state = MemberState::Active;
+            if let Some(file) = file.filter(|file| *file != member.file) {
+                return Err(ArrayError::Invalid(format!(
+                    "disk {index} is {} now, not {file}, which this rebuild was writing: \
+                     run the rebuild again",
+                    member.file
+                )));
+            }
+            if state_of(metadata) == ArrayState::Failed {
+                return Err(ArrayError::Invalid(format!(
+                    "the array has FAILED while disk {index} was rebuilt: it stays rebuilding"
+                )));
+            }
+            metadata.members[index].state = MemberState::Active;
             Ok(())
         })
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 use serde::Serialize;
 
-use crate::raid::{Geometry, Level, MemberState, RaidEngine};
+use crate::raid::{array_state, ArrayState, Geometry, Level, MemberState, RaidEngine};
 
 /// Bytes handled between progress reports.
 pub const STEP_BYTES: u64 = 1024 * 1024;
@@ -49,10 +49,13 @@ pub enum WorkError {
     /// The caller asked to stop (lease lost, cancel).
     #[error("stopped")]
     Stopped,
-    /// The member being rebuilt is no longer in that state (it failed again, or
-    /// another rebuild finished it).
-    #[error("disk {0} is no longer being rebuilt")]
+    /// The member being rebuilt is no longer in that state (it failed again,
+    /// was replaced by another image, or another rebuild finished it).
+    #[error("disk {0} is no longer the disk being rebuilt")]
     TargetChanged(usize),
+    /// Another member failed: the array has FAILED, nothing can be rebuilt.
+    #[error("the array has FAILED (another member failed): the rebuild stops")]
+    ArrayFailed,
     /// The array's configuration could not be loaded.
     #[error(transparent)]
     Raid(crate::raid::RaidError),
@@ -503,12 +506,22 @@ pub fn rebuild_range(
     let mut unrecoverable = Vec::new();
     let mut units = Units::new(geometry.disks);
     let mut reporter = Reporter::new(start, progress);
+    // The image being rebuilt, as at the start: if the disk is failed and
+    // replaced meanwhile, the new image is not this range's to fill.
+    let mut target_image: Option<std::path::PathBuf> = None;
     for (stripe, offset, unit) in pieces(&geometry, start, len) {
         {
             let _guard = engine.lock_stripe_exclusive(stripe);
             let members = Members::of(engine)?;
             if members.states.get(target) != Some(&MemberState::Rebuilding) {
                 return Err(WorkError::TargetChanged(target));
+            }
+            let image = members.images[target].path();
+            if *target_image.get_or_insert_with(|| image.to_path_buf()) != image {
+                return Err(WorkError::TargetChanged(target));
+            }
+            if array_state(geometry, &members.states) == ArrayState::Failed {
+                return Err(WorkError::ArrayFailed);
             }
             if !units.rebuild_fast(&members, target, offset, unit)? {
                 rebuild_blocks(&members, target, offset, unit, &mut unrecoverable)?;
@@ -520,7 +533,11 @@ pub fn rebuild_range(
 }
 
 /// Block-by-block rebuild: the slow path that finds which blocks cannot be
-/// reconstructed.
+/// reconstructed. Such a block of the rebuilt disk is marked unreadable
+/// ([`DiskImage::mark_unreadable`]), so that it, and anything later
+/// reconstructed from it, reads as a media error, never as zeros; its array
+/// offset is reported, and so is that of a source block whose media error made
+/// it so (its data needed the lost block to be rebuilt).
 fn rebuild_blocks(
     members: &Members,
     target: usize,
@@ -534,6 +551,7 @@ fn rebuild_blocks(
     let mut offset = start;
     while offset < start + len {
         let mut complete = true;
+        let mut bad_sources = Vec::new();
         match members.geometry.level {
             Level::Raid5 => {
                 rebuilt.fill(0);
@@ -541,7 +559,8 @@ fn rebuild_blocks(
                     if !members.readable[index] || !read_block(members, index, offset, &mut block)?
                     {
                         complete = false;
-                        break;
+                        bad_sources.push(index);
+                        continue;
                     }
                     xor_into(&mut rebuilt, &block);
                 }
@@ -558,8 +577,18 @@ fn rebuild_blocks(
         }
         if complete {
             write_block(members, target, offset, &rebuilt)?;
-        } else if let Some(at) = array_offset(&members.geometry, target, offset) {
-            unrecoverable.push(at);
+        } else {
+            members.images[target]
+                .mark_unreadable(offset, BLOCK_BYTES as u64)
+                .map_err(|source| WorkError::Member {
+                    index: target,
+                    source,
+                })?;
+            unrecoverable.extend(
+                std::iter::once(target)
+                    .chain(bad_sources)
+                    .filter_map(|index| array_offset(&members.geometry, index, offset)),
+            );
         }
         offset += BLOCK_BYTES as u64;
     }

@@ -126,7 +126,18 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
     array.replace(0).expect("replace");
     let engine = array.engine().clone();
     let lost = rebuild_range(&engine, 0, 0, 4096, |_| true).expect("rebuild");
-    assert_eq!(lost, vec![0], "member 0 holds data chunk 0 of stripe 0");
+    assert_eq!(
+        lost,
+        vec![0, 16 * 1024],
+        "member 0 holds data chunk 0 of stripe 0, lost with member 1's bad block (chunk 1)"
+    );
+    // The lost block of the rebuilt member reads as a media error, not zeros.
+    let member = &engine.view().expect("view").images[0];
+    let mut block = vec![0u8; 4096];
+    assert!(matches!(
+        member.read_at(0, &mut block),
+        Err(disk_images::ImageError::Media(_))
+    ));
 }
 
 mod model {

@@ -898,6 +898,25 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Makes the whole blocks of `[offset, offset+len)` read as media errors
+    /// until they are written again, like a disk's bad-block list: for blocks of
+    /// a rebuilt disk whose contents could not be reconstructed, which must
+    /// never read back as valid zeros. (Their stored CRC becomes the complement
+    /// of their bytes' CRC.)
+    pub fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.check_writable()?;
+        self.check_whole_blocks(offset, len)?;
+        let block_size = u64::from(BLOCK_SIZE);
+        let mut bytes = [0u8; BLOCK_BYTES];
+        for block in offset / block_size..(offset + len) / block_size {
+            let _guard = self.lock_stripe_exclusive(stripe_of(block));
+            self.data
+                .read_into((block * block_size) as usize, &mut bytes);
+            self.end_write(block, !crc32fast::hash(&bytes));
+        }
+        Ok(())
+    }
+
     /// Bulk write of whole blocks, for rebuild: writes `data` at `offset`
     /// (block-aligned; `data.len()` a multiple of 4 KiB) with `pwrite`, one call
     /// per [`BULK_BLOCKS`] blocks, and sets each block's CRC.

@@ -123,6 +123,25 @@ struct PartitionDetail {
 /// the existing one (a task interrupted earlier is resumed, not restarted).
 pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskFile> {
     let path = task_path(dir, kind);
+    let array = Array::open(dir)?;
+    let geometry = array.metadata().geometry;
+    let target_disk = match kind {
+        TaskKind::Rebuild => Some(array.rebuilding().context(
+            "no disk is being rebuilt: fail a disk and `emulator array replace` it first",
+        )? as u32),
+        TaskKind::Scrub => None,
+    };
+    // A rebuild names the image it fills; a scrub, the array.
+    let data_set: String = match target_disk {
+        Some(disk) => array.metadata().members[disk as usize].file.clone(),
+        None => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+    .chars()
+    .take(64)
+    .collect();
     if path.exists() {
         let task = TaskFile::open(&path)?;
         if task.spec().repair != repair && kind == TaskKind::Scrub {
@@ -132,28 +151,31 @@ pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskF
                 dir.display()
             );
         }
-        return Ok(task);
+        let spec = task.spec();
+        if kind == TaskKind::Scrub || (spec.target_disk == target_disk && spec.data_set == data_set)
+        {
+            return Ok(task);
+        }
+        // A rebuild of an image that is no longer the one being rebuilt (its
+        // disk failed and was replaced since): nothing of it counts.
+        tracing::warn!(
+            old = %spec.data_set,
+            new = %data_set,
+            "the rebuild in progress was for another image; starting over"
+        );
+        let partitions = spec.data_set_bytes.div_ceil(spec.partition_bytes);
+        drop(task);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        for index in 0..partitions {
+            let _ = std::fs::remove_file(partition_detail_path(dir, kind, index as u32));
+        }
     }
-    let array = Array::open(dir)?;
-    let geometry = array.metadata().geometry;
-    let target_disk = match kind {
-        TaskKind::Rebuild => Some(array.rebuilding().context(
-            "no disk is being rebuilt: fail a disk and `emulator array replace` it first",
-        )? as u32),
-        TaskKind::Scrub => None,
-    };
     let partition_bytes = (geometry.disk_bytes / 16)
         .clamp(1 << 20, 256 << 20)
         .next_multiple_of(1 << 20);
     let spec = TaskSpec {
         operation: kind.operation(),
-        data_set: dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-            .chars()
-            .take(64)
-            .collect(),
+        data_set,
         target_disk,
         data_set_bytes: geometry.disk_bytes,
         partition_bytes,
@@ -208,6 +230,20 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
         if task.control() == Control::Cancel {
             tracing::info!(controller = id, "task cancelled");
             return Ok(());
+        }
+        if let Some(target) = spec.target_disk {
+            let view = engine.view()?;
+            let file = view.images[target as usize]
+                .path()
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned());
+            if file.as_deref() != Some(spec.data_set.as_str()) {
+                bail!(
+                    "disk {target} is no longer {} (it was failed and replaced while the \
+                     rebuild ran): run `emulator array rebuild` again",
+                    spec.data_set
+                );
+            }
         }
         let Some(mut claim) = task.claim_next(id, now_ms(), lease_ms) else {
             if id != spec.initiator || task.all_complete() {
@@ -374,7 +410,7 @@ fn complete_task(dir: &Path, kind: TaskKind, task: &TaskFile) -> anyhow::Result<
     report.unrecoverable.sort_unstable();
     if kind == TaskKind::Rebuild {
         let target = spec.target_disk.context("rebuild task names no disk")?;
-        Array::open(dir)?.finish_rebuild(target as usize)?;
+        Array::open(dir)?.finish_rebuild_onto(target as usize, &spec.data_set)?;
     }
     let text = serde_json::to_string_pretty(&report)? + "\n";
     std::fs::write(report_path(dir, kind), text)?;

@@ -13,7 +13,7 @@ import time
 import nbd
 import pytest
 
-from bbhelpers import emulator, emulator_bin, nbd_connect, wait_until
+from bbhelpers import corrupt_block, emulator, emulator_bin, errno_name, nbd_connect, wait_until
 from test_array import DISK, MIB, create_array, serve_array, status
 
 CHUNK = 64 * 1024
@@ -342,3 +342,98 @@ def test_a_corrupt_live_state_file_is_refused_and_left_alone(tmp_path):
         assert result.returncode == 2, result.describe()
         assert "array.live" in error_line(result) and "not a valid live-state file" in error_line(result)
     assert snapshot(*sorted(array.iterdir())) == before
+
+
+def filled(tmp_path, serve, rng, spares, level="raid5", disks=4):
+    """An array whose volume holds random data; returns it and the data."""
+    array = create_array(tmp_path, level=level, disks=disks, spares=spares)
+    data = rng.randbytes(status(array)["data_bytes"])
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    for at in range(0, len(data), 4 * MIB):
+        h.pwrite(data[at:at + 4 * MIB], at)
+    h.flush()
+    h.shutdown()
+    server.stop_clean()
+    return array, data
+
+
+def read_volume(serve, array, length):
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    got = b"".join(h.pread(min(4 * MIB, length - at), at) for at in range(0, length, 4 * MIB))
+    h.shutdown()
+    server.stop_clean()
+    return got
+
+
+def start_slow_rebuild(array):
+    """Starts a rebuild at 1 MiB/s and waits until it has done something."""
+    started = emulator("array", "rebuild", str(array), "--rate", "1")
+    assert started.returncode == 0, started.describe()
+    wait_until(lambda: (task_status(array) or {}).get("bytes_done", 0) > 0, 15, "the rebuild makes progress")
+
+
+def test_a_disk_failed_and_replaced_during_its_rebuild_is_rebuilt_from_the_start(tmp_path, serve, rng):
+    array, data = filled(tmp_path, serve, rng, spares=2)
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    start_slow_rebuild(array)
+    # The disk being rebuilt fails, and the next spare replaces it: what the
+    # rebuild had done was on the other image.
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    wait_until(lambda: not controllers_running(array), 15, "the old rebuild's controllers stop")
+    assert status(array)["members"][1] == {"file": "spare1.img", "state": "rebuilding"}
+    again = emulator("array", "rebuild", str(array), "--wait", "--json", timeout=120)
+    assert again.returncode == 0, again.describe()
+    assert status(array)["state"] == "optimal"
+    scrub = emulator("array", "scrub", str(array), "--wait", "--json", timeout=120)
+    assert scrub.returncode == 0, scrub.describe()
+    report = json.loads(scrub.stdout)
+    assert (report["checksum_errors"], report["parity_mismatches"]) == (0, 0), report
+    assert read_volume(serve, array, len(data)) == data
+
+
+def test_a_rebuild_stops_when_the_array_fails_and_the_disk_never_becomes_active(tmp_path, serve, rng):
+    array, data = filled(tmp_path, serve, rng, spares=1)
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    start_slow_rebuild(array)
+    assert emulator("array", "fail", str(array), "--disk", "2").returncode == 0
+    wait_until(lambda: not controllers_running(array), 15, "the rebuild's controllers stop")
+    after = status(array)
+    assert after["state"] == "failed", after
+    assert after["members"][1]["state"] == "rebuilding"
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    with pytest.raises(nbd.Error) as refused:
+        h.pread(4096, 0)
+    assert refused.value.errno is not None
+    h.shutdown()
+    server.stop_clean()
+
+
+def test_a_block_that_cannot_be_rebuilt_reads_as_an_error_not_zeros(tmp_path, serve, rng):
+    array, data = filled(tmp_path, serve, rng, spares=1)
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    # A latent error on another member, in stripe 0: disk 2 holds data chunk 2
+    # there (array offset 2 * CHUNK), disk 1 data chunk 1 (array offset CHUNK).
+    corrupt_block(array / "disk2.img", 0, rng)
+    rebuilt = emulator("array", "rebuild", str(array), "--wait", "--json", timeout=120)
+    assert rebuilt.returncode == 1, rebuilt.describe()  # done, with data lost
+    report = json.loads(rebuilt.stdout)
+    assert report["unrecoverable"] == [CHUNK, 2 * CHUNK], report
+    assert status(array)["state"] == "optimal"
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    for lost in (CHUNK, 2 * CHUNK):
+        with pytest.raises(nbd.Error) as refused:
+            h.pread(4096, lost)
+        assert errno_name(refused.value.errno) == "EIO"
+    # Everything else is intact, the rest of those chunks included.
+    for at in (0, CHUNK + 4096, 2 * CHUNK + 4096, 3 * CHUNK, len(data) - MIB):
+        assert h.pread(4096, at) == data[at:at + 4096], at
+    h.shutdown()
+    server.stop_clean()
