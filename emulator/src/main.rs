@@ -48,7 +48,7 @@ enum Command {
         #[arg(long)]
         id: u8,
         /// Lease length.
-        #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
+        #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
         lease_ms: u64,
     },
 }
@@ -169,7 +169,7 @@ struct AdjustArgs {
     #[arg(long)]
     json: bool,
     /// How long a cancel waits for a controller that stopped answering.
-    #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
+    #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     lease_ms: u64,
 }
 
@@ -185,11 +185,11 @@ struct TaskArgs {
     #[arg(long)]
     wait: bool,
     /// Print the report as JSON (with --wait).
-    #[arg(long)]
+    #[arg(long, requires = "wait")]
     json: bool,
     /// A partition whose controller stops renewing its lease for this long is
     /// taken over by another controller.
-    #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS)]
+    #[arg(long, default_value_t = emulator::tasks::DEFAULT_LEASE_MS, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     lease_ms: u64,
 }
 

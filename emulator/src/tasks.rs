@@ -194,19 +194,34 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn step(&mut self, bytes: u64, task: &TaskFile) {
+    /// Waits until `bytes` more are due at this controller's share of the rate,
+    /// calling `renew` at least every `renew_every` while it waits, so that a
+    /// slow rate never lets the claim's lease run out. Stops early (false) when
+    /// `renew` does.
+    fn step(
+        &mut self,
+        bytes: u64,
+        task: &TaskFile,
+        renew_every: Duration,
+        mut renew: impl FnMut() -> bool,
+    ) -> bool {
         let now = Instant::now();
         let Some(rate_kib_s) = task.rate_kib_s() else {
             self.last = now;
-            return;
+            return true;
         };
         let share = rate_kib_s as f64 * 1024.0 / task.controllers() as f64;
         let due = self.last + Duration::from_secs_f64(bytes as f64 / share);
-        if due > now {
-            std::thread::sleep(due - now);
-            self.last = due;
-        } else {
-            self.last = now;
+        self.last = due.max(now);
+        loop {
+            let now = Instant::now();
+            if due <= now {
+                return true;
+            }
+            std::thread::sleep((due - now).min(renew_every));
+            if !renew() {
+                return false;
+            }
         }
     }
 }
@@ -269,8 +284,17 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
         let resume_from = claim.resume_from;
         let mut cancelled = false;
         let progress = |done: u64| {
-            pacer.step(done - last, &task);
+            // Renewed a few times per lease while the rate limit holds us back.
+            let renew_every = Duration::from_millis((lease_ms / 4).max(1));
+            let paced = pacer.step(done - last, &task, renew_every, || {
+                task.renew(&mut claim, resume_from + done, now_ms(), lease_ms)
+                    .is_ok()
+            });
+            lost |= !paced;
             last = done;
+            if !paced {
+                return false;
+            }
             loop {
                 let ok = task
                     .renew(&mut claim, resume_from + done, now_ms(), lease_ms)

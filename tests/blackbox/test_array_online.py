@@ -437,3 +437,27 @@ def test_a_block_that_cannot_be_rebuilt_reads_as_an_error_not_zeros(tmp_path, se
         assert h.pread(4096, at) == data[at:at + 4096], at
     h.shutdown()
     server.stop_clean()
+
+
+def test_a_rate_limit_slower_than_the_lease_keeps_each_partition_with_its_controller(tmp_path):
+    # 2 MiB/s for two controllers: 1 MiB/s each, so each 1 MiB step waits about
+    # 1 s, five times the 200 ms lease. The waiting controller must keep
+    # renewing its claim, or the other takes the partition over (and back).
+    array = create_array(tmp_path)
+    started = time.monotonic()
+    result = emulator("array", "scrub", str(array), "--controllers", "2", "--rate", "2",
+                      "--lease-ms", "200", "--wait", "--json", timeout=60)
+    assert result.returncode == 0, result.describe()
+    report = json.loads(result.stdout)
+    assert report["rows_checked"] == DISK // 4096
+    logs = "".join((array / f"controller-{i}.log").read_text() for i in (0, 1))
+    assert "lease lost" not in logs and "took_over=true" not in logs, logs
+    assert time.monotonic() - started < 30
+
+
+def test_task_flags_out_of_range_are_refused(tmp_path):
+    array = create_array(tmp_path)
+    for args in (["--lease-ms", "0"], ["--json"]):
+        result = emulator("array", "scrub", str(array), *args)
+        assert result.returncode == 2, result.describe()
+        assert not (array / "task-scrub.coord").exists()
