@@ -469,6 +469,23 @@ pub struct TaskProgress {
 }
 
 impl TaskProgress {
+    /// A task whose coordination file could not be read: nothing known.
+    fn unreadable(kind: TaskKind) -> Self {
+        Self {
+            operation: kind,
+            control: Control::Cancel,
+            bytes_done: 0,
+            bytes_total: 0,
+            percent: 0.0,
+            mib_per_s: 0.0,
+            eta_s: None,
+            rate_limit_mib_s: None,
+            partitions_ready: 0,
+            in_progress: Vec::new(),
+            partitions_complete: 0,
+        }
+    }
+
     fn of(kind: TaskKind, task: &TaskFile) -> Self {
         let partitions = task.partitions();
         let count = |state| partitions.iter().filter(|p| p.state == state).count() as u32;
@@ -562,7 +579,29 @@ pub fn adjust(
 ) -> anyhow::Result<TaskProgress> {
     // The array must be valid: this is an administrative change to it.
     controllers::array::read_metadata(dir)?;
-    let (kind, task) = find_task(dir, kind)?;
+    let (kind, task) = match (find_task(dir, kind), adjust) {
+        (Ok(found), _) => found,
+        // A coordination file that cannot be read (cut short by a kill while
+        // it was created, or damaged) can still be cancelled: nothing can use
+        // it, and it would block every later task of its kind.
+        (Err(err), Adjust::Cancel) => {
+            let Some(kind) = kind.or_else(|| {
+                [TaskKind::Rebuild, TaskKind::Scrub]
+                    .into_iter()
+                    .find(|k| task_path(dir, *k).exists())
+            }) else {
+                return Err(err);
+            };
+            let path = task_path(dir, kind);
+            if !path.exists() {
+                return Err(err);
+            }
+            tracing::warn!(%err, "the task's coordination file is unreadable; removing it");
+            std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+            return Ok(TaskProgress::unreadable(kind));
+        }
+        (Err(err), _) => return Err(err),
+    };
     match adjust {
         Adjust::Pause => task.set_control(Control::Pause),
         Adjust::Resume => {

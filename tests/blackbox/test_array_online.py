@@ -328,6 +328,12 @@ def test_task_control_and_a_corrupt_coordination_file_give_clear_errors(tmp_path
         line = error_line(result)
         assert "task-scrub.coord" in line and ("checksum" in line or "version" in line), line
     assert snapshot(*sorted(array.iterdir())) == before, "nothing was changed"
+    # Only a cancel removes it (nothing can use it), after which a scrub runs.
+    cancelled = emulator("array", "cancel", str(array))
+    assert cancelled.returncode == 0, cancelled.describe()
+    assert not coordination.exists()
+    scrub = emulator("array", "scrub", str(array), "--wait")
+    assert scrub.returncode == 0, scrub.describe()
 
 
 def test_a_corrupt_live_state_file_is_refused_and_left_alone(tmp_path):
