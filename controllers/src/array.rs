@@ -399,6 +399,10 @@ impl Array {
                 .members
                 .get_mut(index)
                 .ok_or_else(|| ArrayError::Invalid(format!("disk {index} is out of range")))?;
+            if member.state == MemberState::Active && file == Some(member.file.as_str()) {
+                // Done already, by a completion that did not get to record it.
+                return Ok(());
+            }
             if member.state != MemberState::Rebuilding {
                 return Err(ArrayError::Invalid(format!(
                     "disk {index} is not being rebuilt"

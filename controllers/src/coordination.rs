@@ -39,7 +39,7 @@
 //! | 48     | 8    | epoch_ms         | creation time, Unix ms; lease deadlines count from it|
 //! | 56     | 64   | data_set         | UTF-8 name of the data set, zero-padded             |
 //! | 120    | 4    | header_crc       | CRC32 of bytes 0..120                               |
-//! | 128    | 8    | completion       | atomic: 0 pending, 1 running (owner id in bits 8..16), 2 done |
+//! | 128    | 8    | completion       | atomic: 0 pending, 2 done, or running: 1, owner id in bits 8..16, a deadline (ms after epoch_ms) in bits 16..64 after which another may take it over |
 //! | 136    | 8    | control          | atomic: 0 run, 1 pause, 2 cancel (set by an operator, read by every controller) |
 //! | 144    | 8    | rate             | atomic: total rate limit in KiB/s across controllers, 0 none |
 //! | 152    | 8    | controllers      | atomic: controllers the rate is shared by (at least 1) |
@@ -80,6 +80,8 @@ const MAGIC: [u8; 8] = *b"EMUTASK1";
 const VERSION: u32 = 1;
 const DATA_SET_BYTES: usize = 64;
 const COMPLETION_OFFSET: usize = 128;
+/// The largest completion deadline (48 bits): never reached.
+const COMPLETION_NEVER_EXPIRES: u64 = (1 << 48) - 1;
 const CONTROL_OFFSET: usize = 136;
 const RATE_OFFSET: usize = 144;
 const CONTROLLERS_OFFSET: usize = 152;
@@ -682,11 +684,48 @@ impl TaskFile {
     /// first caller after every partition is COMPLETE, who must then run the
     /// completion actions and call [`Self::finish_completion`].
     pub fn begin_completion(&self, controller: u8) -> bool {
-        self.all_complete()
-            && self
+        self.begin_completion_with_deadline(controller, COMPLETION_NEVER_EXPIRES, u64::MAX)
+    }
+
+    /// [`Self::begin_completion`] with a lease: a completion begun by a process
+    /// that died (or failed, see [`Self::abort_completion`]) before finishing
+    /// is taken over once `lease_ms` after it began has passed. The completion
+    /// actions must therefore be safe to run again.
+    pub fn begin_completion_leased(&self, controller: u8, now_ms: u64, lease_ms: u64) -> bool {
+        let now = now_ms.saturating_sub(self.created_ms());
+        let deadline = now.saturating_add(lease_ms).min(COMPLETION_NEVER_EXPIRES);
+        self.begin_completion_with_deadline(controller, deadline, now)
+    }
+
+    fn begin_completion_with_deadline(&self, controller: u8, deadline: u64, now: u64) -> bool {
+        let running = 1 | (u64::from(controller) << 8) | (deadline << 16);
+        loop {
+            if !self.all_complete() {
+                return false;
+            }
+            let word = self.map.load_u64_le(COMPLETION_OFFSET);
+            let free = match word & 0xff {
+                0 => true,
+                1 => (word >> 16) < now,
+                _ => false,
+            };
+            if !free {
+                return false;
+            }
+            if self
                 .map
-                .compare_exchange_u64_le(COMPLETION_OFFSET, 0, 1 | (u64::from(controller) << 8))
+                .compare_exchange_u64_le(COMPLETION_OFFSET, word, running)
                 .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+
+    /// The completion actions failed: another caller of
+    /// [`Self::begin_completion_leased`] may run them again.
+    pub fn abort_completion(&self) {
+        self.map.store_u64_le(COMPLETION_OFFSET, 0);
     }
 
     /// Records that the completion actions are done.

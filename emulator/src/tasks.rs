@@ -377,8 +377,12 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
             Err(err) => tracing::warn!(controller = id, partition, %err, "could not complete"),
         }
     }
-    if id == spec.initiator && task.begin_completion(id) {
-        complete_task(dir, kind, &task)?;
+    if id == spec.initiator && task.begin_completion_leased(id, now_ms(), lease_ms) {
+        if let Err(err) = complete_task(dir, kind, &task) {
+            // Let the next run of the same command try again.
+            task.abort_completion();
+            return Err(err);
+        }
         task.finish_completion();
         drop(task);
         std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;

@@ -467,3 +467,17 @@ def test_task_flags_out_of_range_are_refused(tmp_path):
         result = emulator("array", "scrub", str(array), *args)
         assert result.returncode == 2, result.describe()
         assert not (array / "task-scrub.coord").exists()
+
+
+def test_completion_actions_that_failed_run_again_with_the_next_command(tmp_path):
+    array = create_array(tmp_path)
+    report = array / "scrub-report.json"
+    report.mkdir()  # the completion actions cannot write the report
+    failed = emulator("array", "scrub", str(array), "--wait", timeout=60)
+    assert failed.returncode == 2, failed.describe()
+    report.rmdir()
+    again = emulator("array", "scrub", str(array), "--wait", "--json", timeout=60)
+    assert again.returncode == 0, again.describe()
+    assert json.loads(again.stdout)["rows_checked"] == DISK // 4096
+    assert json.loads(report.read_text())["rows_checked"] == DISK // 4096
+    assert task_status(array) is None
