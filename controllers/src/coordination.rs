@@ -684,7 +684,7 @@ impl TaskFile {
     /// first caller after every partition is COMPLETE, who must then run the
     /// completion actions and call [`Self::finish_completion`].
     pub fn begin_completion(&self, controller: u8) -> bool {
-        self.begin_completion_with_deadline(controller, COMPLETION_NEVER_EXPIRES, u64::MAX)
+        self.begin_completion_with_deadline(controller, COMPLETION_NEVER_EXPIRES, 0)
     }
 
     /// [`Self::begin_completion`] with a lease: a completion begun by a process

@@ -456,9 +456,10 @@ fn scrub_blocks(
                         findings.repaired += 1;
                     }
                 }
+                // Every data block of the row that is not readable is lost,
+                // a failed (or not yet rebuilt) member's included.
                 _ => findings.unrecoverable.extend(
                     bad.iter()
-                        .filter(|&&i| members.readable[i])
                         .filter_map(|&i| array_offset(&members.geometry, i, offset)),
                 ),
             },
@@ -492,8 +493,8 @@ fn scrub_blocks(
 /// members, while hosts keep using the array: each piece under its stripe's
 /// exclusive lock (host writes to the stripe go to the target too, so once a
 /// stripe is rebuilt it stays current). Returns the array offsets that could not
-/// be reconstructed (a source block failed its CRC too); those blocks are left
-/// as they were. Stops with [`WorkError::TargetChanged`] if `target` is no
+/// be reconstructed (a source block failed its CRC too); those blocks of the
+/// target are marked unreadable (see `rebuild_blocks`). Stops with [`WorkError::TargetChanged`] if `target` is no
 /// longer the member being rebuilt.
 pub fn rebuild_range(
     engine: &RaidEngine,

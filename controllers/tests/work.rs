@@ -120,8 +120,9 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
     assert_eq!(found.checksum_errors, 1);
     assert_eq!(
         found.unrecoverable,
-        vec![16 * 1024],
-        "data chunk 1 of stripe 0 starts at array offset 16 KiB"
+        vec![0, 16 * 1024],
+        "data chunk 1 of stripe 0 starts at array offset 16 KiB; chunk 0, on the \
+         failed member, needed it and is lost too"
     );
     array.replace(0).expect("replace");
     let engine = array.engine().clone();
