@@ -39,7 +39,7 @@ def test_create_info_verify_happy_path(tmp_path):
     assert result.returncode == 0, result.describe()
     assert str(img) in result.stdout and str(sidecar(img)) in result.stdout, result.describe()
     assert img.stat().st_size == SIZE
-    assert sidecar(img).stat().st_size == SIDECAR_HEADER + 4 * BLOCKS
+    assert sidecar(img).stat().st_size == sidecar_len(BLOCKS)
     assert sidecar(img).read_bytes()[:8] == b"EMUCRC32"
 
     info = emulator("image", "info", img, "--json", check=True)
@@ -139,13 +139,20 @@ def test_force_recreates(tmp_path, rng):
     assert result.returncode == 0, result.describe()
     assert img.stat().st_size == 8 * MiB
     assert img.read_bytes() == bytes(8 * MiB)
-    assert sidecar(img).stat().st_size == SIDECAR_HEADER + 4 * (8 * MiB // BLOCK)
+    assert sidecar(img).stat().st_size == sidecar_len(8 * MiB // BLOCK)
     verify = emulator("image", "verify", img, "--json")
     assert verify.returncode == 0, verify.describe()
     assert json.loads(verify.stdout)["blocks_checked"] == 8 * MiB // BLOCK
 
 
 # -- broken image / sidecar pairs -------------------------------------------------
+
+
+def sidecar_len(blocks: int) -> int:
+    """Sidecar version 2: header, a CRC per block, then (8-aligned) a pending
+    word per block."""
+    crc_end = SIDECAR_HEADER + 4 * blocks
+    return (crc_end + 7) // 8 * 8 + 8 * blocks
 
 
 def _missing_sidecar(img, rng):
