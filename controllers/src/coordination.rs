@@ -213,6 +213,14 @@ pub struct Claim {
     word: u64,
 }
 
+impl Claim {
+    /// The claim's generation: what [`PartitionView::generation`] shows once
+    /// this claim completed the partition.
+    pub fn generation(&self) -> u32 {
+        unpack(self.word).2
+    }
+}
+
 /// Errors of the coordination object.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinationError {

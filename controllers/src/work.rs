@@ -351,7 +351,7 @@ struct Reporter<F> {
     progress: F,
 }
 
-impl<F: FnMut(u64) -> bool> Reporter<F> {
+impl<F: FnMut(u64, &ScrubFindings) -> bool> Reporter<F> {
     fn new(start: u64, progress: F) -> Self {
         Self {
             start,
@@ -361,10 +361,10 @@ impl<F: FnMut(u64) -> bool> Reporter<F> {
     }
 
     /// Called with no lock held (the callback may sleep to pace the work).
-    fn after(&mut self, offset: u64) -> Result<(), WorkError> {
+    fn after(&mut self, offset: u64, so_far: &ScrubFindings) -> Result<(), WorkError> {
         if offset >= self.next {
             self.next = offset + STEP_BYTES;
-            if !(self.progress)(offset - self.start) {
+            if !(self.progress)(offset - self.start, so_far) {
                 return Err(WorkError::Stopped);
             }
         }
@@ -378,14 +378,14 @@ impl<F: FnMut(u64) -> bool> Reporter<F> {
 /// redundancy can fix. Each piece is checked under its stripe's shared lock
 /// and, if anything is wrong, redone block by block under the exclusive lock,
 /// so a host write in flight is never mistaken for a mismatch.
-/// `progress(bytes_done)` is called every [`STEP_BYTES`]; returning `false`
-/// stops the work.
+/// `progress(bytes_done, findings_so_far)` is called every [`STEP_BYTES`];
+/// returning `false` stops the work.
 pub fn scrub_range(
     engine: &RaidEngine,
     start: u64,
     len: u64,
     repair: bool,
-    progress: impl FnMut(u64) -> bool,
+    progress: impl FnMut(u64, &ScrubFindings) -> bool,
 ) -> Result<ScrubFindings, WorkError> {
     let geometry = engine.geometry();
     let mut findings = ScrubFindings::default();
@@ -402,7 +402,7 @@ pub fn scrub_range(
             let members = Members::of(engine)?;
             scrub_blocks(&members, offset, unit, repair, &mut findings)?;
         }
-        reporter.after(offset + unit)?;
+        reporter.after(offset + unit, &findings)?;
     }
     Ok(findings)
 }
@@ -501,10 +501,11 @@ pub fn rebuild_range(
     target: usize,
     start: u64,
     len: u64,
-    progress: impl FnMut(u64) -> bool,
+    progress: impl FnMut(u64, &ScrubFindings) -> bool,
 ) -> Result<Vec<u64>, WorkError> {
     let geometry = engine.geometry();
-    let mut unrecoverable = Vec::new();
+    // Only `unrecoverable` is used: what `progress` sees so far.
+    let mut found = ScrubFindings::default();
     let mut units = Units::new(geometry.disks);
     let mut reporter = Reporter::new(start, progress);
     // The image being rebuilt, as at the start: if the disk is failed and
@@ -525,12 +526,12 @@ pub fn rebuild_range(
                 return Err(WorkError::ArrayFailed);
             }
             if !units.rebuild_fast(&members, target, offset, unit)? {
-                rebuild_blocks(&members, target, offset, unit, &mut unrecoverable)?;
+                rebuild_blocks(&members, target, offset, unit, &mut found.unrecoverable)?;
             }
         }
-        reporter.after(offset + unit)?;
+        reporter.after(offset + unit, &found)?;
     }
-    Ok(unrecoverable)
+    Ok(found.unrecoverable)
 }
 
 /// Block-by-block rebuild: the slow path that finds which blocks cannot be

@@ -29,7 +29,7 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
         let engine = array.engine();
         let members = engine.view().expect("view");
         assert_eq!(
-            scrub_range(engine, 0, DISK, false, |_| true)
+            scrub_range(engine, 0, DISK, false, |_, _| true)
                 .expect("scrub")
                 .parity_mismatches,
             0
@@ -39,7 +39,7 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
         members.images[1]
             .write_at(8192, &[0xee; 4096])
             .expect("stray write");
-        let found = scrub_range(engine, 0, DISK, false, |_| true).expect("scrub");
+        let found = scrub_range(engine, 0, DISK, false, |_, _| true).expect("scrub");
         assert_eq!(
             (
                 found.parity_mismatches,
@@ -49,14 +49,14 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
             (1, 0, 0),
             "{level:?}"
         );
-        let fixed = scrub_range(engine, 0, DISK, true, |_| true).expect("repair");
+        let fixed = scrub_range(engine, 0, DISK, true, |_, _| true).expect("repair");
         assert_eq!(
             (fixed.parity_mismatches, fixed.repaired),
             (1, 1),
             "{level:?}"
         );
         assert_eq!(
-            scrub_range(engine, 0, DISK, false, |_| true)
+            scrub_range(engine, 0, DISK, false, |_, _| true)
                 .expect("rescrub")
                 .parity_mismatches,
             0
@@ -79,7 +79,7 @@ fn rebuild_restores_a_member_exactly() {
         assert_eq!(members.states[2], MemberState::Rebuilding);
         assert!(members.images[2].path().ends_with(&file));
         let mut steps = 0;
-        let lost = rebuild_range(&engine, 2, 0, DISK, |_| {
+        let lost = rebuild_range(&engine, 2, 0, DISK, |_, _| {
             steps += 1;
             true
         })
@@ -116,7 +116,7 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
         .expect("open")
         .write_all_at(b"!!", 100)
         .expect("poke");
-    let found = scrub_range(&engine, 0, 4096, true, |_| true).expect("scrub");
+    let found = scrub_range(&engine, 0, 4096, true, |_, _| true).expect("scrub");
     assert_eq!(found.checksum_errors, 1);
     assert_eq!(
         found.unrecoverable,
@@ -126,7 +126,7 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
     );
     array.replace(0).expect("replace");
     let engine = array.engine().clone();
-    let lost = rebuild_range(&engine, 0, 0, 4096, |_| true).expect("rebuild");
+    let lost = rebuild_range(&engine, 0, 0, 4096, |_, _| true).expect("rebuild");
     assert_eq!(
         lost,
         vec![0, 16 * 1024],
@@ -213,7 +213,7 @@ mod model {
                         rebuilding.expect("rebuilding"),
                         rebuilt_to,
                         SMALL_DISK / 4,
-                        |_| true,
+                        |_, _| true,
                     )
                     .expect("rebuild");
                     prop_assert!(lost.is_empty());
@@ -233,7 +233,7 @@ mod model {
         // Whatever state it ended in, redundancy is intact where it claims to be:
         // a scrub finds no mismatch.
         let engine = array.engine().clone();
-        let found = scrub_range(&engine, 0, SMALL_DISK, false, |_| true).expect("scrub");
+        let found = scrub_range(&engine, 0, SMALL_DISK, false, |_, _| true).expect("scrub");
         prop_assert_eq!((found.parity_mismatches, found.checksum_errors), (0, 0));
         Ok(())
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use controllers::array::Array;
 use controllers::coordination::{Control, Findings, Operation, PartitionState, TaskFile, TaskSpec};
-use controllers::work::{rebuild_range, scrub_range, WorkError};
+use controllers::work::{rebuild_range, scrub_range, ScrubFindings, WorkError};
 use serde::{Deserialize, Serialize};
 
 /// Default lease: a partition whose owner has not renewed for this long goes to
@@ -64,8 +64,110 @@ pub fn report_path(dir: &Path, kind: TaskKind) -> PathBuf {
     dir.join(format!("{}-report.json", kind.name()))
 }
 
-fn partition_detail_path(dir: &Path, kind: TaskKind, partition: u32) -> PathBuf {
-    dir.join(format!("task-{}.part{partition}.json", kind.name()))
+/// The findings file of partition `partition` as completed by the claim of
+/// generation `generation`: an owner that lost its claim (and writes its file
+/// before finding out) never overwrites the file of the owner that completed.
+fn partition_detail_path(dir: &Path, kind: TaskKind, partition: u32, generation: u32) -> PathBuf {
+    dir.join(format!(
+        "task-{}.part{partition}.g{generation}.json",
+        kind.name()
+    ))
+}
+
+/// What a partition's work found before some point of it. Its owner saves
+/// one (with the point) whenever it finds something new, before it records
+/// that progress, so a controller that resumes the partition after its owner
+/// died starts from what was found before the resume point.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Found {
+    errors: u64,
+    repaired: u64,
+    parity_mismatches: u64,
+    unrecoverable: Vec<u64>,
+}
+
+impl Found {
+    /// `self` followed by what a range found.
+    fn plus(&self, found: &ScrubFindings) -> Self {
+        Self {
+            errors: self.errors + found.checksum_errors,
+            repaired: self.repaired + found.repaired,
+            parity_mismatches: self.parity_mismatches + found.parity_mismatches,
+            unrecoverable: self
+                .unrecoverable
+                .iter()
+                .chain(&found.unrecoverable)
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+/// The points (bytes into the partition) and what was found before each, as
+/// one claim saved them.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FoundSoFar {
+    points: Vec<(u64, Found)>,
+}
+
+fn found_prefix(kind: TaskKind, partition: u32) -> String {
+    format!("task-{}.part{partition}.g", kind.name())
+}
+
+/// Claim `generation`'s saved findings of `partition`.
+fn found_path(dir: &Path, kind: TaskKind, partition: u32, generation: u32) -> PathBuf {
+    dir.join(format!(
+        "{}{generation}.found.json",
+        found_prefix(kind, partition)
+    ))
+}
+
+/// What was found in `partition` before byte `resume_from` of it, by the
+/// claims before this one: the latest point saved at or before it.
+fn found_before(dir: &Path, kind: TaskKind, partition: u32, resume_from: u64) -> Found {
+    if resume_from == 0 {
+        return Found::default();
+    }
+    let prefix = found_prefix(kind, partition);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Found::default();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".found.json")
+        })
+        .filter_map(|entry| std::fs::read(entry.path()).ok())
+        .filter_map(|bytes| serde_json::from_slice::<FoundSoFar>(&bytes).ok())
+        .flat_map(|saved| saved.points)
+        .filter(|(point, _)| *point <= resume_from)
+        .max_by_key(|(point, _)| *point)
+        .map(|(_, found)| found)
+        .unwrap_or_default()
+}
+
+/// Writes `file` whole or not at all (a temporary file renamed over it).
+fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = file.with_extension("tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, file)
+}
+
+/// Removes every partition findings file of task `kind`.
+fn remove_partition_details(dir: &Path, kind: TaskKind) {
+    let prefix = format!("task-{}.part", kind.name());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && (name.ends_with(".json") || name.ends_with(".tmp")) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -163,12 +265,9 @@ pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskF
             new = %data_set,
             "the rebuild in progress was for another image; starting over"
         );
-        let partitions = spec.data_set_bytes.div_ceil(spec.partition_bytes);
         drop(task);
         std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        for index in 0..partitions {
-            let _ = std::fs::remove_file(partition_detail_path(dir, kind, index as u32));
-        }
+        remove_partition_details(dir, kind);
     }
     let partition_bytes = (geometry.disk_bytes / 16)
         .clamp(1 << 20, 256 << 20)
@@ -279,11 +378,29 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
         );
         let start = claim.start + claim.resume_from;
         let length = claim.length - claim.resume_from;
+        let claim_length = claim.length;
         let mut lost = false;
         let mut last = 0;
         let resume_from = claim.resume_from;
         let mut cancelled = false;
-        let progress = |done: u64| {
+        let base = found_before(dir, kind, claim.partition, resume_from);
+        let found_file = found_path(dir, kind, claim.partition, claim.generation());
+        let mut saved = FoundSoFar::default();
+        let progress = |done: u64, so_far: &ScrubFindings| {
+            let found = base.plus(so_far);
+            if saved
+                .points
+                .last()
+                .map_or(base != found, |(_, last)| *last != found)
+            {
+                saved.points.push((resume_from + done, found));
+                if let Err(err) = serde_json::to_vec(&saved)
+                    .map_err(std::io::Error::other)
+                    .and_then(|bytes| write_atomically(&found_file, &bytes))
+                {
+                    tracing::warn!(%err, file = %found_file.display(), "cannot save findings so far");
+                }
+            }
             // Renewed a few times per lease while the rate limit holds us back.
             let renew_every = Duration::from_millis((lease_ms / 4).max(1));
             let paced = pacer.step(done - last, &task, renew_every, || {
@@ -317,24 +434,32 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
         let outcome = match kind {
             TaskKind::Scrub => {
                 scrub_range(engine, start, length, spec.repair, progress).map(|found| {
+                    let rows_before = resume_from / disk_images::BLOCK_BYTES as u64;
+                    let all = base.plus(&found);
                     findings = Findings {
-                        checked: found.rows_checked,
-                        errors: found.checksum_errors,
-                        repaired: found.repaired,
-                        unrecoverable: found.unrecoverable.len() as u64,
+                        checked: rows_before + found.rows_checked,
+                        errors: all.errors,
+                        repaired: all.repaired,
+                        unrecoverable: all.unrecoverable.len() as u64,
                     };
                     detail = PartitionDetail {
-                        parity_mismatches: found.parity_mismatches,
-                        unrecoverable: found.unrecoverable,
+                        parity_mismatches: all.parity_mismatches,
+                        unrecoverable: all.unrecoverable,
                     };
                 })
             }
             TaskKind::Rebuild => {
                 let target = spec.target_disk.context("rebuild task names no disk")? as usize;
                 rebuild_range(engine, target, start, length, progress).map(|unrecoverable| {
-                    findings.checked = length / disk_images::BLOCK_BYTES as u64;
-                    findings.unrecoverable = unrecoverable.len() as u64;
-                    detail.unrecoverable = unrecoverable;
+                    let all: Vec<u64> = base
+                        .unrecoverable
+                        .iter()
+                        .copied()
+                        .chain(unrecoverable)
+                        .collect();
+                    findings.checked = claim_length / disk_images::BLOCK_BYTES as u64;
+                    findings.unrecoverable = all.len() as u64;
+                    detail.unrecoverable = all;
                 })
             }
         };
@@ -368,7 +493,7 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
             view.images[index].flush_range(start, length)?;
         }
         std::fs::write(
-            partition_detail_path(dir, kind, claim.partition),
+            partition_detail_path(dir, kind, claim.partition, claim.generation()),
             serde_json::to_vec(&detail)?,
         )?;
         let partition = claim.partition;
@@ -386,9 +511,7 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
         task.finish_completion();
         drop(task);
         std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        for index in 0..spec.data_set_bytes.div_ceil(spec.partition_bytes) {
-            let _ = std::fs::remove_file(partition_detail_path(dir, kind, index as u32));
-        }
+        remove_partition_details(dir, kind);
         tracing::info!(
             controller = id,
             task = kind.name(),
@@ -427,11 +550,15 @@ fn complete_task(dir: &Path, kind: TaskKind, task: &TaskFile) -> anyhow::Result<
         report.rows_checked += partition.findings.checked;
         report.checksum_errors += partition.findings.errors;
         report.repaired += partition.findings.repaired;
-        let detail: PartitionDetail =
-            std::fs::read(partition_detail_path(dir, kind, partition.index))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-                .unwrap_or_default();
+        let detail: PartitionDetail = std::fs::read(partition_detail_path(
+            dir,
+            kind,
+            partition.index,
+            partition.generation,
+        ))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
         report.parity_mismatches += detail.parity_mismatches;
         report.unrecoverable.extend(detail.unrecoverable);
     }
@@ -638,13 +765,10 @@ pub fn adjust(
                 std::thread::sleep(Duration::from_millis(20));
             }
             let progress = TaskProgress::of(kind, &task);
-            let count = task.partition_count();
             drop(task);
             std::fs::remove_file(task_path(dir, kind))
                 .with_context(|| format!("remove {}", task_path(dir, kind).display()))?;
-            for index in 0..count {
-                let _ = std::fs::remove_file(partition_detail_path(dir, kind, index));
-            }
+            remove_partition_details(dir, kind);
             return Ok(progress);
         }
     }

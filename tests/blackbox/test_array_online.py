@@ -481,3 +481,25 @@ def test_completion_actions_that_failed_run_again_with_the_next_command(tmp_path
     assert json.loads(again.stdout)["rows_checked"] == DISK // 4096
     assert json.loads(report.read_text())["rows_checked"] == DISK // 4096
     assert task_status(array) is None
+
+
+def test_a_scrub_resumed_after_its_controller_was_killed_still_reports_what_it_found(tmp_path, rng):
+    # 64 MiB members: partitions of 4 MiB, so the kill lands inside one.
+    array = tmp_path / "array"
+    created = emulator("array", "create", str(array), "--level", "raid1", "--disks", "2",
+                       "--disk-size", "64MiB")
+    assert created.returncode == 0, created.describe()
+    for block in (1, 5, 9):  # in the first MiB of partition 0
+        corrupt_block(array / "disk1.img", block, rng)
+    started = emulator("array", "scrub", str(array), "--rate", "1", "--lease-ms", "500")
+    assert started.returncode == 0, started.describe()
+    wait_until(lambda: (task_status(array) or {}).get("bytes_done", 0) >= MIB, 15, "the scrub passes 1 MiB")
+    found = subprocess.run(["pgrep", "-f", f"controller {array} --task scrub"], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        subprocess.run(["kill", "-9", pid], check=True)
+    wait_until(lambda: not controllers_running(array), 10, "the controller is gone")
+    resumed = emulator("array", "scrub", str(array), "--wait", "--json", timeout=60)
+    assert resumed.returncode == 1, resumed.describe()  # errors found, not repaired
+    report = json.loads(resumed.stdout)
+    assert report["checksum_errors"] == 3, report
+    assert report["rows_checked"] == 64 * MIB // 4096, report
