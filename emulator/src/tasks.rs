@@ -155,6 +155,22 @@ fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&temporary, file)
 }
 
+/// The file whose `flock` says controllers of task `kind` are running.
+fn running_path(dir: &Path, kind: TaskKind) -> PathBuf {
+    dir.join(format!("task-{}.running", kind.name()))
+}
+
+fn open_running_lock(dir: &Path, kind: TaskKind) -> anyhow::Result<std::fs::File> {
+    let path = running_path(dir, kind);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
 /// Removes every partition findings file of task `kind`.
 fn remove_partition_details(dir: &Path, kind: TaskKind) {
     let prefix = format!("task-{}.part", kind.name());
@@ -332,6 +348,10 @@ const PAUSE_POLL: Duration = Duration::from_millis(50);
 /// partition is left for it. Controller 0 (the initiator) then waits for the
 /// others and runs the completion actions.
 pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyhow::Result<()> {
+    let running = open_running_lock(dir, kind)?;
+    running
+        .lock_shared()
+        .with_context(|| format!("lock {}", running_path(dir, kind).display()))?;
     let path = task_path(dir, kind);
     let task = TaskFile::open(&path)?;
     let array = Array::open(dir)?;
@@ -806,14 +826,34 @@ pub fn start(
     {
         bail!("--rate must be a positive number of MiB/s");
     }
-    let task = prepare(dir, kind, repair)?;
+    // Held exclusively while the controllers are started, then by each of
+    // them (shared) for as long as it runs: a second start while they run
+    // must not start more, reset the rate or a pause, or cut their logs.
+    let running = open_running_lock(dir, kind)?;
+    let (task, attached) = match running.try_lock() {
+        Ok(()) => (prepare(dir, kind, repair)?, false),
+        Err(std::fs::TryLockError::WouldBlock) if options.wait => {
+            tracing::info!("the {} is already running; waiting for it", kind.name());
+            (TaskFile::open(&task_path(dir, kind))?, true)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "a {} is already running in {}: `emulator array status` shows it, `--wait` waits for it",
+            kind.name(),
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(err)) => {
+            return Err(err).context(format!("lock {}", running_path(dir, kind).display()))
+        }
+    };
     let total = task.spec().data_set_bytes;
-    task.set_controllers(u64::from(options.controllers));
-    task.set_rate_kib_s(options.rate_mib_s.map(|r| (r * 1024.0).ceil() as u64));
-    task.set_control(Control::Run);
     let exe = std::env::current_exe().context("cannot find the emulator binary")?;
     let mut children = Vec::new();
-    for id in 0..options.controllers {
+    if !attached {
+        task.set_controllers(u64::from(options.controllers));
+        task.set_rate_kib_s(options.rate_mib_s.map(|r| (r * 1024.0).ceil() as u64));
+        task.set_control(Control::Run);
+    }
+    for id in (0..options.controllers).filter(|_| !attached) {
         let log = dir.join(format!("controller-{id}.log"));
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
@@ -834,6 +874,8 @@ pub fn start(
             .stderr(log_file);
         children.push(command.spawn().context("start a controller process")?);
     }
+    // The controllers take it shared as they start.
+    let _ = running.unlock();
     if !options.wait {
         println!(
             "{} started on {} controller(s) (pids {}); `emulator array status {}` shows progress",
@@ -887,13 +929,18 @@ pub fn start(
             );
             last_line = Instant::now();
         }
-        let mut running = 0;
+        let mut alive = 0;
         for child in &mut children {
             if child.try_wait()?.is_none() {
-                running += 1;
+                alive += 1;
             }
         }
-        if running == 0 {
+        if attached {
+            // Not ours: running while someone holds the lock.
+            alive = usize::from(running.try_lock().is_err());
+            let _ = running.unlock();
+        }
+        if alive == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));

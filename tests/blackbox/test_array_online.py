@@ -503,3 +503,23 @@ def test_a_scrub_resumed_after_its_controller_was_killed_still_reports_what_it_f
     report = json.loads(resumed.stdout)
     assert report["checksum_errors"] == 3, report
     assert report["rows_checked"] == 64 * MIB // 4096, report
+
+
+def test_starting_a_task_that_is_running_starts_nothing_and_wait_attaches_to_it(tmp_path):
+    from bbhelpers import error_line
+
+    array = create_array(tmp_path)
+    started = emulator("array", "scrub", str(array), "--rate", "2")
+    assert started.returncode == 0, started.describe()
+    wait_until(lambda: (task_status(array) or {}).get("bytes_done", 0) > 0, 15, "the scrub makes progress")
+    log = array / "controller-0.log"
+    logged = log.stat().st_size
+    again = emulator("array", "scrub", str(array))
+    assert again.returncode == 2 and "already running" in error_line(again), again.describe()
+    assert task_status(array)["rate_limit_mib_s"] == 2.0, "the running task's rate is left alone"
+    assert log.stat().st_size >= logged, "its log is not cut"
+    waited = emulator("array", "scrub", str(array), "--wait", "--json", timeout=60)
+    assert waited.returncode == 0, waited.describe()
+    assert json.loads(waited.stdout)["rows_checked"] == DISK // 4096
+    found = subprocess.run(["pgrep", "-fc", f"controller {array} --task scrub"], capture_output=True, text=True)
+    assert found.stdout.strip() == "0", "no second set of controllers was started"
