@@ -828,21 +828,44 @@ pub fn start(
     }
     // Held exclusively while the controllers are started, then by each of
     // them (shared) for as long as it runs: a second start while they run
-    // must not start more, reset the rate or a pause, or cut their logs.
-    let running = open_running_lock(dir, kind)?;
-    let (task, attached) = match running.try_lock() {
-        Ok(()) => (prepare(dir, kind, repair)?, false),
-        Err(std::fs::TryLockError::WouldBlock) if options.wait => {
+    // must not start more, reset the rate or a pause, or cut their logs. The
+    // file is only made once the task is valid (bad input changes nothing).
+    let busy = |options: &StartOptions| -> anyhow::Result<()> {
+        if options.wait {
             tracing::info!("the {} is already running; waiting for it", kind.name());
-            (TaskFile::open(&task_path(dir, kind))?, true)
+            return Ok(());
         }
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
+        bail!(
             "a {} is already running in {}: `emulator array status` shows it, `--wait` waits for it",
             kind.name(),
             dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(err)) => {
-            return Err(err).context(format!("lock {}", running_path(dir, kind).display()))
+        )
+    };
+    let already = running_path(dir, kind).exists() && {
+        let running = open_running_lock(dir, kind)?;
+        let held = running.try_lock().is_err();
+        let _ = running.unlock();
+        held
+    };
+    let (task, running, attached) = if already {
+        busy(options)?;
+        (
+            TaskFile::open(&task_path(dir, kind))?,
+            open_running_lock(dir, kind)?,
+            true,
+        )
+    } else {
+        let task = prepare(dir, kind, repair)?;
+        let running = open_running_lock(dir, kind)?;
+        match running.try_lock() {
+            Ok(()) => (task, running, false),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                busy(options)?;
+                (task, running, true)
+            }
+            Err(std::fs::TryLockError::Error(err)) => {
+                return Err(err).context(format!("lock {}", running_path(dir, kind).display()))
+            }
         }
     };
     let total = task.spec().data_set_bytes;
