@@ -77,6 +77,10 @@ pub struct ArrayMetadata {
     /// Volumes ever created: the last volume id given out.
     #[serde(default)]
     pub volumes_created: u64,
+    /// Changes made since the array was created; `array.live` records the
+    /// count it last announced to running processes.
+    #[serde(default)]
+    pub changes: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -254,6 +258,7 @@ impl Array {
                 })
                 .collect(),
             volumes_created: volumes as u64,
+            changes: 0,
         };
         write_metadata(dir, &metadata)?;
         Self::open(dir)
@@ -263,6 +268,9 @@ impl Array {
     pub fn open(dir: &Path) -> Result<Self, ArrayError> {
         let metadata = read_metadata(dir)?;
         let live = Live::open(dir, metadata.geometry.disks)?;
+        // A change whose process died after writing array.json, before
+        // telling the running processes: tell them now.
+        live.announce_if_missed(metadata.changes);
         let engine = RaidEngine::shared(metadata.geometry, live, view_source(dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -309,8 +317,9 @@ impl Array {
         let _guard = live.lock_metadata()?;
         let mut metadata = read_metadata(&self.dir)?;
         let out = change(&mut metadata, self)?;
+        metadata.changes += 1;
         write_metadata(&self.dir, &metadata)?;
-        live.bump_generation();
+        live.announce(metadata.changes);
         self.metadata = metadata;
         Ok(out)
     }

@@ -40,6 +40,7 @@
 //! | 16     | 4    | locks        | lock count, `1024`                                   |
 //! | 24     | 8    | generation   | atomic: configuration generation                     |
 //! | 32     | 8    | recovery     | atomic: identity of the process recovering a slot, 0 none |
+//! | 40     | 8    | announced    | atomic: the `changes` count of the `array.json` last announced (by a generation bump) |
 //! | 64     | 64   | slots        | 8 atomic words: identity of the process in the slot, 0 free |
 //! | 4096   | 16 K | lock table   | per lock: 8-byte lock word, 8-byte stripe + 1 being written (0 none) |
 //!
@@ -63,6 +64,7 @@ const MAGIC: [u8; 8] = *b"EMULIVE1";
 const VERSION: u32 = 1;
 const GENERATION: usize = 24;
 const RECOVERY: usize = 32;
+const ANNOUNCED: usize = 40;
 const SLOT_TABLE: usize = 64;
 const LOCK_TABLE: usize = 4096;
 const LOCK_ENTRY: usize = 16;
@@ -385,6 +387,27 @@ impl Live {
     /// Announces a configuration change to every process.
     pub fn bump_generation(&self) {
         self.update(GENERATION, |g| g.wrapping_add(1));
+    }
+
+    /// Announces the configuration whose `array.json` records `changes`
+    /// changes: bumps the generation, then records that it did. A process
+    /// that dies between writing `array.json` and this leaves the two apart,
+    /// which [`Self::announce_if_missed`] mends.
+    pub fn announce(&self, changes: u64) {
+        self.bump_generation();
+        self.map.store_u64_le(ANNOUNCED, changes);
+    }
+
+    /// Announces `changes` if the last announcement was of another count (its
+    /// writer died before announcing it).
+    pub fn announce_if_missed(&self, changes: u64) {
+        if self.map.load_u64_le(ANNOUNCED) != changes {
+            tracing::warn!(
+                changes,
+                "a configuration change was not announced; announcing it"
+            );
+            self.announce(changes);
+        }
     }
 
     /// Serialises configuration changes across processes (and threads): held
