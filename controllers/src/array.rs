@@ -315,6 +315,9 @@ impl Array {
             .live()
             .ok_or_else(|| ArrayError::Invalid("the array is not open for changes".into()))?;
         let _guard = live.lock_metadata()?;
+        // Stripes a dead process left half-written are resynced under the
+        // configuration they were written with, not the new one.
+        live.recover_all_dead(&|stripe| self.engine.resync_stripe(stripe));
         let mut metadata = read_metadata(&self.dir)?;
         let out = change(&mut metadata, self)?;
         metadata.changes += 1;

@@ -252,6 +252,27 @@ impl Live {
         }
     }
 
+    /// Like [`Self::recover_dead`], but also waits for a recovery another
+    /// process is running: on return no dead process holds anything. Called
+    /// before a configuration change, so that a stripe a dead process left
+    /// half-written is resynced with the members it was written with (after a
+    /// disk is failed, the parity it needs could no longer be recomputed).
+    pub fn recover_all_dead(&self, resync: Resync<'_>) {
+        let mut backoff = Backoff::new();
+        loop {
+            self.recover_dead(resync);
+            let recovering = self.map.load_u64_le(RECOVERY);
+            let dead_slot = (0..SLOTS).any(|slot| {
+                let identity = self.map.load_u64_le(SLOT_TABLE + 8 * slot);
+                identity != 0 && identity != self.me && !alive(identity)
+            });
+            if !dead_slot && (recovering == 0 || !alive(recovering)) {
+                return;
+            }
+            backoff.snooze();
+        }
+    }
+
     /// Recovers dead slot `slot`: resyncs every stripe it held exclusively,
     /// drops its holds, frees the slot. One recovery runs at a time; returns
     /// without doing anything if another live process is recovering.
