@@ -395,7 +395,11 @@ impl DiskImage {
                 sidecar_size: header.image_size,
             });
         }
-        if crc_len != header.file_len() {
+        // A version-1 file already at the new length is an upgrade that was
+        // cut short between extending the file and rewriting the header (or
+        // is under way in another process): finished below when writable.
+        let upgrade_cut_short = !header.has_pending() && crc_len == header.upgraded().file_len();
+        if crc_len != header.file_len() && !upgrade_cut_short {
             return Err(ImageError::SidecarTruncated {
                 path: sidecar,
                 expected: header.file_len(),
@@ -563,12 +567,17 @@ impl DiskImage {
         }
     }
 
-    /// Stores block `block`'s new CRC and clears its pending word.
-    fn end_write(&self, block: u64, new_crc: u32) {
-        self.store_crc(block, new_crc);
+    /// Clears block `block`'s pending word (a write that changed nothing).
+    fn clear_pending(&self, block: u64) {
         if let Some(at) = self.pending_offset(block) {
             self.crcs.store_u64_le(at, 0);
         }
+    }
+
+    /// Stores block `block`'s new CRC and clears its pending word.
+    fn end_write(&self, block: u64, new_crc: u32) {
+        self.store_crc(block, new_crc);
+        self.clear_pending(block);
     }
 
     /// Block `block` still fails its CRC (`actual` is its bytes' CRC) under its
@@ -634,15 +643,18 @@ impl DiskImage {
     ) -> Result<u32, MediaError> {
         let mut actual = read_block();
         let mut expected = self.stored_crc(block);
-        match (&self.block_locks.shared, held) {
-            _ if expected == actual => {}
-            (Some(_), Held::Exclusive) => {}
+        // A write cut short is settled only under the block's cross-process
+        // lock: no live writer is then between its pending word and its CRC.
+        let settled = match (&self.block_locks.shared, held) {
+            _ if expected == actual => false,
+            (Some(_), Held::Exclusive) => self.settle_interrupted_write(block, actual),
             (Some(locks), Held::Shared) => {
                 let stripe = stripe_of(block);
                 let _gate = self.block_locks.gates[stripe].lock();
                 let _shared = SharedLockGuard::take(locks, stripe);
                 actual = read_block();
                 expected = self.stored_crc(block);
+                expected != actual && self.settle_interrupted_write(block, actual)
             }
             (None, _) => {
                 for _ in 0..MISMATCH_REREADS {
@@ -653,11 +665,9 @@ impl DiskImage {
                         break;
                     }
                 }
+                false
             }
-        }
-        let settled = expected != actual
-            && self.block_locks.shared.is_some()
-            && self.settle_interrupted_write(block, actual);
+        };
         if expected == actual || settled {
             Ok(actual)
         } else {
@@ -1023,27 +1033,43 @@ impl DiskImage {
             let _guards = self.lock_blocks(block, count);
             let byte_offset = block * block_size;
             let byte_len = count * block_size;
-            for b in block..block + count {
-                self.begin_write(b, zero_crc, Trust::OldBytes);
-            }
             if can_punch {
-                if let Err(err) = punch_hole_in(&self.data_file, byte_offset, byte_len) {
-                    if err == nix::errno::Errno::EOPNOTSUPP {
+                // One system call, which a kill does not cut short: the words
+                // are set only for as long as it runs.
+                for b in block..block + count {
+                    self.begin_write(b, zero_crc, Trust::OldBytes);
+                }
+                match punch_hole_in(&self.data_file, byte_offset, byte_len) {
+                    Ok(()) => {
+                        for b in block..block + count {
+                            self.end_write(b, zero_crc);
+                        }
+                    }
+                    Err(err) => {
+                        // Nothing was changed: the words go, the CRCs stay.
+                        for b in block..block + count {
+                            self.clear_pending(b);
+                        }
+                        if err != nix::errno::Errno::EOPNOTSUPP {
+                            return Err(ImageError::Io {
+                                path: self.path.clone(),
+                                operation: "punch hole",
+                                source: err.into(),
+                            });
+                        }
                         can_punch = false;
-                    } else {
-                        return Err(ImageError::Io {
-                            path: self.path.clone(),
-                            operation: "punch hole",
-                            source: err.into(),
-                        });
                     }
                 }
             }
             if !can_punch {
-                self.data.fill_zero(byte_offset as usize, byte_len as usize);
-            }
-            for b in block..block + count {
-                self.end_write(b, zero_crc);
+                // Block by block, as a write: a kill leaves at most one block
+                // with its word set.
+                for b in block..block + count {
+                    self.begin_write(b, zero_crc, Trust::OldBytes);
+                    self.data
+                        .fill_zero((b * block_size) as usize, block_size as usize);
+                    self.end_write(b, zero_crc);
+                }
             }
             block += count;
         }
