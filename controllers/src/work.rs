@@ -539,7 +539,9 @@ pub fn rebuild_range(
 /// ([`DiskImage::mark_unreadable`]), so that it, and anything later
 /// reconstructed from it, reads as a media error, never as zeros; its array
 /// offset is reported, and so is that of a source block whose media error made
-/// it so (its data needed the lost block to be rebuilt).
+/// it so (its data needed the lost block to be rebuilt). Unless a host wrote
+/// the block since the disk was put in: then it is current, and kept (a host
+/// write of zeros cannot be told from a block never written, and is lost).
 fn rebuild_blocks(
     members: &Members,
     target: usize,
@@ -577,9 +579,14 @@ fn rebuild_blocks(
                 }
             }
         }
+        // Host writes go to the disk being rebuilt, so a block of it that
+        // holds anything but zeros was written since it was put in (by a host
+        // or by an earlier pass of this rebuild) and is current.
         if complete {
             write_block(members, target, offset, &rebuilt)?;
-        } else {
+        } else if !(read_block(members, target, offset, &mut block)?
+            && block.iter().any(|&b| b != 0))
+        {
             members.images[target]
                 .mark_unreadable(offset, BLOCK_BYTES as u64)
                 .map_err(|source| WorkError::Member {
