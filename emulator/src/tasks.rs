@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use controllers::array::Array;
 use controllers::coordination::{Control, Findings, Operation, PartitionState, TaskFile, TaskSpec};
+use controllers::raid::MemberState;
 use controllers::work::{rebuild_range, scrub_range, ScrubFindings, WorkError};
 use serde::{Deserialize, Serialize};
 
@@ -243,6 +244,37 @@ pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskF
     let path = task_path(dir, kind);
     let array = Array::open(dir)?;
     let geometry = array.metadata().geometry;
+    if path.exists() {
+        let task = TaskFile::open(&path)?;
+        let spec = task.spec();
+        if kind == TaskKind::Scrub {
+            if spec.repair != repair {
+                bail!(
+                    "a scrub with repair={} is already in progress in {}; let it finish",
+                    spec.repair,
+                    dir.display()
+                );
+            }
+            return Ok(task);
+        }
+        // A rebuild resumes while its disk is still the image it fills: being
+        // rebuilt, or already made active by completion actions that did not
+        // get to finish (they run again).
+        let member = spec
+            .target_disk
+            .and_then(|disk| array.metadata().members.get(disk as usize));
+        if member.is_some_and(|m| m.file == spec.data_set && m.state != MemberState::Failed) {
+            return Ok(task);
+        }
+        // A rebuild of an image that is no longer that disk (it failed and
+        // was replaced since): nothing of it counts.
+        tracing::warn!(
+            old = %spec.data_set,
+            "the rebuild in progress was for an image that is no longer in the array; starting over"
+        );
+        drop(task);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    }
     let target_disk = match kind {
         TaskKind::Rebuild => Some(array.rebuilding().context(
             "no disk is being rebuilt: fail a disk and `emulator array replace` it first",
@@ -260,31 +292,8 @@ pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> anyhow::Result<TaskF
     .chars()
     .take(64)
     .collect();
-    if path.exists() {
-        let task = TaskFile::open(&path)?;
-        if task.spec().repair != repair && kind == TaskKind::Scrub {
-            bail!(
-                "a scrub with repair={} is already in progress in {}; let it finish",
-                task.spec().repair,
-                dir.display()
-            );
-        }
-        let spec = task.spec();
-        if kind == TaskKind::Scrub || (spec.target_disk == target_disk && spec.data_set == data_set)
-        {
-            return Ok(task);
-        }
-        // A rebuild of an image that is no longer the one being rebuilt (its
-        // disk failed and was replaced since): nothing of it counts.
-        tracing::warn!(
-            old = %spec.data_set,
-            new = %data_set,
-            "the rebuild in progress was for another image; starting over"
-        );
-        drop(task);
-        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        remove_partition_details(dir, kind);
-    }
+    // Findings files of an earlier task of this kind are not this one's.
+    remove_partition_details(dir, kind);
     let partition_bytes = (geometry.disk_bytes / 16)
         .clamp(1 << 20, 256 << 20)
         .next_multiple_of(1 << 20);
@@ -348,10 +357,15 @@ const PAUSE_POLL: Duration = Duration::from_millis(50);
 /// partition is left for it. Controller 0 (the initiator) then waits for the
 /// others and runs the completion actions.
 pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyhow::Result<()> {
+    // Started by `array rebuild|scrub`, this process inherited the lock (held
+    // exclusively by that start); started some other way, it takes it shared.
     let running = open_running_lock(dir, kind)?;
-    running
-        .lock_shared()
-        .with_context(|| format!("lock {}", running_path(dir, kind).display()))?;
+    match running.try_lock_shared() {
+        Ok(()) | Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(err)) => {
+            return Err(err).context(format!("lock {}", running_path(dir, kind).display()))
+        }
+    }
     let path = task_path(dir, kind);
     let task = TaskFile::open(&path)?;
     let array = Array::open(dir)?;
@@ -736,20 +750,26 @@ pub fn adjust(
         // it was created, or damaged) can still be cancelled: nothing can use
         // it, and it would block every later task of its kind.
         (Err(err), Adjust::Cancel) => {
-            let Some(kind) = kind.or_else(|| {
-                [TaskKind::Rebuild, TaskKind::Scrub]
+            // Only the one task named (or the only one there), and only when
+            // its file is what cannot be read.
+            let kinds: Vec<TaskKind> = match kind {
+                Some(kind) => vec![kind],
+                None => [TaskKind::Rebuild, TaskKind::Scrub]
                     .into_iter()
-                    .find(|k| task_path(dir, *k).exists())
-            }) else {
+                    .filter(|k| task_path(dir, *k).exists())
+                    .collect(),
+            };
+            let [kind] = kinds.as_slice() else {
                 return Err(err);
             };
-            let path = task_path(dir, kind);
-            if !path.exists() {
+            let path = task_path(dir, *kind);
+            if !path.exists() || TaskFile::open(&path).is_ok() {
                 return Err(err);
             }
             tracing::warn!(%err, "the task's coordination file is unreadable; removing it");
             std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-            return Ok(TaskProgress::unreadable(kind));
+            remove_partition_details(dir, *kind);
+            return Ok(TaskProgress::unreadable(*kind));
         }
         (Err(err), _) => return Err(err),
     };
@@ -875,6 +895,14 @@ pub fn start(
         task.set_controllers(u64::from(options.controllers));
         task.set_rate_kib_s(options.rate_mib_s.map(|r| (r * 1024.0).ceil() as u64));
         task.set_control(Control::Run);
+        // The controllers inherit the locked file description, so the lock is
+        // held without a gap from here until the last of them exits.
+        use std::os::fd::AsRawFd;
+        nix::fcntl::fcntl(
+            running.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .context("pass the task lock to the controllers")?;
     }
     for id in (0..options.controllers).filter(|_| !attached) {
         let log = dir.join(format!("controller-{id}.log"));
@@ -897,8 +925,9 @@ pub fn start(
             .stderr(log_file);
         children.push(command.spawn().context("start a controller process")?);
     }
-    // The controllers take it shared as they start.
-    let _ = running.unlock();
+    // Closing this copy leaves the lock with the controllers (never unlock:
+    // that would release it for them too).
+    let running = attached.then_some(running);
     if !options.wait {
         println!(
             "{} started on {} controller(s) (pids {}); `emulator array status {}` shows progress",
@@ -958,7 +987,7 @@ pub fn start(
                 alive += 1;
             }
         }
-        if attached {
+        if let Some(running) = &running {
             // Not ours: running while someone holds the lock.
             alive = usize::from(running.try_lock().is_err());
             let _ = running.unlock();

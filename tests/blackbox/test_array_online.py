@@ -523,3 +523,38 @@ def test_starting_a_task_that_is_running_starts_nothing_and_wait_attaches_to_it(
     assert json.loads(waited.stdout)["rows_checked"] == DISK // 4096
     found = subprocess.run(["pgrep", "-fc", f"controller {array} --task scrub"], capture_output=True, text=True)
     assert found.stdout.strip() == "0", "no second set of controllers was started"
+
+
+def test_rebuild_completion_actions_that_failed_run_again_with_the_next_command(tmp_path):
+    array = create_array(tmp_path, spares=1)
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    report = array / "rebuild-report.json"
+    report.mkdir()  # the disk is made active, then the report cannot be written
+    failed = emulator("array", "rebuild", str(array), "--wait", timeout=60)
+    assert failed.returncode == 2, failed.describe()
+    report.rmdir()
+    again = emulator("array", "rebuild", str(array), "--wait", "--json", timeout=60)
+    assert again.returncode == 0, again.describe()
+    assert json.loads(report.read_text())["rebuilt_disk"] == 1
+    assert status(array)["state"] == "optimal"
+    assert task_status(array) is None
+
+
+def test_cancel_with_two_tasks_running_asks_which(tmp_path):
+    from bbhelpers import error_line
+
+    array = create_array(tmp_path, spares=1)
+    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
+    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    for kind in ("rebuild", "scrub"):
+        started = emulator("array", kind, str(array), "--rate", "1")
+        assert started.returncode == 0, started.describe()
+    ambiguous = emulator("array", "cancel", str(array))
+    assert ambiguous.returncode == 2 and "--task" in error_line(ambiguous), ambiguous.describe()
+    assert (array / "task-rebuild.coord").exists() and (array / "task-scrub.coord").exists()
+    for kind in ("rebuild", "scrub"):
+        cancelled = emulator("array", "cancel", str(array), "--task", kind)
+        assert cancelled.returncode == 0, cancelled.describe()
+    wait_until(lambda: not controllers_running(array), 15, "the controllers stop")
+    assert status(array)["members"][1]["state"] == "rebuilding"
