@@ -35,7 +35,9 @@ use serde::Serialize;
 
 use crate::blocklocks::CrossLocks;
 use crate::mapping::SharedMapping;
-use crate::sidecar::{SidecarHeader, BLOCK_SIZE, HEADER_LEN, PENDING, PENDING_LEN, TRUSTED};
+use crate::sidecar::{
+    SidecarHeader, BLOCK_SIZE, CRC_UNKNOWN, HEADER_LEN, PENDING, PENDING_LEN, TRUSTED,
+};
 use crate::{ImageError, MediaError};
 
 /// Bytes per checksummed block, as a `usize` for slicing.
@@ -532,12 +534,18 @@ impl DiskImage {
     /// Records that block `block` is about to be rewritten with bytes whose CRC
     /// is `new_crc` (see the sidecar's pending words): the caller holds the
     /// block's lock for writing, then changes the bytes, then calls
-    /// [`Self::end_write`].
-    fn begin_write(&self, block: u64, new_crc: u32, trust: Trust) {
+    /// [`Self::end_write`]. A host write may leave the CRC out (`None`): it is
+    /// then computed after the copy, from bytes in cache, not before it from
+    /// bytes that are not (a repair must give it).
+    fn begin_write(&self, block: u64, new_crc: Option<u32>, trust: Trust) {
+        debug_assert!(new_crc.is_some() || trust == Trust::OldBytes);
         if let Some(at) = self.pending_offset(block) {
             let trusted = if trust == Trust::OldBytes { TRUSTED } else { 0 };
-            self.crcs
-                .store_u64_le(at, PENDING | trusted | u64::from(new_crc));
+            let crc = match new_crc {
+                Some(crc) => u64::from(crc),
+                None => CRC_UNKNOWN,
+            };
+            self.crcs.store_u64_le(at, PENDING | trusted | crc);
         }
     }
 
@@ -592,11 +600,12 @@ impl DiskImage {
     ///
     /// A word whose new CRC is already the stored one was left by a writer that
     /// died after storing it, before clearing the word: that write completed,
-    /// and a mismatch now is damage since, not a write cut short. (A writer that
-    /// died after setting the word, before changing any byte, leaves a word
-    /// that cannot be told from a cut-short write: until the block is written
-    /// again, damage to it would be taken for one. That window is a few
-    /// instructions wide.)
+    /// and a mismatch now is damage since, not a write cut short. (A host
+    /// write's word does not record the CRC, so for one that died between
+    /// those two adjacent stores, and for any writer that died after setting
+    /// its word, before changing a byte, damage to the block before it is
+    /// written again would be taken for a cut-short write. Both windows are a
+    /// few instructions wide.)
     fn settle_interrupted_write(&self, block: u64, actual: u32) -> bool {
         let Some(at) = self.pending_offset(block) else {
             return false;
@@ -605,9 +614,9 @@ impl DiskImage {
         if word & PENDING == 0 {
             return false;
         }
-        let new_crc = word as u32;
-        let completed = new_crc == self.stored_crc(block);
-        let accepted = actual == new_crc || (word & TRUSTED != 0 && !completed);
+        let new_crc = (word & CRC_UNKNOWN == 0).then_some(word as u32);
+        let completed = new_crc == Some(self.stored_crc(block));
+        let accepted = new_crc == Some(actual) || (word & TRUSTED != 0 && !completed);
         if self.is_writable() {
             if accepted {
                 self.store_crc(block, actual);
@@ -809,20 +818,21 @@ impl DiskImage {
             let chunk = &data[done..done + step];
             self.hold_exclusive(&mut held, block);
             if step == BLOCK_BYTES {
-                let crc = crc32fast::hash(chunk);
-                self.begin_write(block, crc, trust);
+                let known = (trust == Trust::NewBytesOnly).then(|| crc32fast::hash(chunk));
+                self.begin_write(block, known, trust);
                 self.crash_point(position, chunk);
                 if streaming {
                     self.data.write_from_streaming(position as usize, chunk);
                 } else {
                     self.data.write_from(position as usize, chunk);
                 }
+                let crc = known.unwrap_or_else(|| crc32fast::hash(chunk));
                 self.end_write(block, crc);
             } else {
                 self.read_checked_block(block, &mut scratch, Held::Exclusive)?;
                 scratch[within..within + step].copy_from_slice(chunk);
                 let crc = crc32fast::hash(&scratch);
-                self.begin_write(block, crc, trust);
+                self.begin_write(block, Some(crc), trust);
                 self.crash_point(position, chunk);
                 self.data.write_from(position as usize, chunk);
                 self.end_write(block, crc);
@@ -975,7 +985,7 @@ impl DiskImage {
             let first = first_block + (batch * BULK_BLOCKS) as u64;
             let _guards = self.lock_blocks(first, count as u64);
             for (i, &sum) in sums.iter().enumerate() {
-                self.begin_write(first + i as u64, sum, Trust::NewBytesOnly);
+                self.begin_write(first + i as u64, Some(sum), Trust::NewBytesOnly);
             }
             self.data_file
                 .write_all_at(bytes, first * u64::from(BLOCK_SIZE))
@@ -1037,7 +1047,7 @@ impl DiskImage {
                 // One system call, which a kill does not cut short: the words
                 // are set only for as long as it runs.
                 for b in block..block + count {
-                    self.begin_write(b, zero_crc, Trust::OldBytes);
+                    self.begin_write(b, Some(zero_crc), Trust::OldBytes);
                 }
                 match punch_hole_in(&self.data_file, byte_offset, byte_len) {
                     Ok(()) => {
@@ -1065,7 +1075,7 @@ impl DiskImage {
                 // Block by block, as a write: a kill leaves at most one block
                 // with its word set.
                 for b in block..block + count {
-                    self.begin_write(b, zero_crc, Trust::OldBytes);
+                    self.begin_write(b, Some(zero_crc), Trust::OldBytes);
                     self.data
                         .fill_zero((b * block_size) as usize, block_size as usize);
                     self.end_write(b, zero_crc);

@@ -22,8 +22,9 @@
 //! |------:|--------------------------------------------------------------------|
 //! | 63    | [`PENDING`]: a writer is changing the block's bytes and CRC        |
 //! | 62    | [`TRUSTED`]: the bytes being overwritten were good data, so a write cut short may leave each byte old or new, and either is acceptable (a host write); clear for a repair, whose old bytes are not trusted |
-//! | 32–61 | zero                                                               |
-//! | 0–31  | the CRC32 of the block's new bytes                                 |
+//! | 61    | [`CRC_UNKNOWN`]: the new bytes' CRC is not recorded (a host write computes it after copying them, from bytes in cache) |
+//! | 32–60 | zero                                                               |
+//! | 0–31  | the CRC32 of the block's new bytes, unless bit 61 is set           |
 //!
 //! A writer sets the word before it changes the bytes and clears it after it has
 //! stored the new CRC, so a writer killed half-way leaves behind exactly the
@@ -55,6 +56,9 @@ pub const PENDING_LEN: usize = 8;
 pub const PENDING: u64 = 1 << 63;
 /// Pending-word bit: the bytes being overwritten were trusted (a host write).
 pub const TRUSTED: u64 = 1 << 62;
+/// Pending-word bit: the new bytes' CRC is not recorded (a host write, which
+/// computes it after the copy).
+pub const CRC_UNKNOWN: u64 = 1 << 61;
 
 /// What the header says about the image it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
