@@ -22,6 +22,17 @@ fn filled_array(level: Level, disks: usize) -> (tempfile::TempDir, Array, Vec<u8
     (dir, array, data)
 }
 
+/// Writes `bytes` into a member image file behind the array's back.
+fn poke(path: &std::path::Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open")
+        .write_all_at(bytes, offset)
+        .expect("poke");
+}
+
 #[test]
 fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
     for level in [Level::Raid5, Level::Raid1] {
@@ -109,13 +120,7 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
     let engine = array.engine().clone();
     let path = array.dir().join(&array.metadata().members[1].file);
     // ...and a block of member 1 is corrupt: stripe 0, where member 1 holds data chunk 1.
-    use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .expect("open")
-        .write_all_at(b"!!", 100)
-        .expect("poke");
+    poke(&path, 100, b"!!");
     let found = scrub_range(&engine, 0, 4096, true, |_, _| true).expect("scrub");
     assert_eq!(found.checksum_errors, 1);
     assert_eq!(
@@ -270,13 +275,7 @@ fn a_block_a_host_wrote_to_the_disk_being_rebuilt_is_kept_when_its_row_cannot_be
     data[..4096].fill(0x77);
     // Then member 1's block in that row goes bad.
     let path = array.dir().join(&array.metadata().members[1].file);
-    use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .expect("open")
-        .write_all_at(b"!!", 100)
-        .expect("poke");
+    poke(&path, 100, b"!!");
     let lost = rebuild_range(&engine, 0, 0, DISK, |_, _| true).expect("rebuild");
     assert!(
         lost.is_empty(),

@@ -709,16 +709,20 @@ pub enum Adjust {
     Rate(Option<f64>),
 }
 
-/// The task `kind` in `dir`, or the only one in progress when `kind` is `None`.
-fn find_task(dir: &Path, kind: Option<TaskKind>) -> anyhow::Result<(TaskKind, TaskFile)> {
-    let kinds: Vec<TaskKind> = match kind {
+/// `kind`, or (for `None`) every kind with a task file in `dir`.
+fn task_kinds(dir: &Path, kind: Option<TaskKind>) -> Vec<TaskKind> {
+    match kind {
         Some(kind) => vec![kind],
         None => [TaskKind::Rebuild, TaskKind::Scrub]
             .into_iter()
             .filter(|k| task_path(dir, *k).exists())
             .collect(),
-    };
-    match kinds.as_slice() {
+    }
+}
+
+/// The task `kind` in `dir`, or the only one in progress when `kind` is `None`.
+fn find_task(dir: &Path, kind: Option<TaskKind>) -> anyhow::Result<(TaskKind, TaskFile)> {
+    match task_kinds(dir, kind).as_slice() {
         [] => bail!("no rebuild or scrub is in progress in {}", dir.display()),
         [kind] => {
             let path = task_path(dir, *kind);
@@ -752,13 +756,7 @@ pub fn adjust(
         (Err(err), Adjust::Cancel) => {
             // Only the one task named (or the only one there), and only when
             // its file is what cannot be read.
-            let kinds: Vec<TaskKind> = match kind {
-                Some(kind) => vec![kind],
-                None => [TaskKind::Rebuild, TaskKind::Scrub]
-                    .into_iter()
-                    .filter(|k| task_path(dir, *k).exists())
-                    .collect(),
-            };
+            let kinds = task_kinds(dir, kind);
             let [kind] = kinds.as_slice() else {
                 return Err(err);
             };

@@ -251,8 +251,7 @@ def controllers_running(array) -> bool:
 
 def test_pause_set_rate_resume_of_a_running_rebuild(tmp_path):
     array = create_array(tmp_path, spares=1)
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     # 1 MiB/s in all, 0.5 MiB/s per controller: a 1 MiB step takes each about 2 s.
     started = emulator("array", "rebuild", str(array), "--controllers", "2", "--rate", "1")
     assert started.returncode == 0, started.describe()
@@ -287,8 +286,7 @@ def test_pause_set_rate_resume_of_a_running_rebuild(tmp_path):
 
 def test_cancel_stops_the_controllers_and_a_new_rebuild_starts_over(tmp_path):
     array = create_array(tmp_path, spares=1)
-    assert emulator("array", "fail", str(array), "--disk", "3").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "3").returncode == 0
+    fail_and_replace(array, 3)
     waiting = subprocess.Popen(
         [str(emulator_bin()), "array", "rebuild", str(array), "--controllers", "2", "--rate", "1", "--wait"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -350,6 +348,13 @@ def test_a_corrupt_live_state_file_is_refused_and_left_alone(tmp_path):
     assert snapshot(*sorted(array.iterdir())) == before
 
 
+def fail_and_replace(array, disk):
+    """Fails member `disk` and puts the next spare in its place (rebuilding)."""
+    assert emulator("array", "fail", str(array), "--disk", str(disk)).returncode == 0
+    replaced = emulator("array", "replace", str(array), "--disk", str(disk))
+    assert replaced.returncode == 0, replaced.describe()
+
+
 def filled(tmp_path, serve, rng, spares, level="raid5", disks=4):
     """An array whose volume holds random data; returns it and the data."""
     array = create_array(tmp_path, level=level, disks=disks, spares=spares)
@@ -382,13 +387,11 @@ def start_slow_rebuild(array):
 
 def test_a_disk_failed_and_replaced_during_its_rebuild_is_rebuilt_from_the_start(tmp_path, serve, rng):
     array, data = filled(tmp_path, serve, rng, spares=2)
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     start_slow_rebuild(array)
     # The disk being rebuilt fails, and the next spare replaces it: what the
     # rebuild had done was on the other image.
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     wait_until(lambda: not controllers_running(array), 15, "the old rebuild's controllers stop")
     assert status(array)["members"][1] == {"file": "spare1.img", "state": "rebuilding"}
     again = emulator("array", "rebuild", str(array), "--wait", "--json", timeout=120)
@@ -403,8 +406,7 @@ def test_a_disk_failed_and_replaced_during_its_rebuild_is_rebuilt_from_the_start
 
 def test_a_rebuild_stops_when_the_array_fails_and_the_disk_never_becomes_active(tmp_path, serve, rng):
     array, data = filled(tmp_path, serve, rng, spares=1)
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     start_slow_rebuild(array)
     assert emulator("array", "fail", str(array), "--disk", "2").returncode == 0
     wait_until(lambda: not controllers_running(array), 15, "the rebuild's controllers stop")
@@ -422,8 +424,7 @@ def test_a_rebuild_stops_when_the_array_fails_and_the_disk_never_becomes_active(
 
 def test_a_block_that_cannot_be_rebuilt_reads_as_an_error_not_zeros(tmp_path, serve, rng):
     array, data = filled(tmp_path, serve, rng, spares=1)
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     # A latent error on another member, in stripe 0: disk 2 holds data chunk 2
     # there (array offset 2 * CHUNK), disk 1 data chunk 1 (array offset CHUNK).
     corrupt_block(array / "disk2.img", 0, rng)
@@ -527,8 +528,7 @@ def test_starting_a_task_that_is_running_starts_nothing_and_wait_attaches_to_it(
 
 def test_rebuild_completion_actions_that_failed_run_again_with_the_next_command(tmp_path):
     array = create_array(tmp_path, spares=1)
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     report = array / "rebuild-report.json"
     report.mkdir()  # the disk is made active, then the report cannot be written
     failed = emulator("array", "rebuild", str(array), "--wait", timeout=60)
@@ -545,8 +545,7 @@ def test_cancel_with_two_tasks_running_asks_which(tmp_path):
     from bbhelpers import error_line
 
     array = create_array(tmp_path, spares=1)
-    assert emulator("array", "fail", str(array), "--disk", "1").returncode == 0
-    assert emulator("array", "replace", str(array), "--disk", "1").returncode == 0
+    fail_and_replace(array, 1)
     for kind in ("rebuild", "scrub"):
         started = emulator("array", kind, str(array), "--rate", "1")
         assert started.returncode == 0, started.describe()
