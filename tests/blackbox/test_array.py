@@ -100,6 +100,24 @@ def test_data_survives_one_failure_and_the_second_fails_the_array(tmp_path, serv
     assert "FAILED" in error_line(again)
 
 
+def test_fast_zero_on_an_array_volume_fails_at_once_and_leaves_the_data(tmp_path, serve, rng):
+    # An array writes real zeros to every member: no faster than a write, so
+    # NBD's FAST_ZERO must be refused (ENOTSUP) and the data left alone.
+    array = create_array(tmp_path)
+    server = serve_array(serve, array)
+    h = nbd_connect(server.uri("vol0"))
+    data = rng.randbytes(MIB)
+    h.pwrite(data, 0)
+    with pytest.raises(nbd.Error) as refused:
+        h.zero(MIB, 0, nbd.CMD_FLAG_FAST_ZERO)
+    assert errno_name(refused.value.errno) == "ENOTSUP"
+    assert h.pread(MIB, 0) == data
+    h.zero(MIB, 0)  # without FAST_ZERO it zeroes
+    assert h.pread(MIB, 0) == bytes(MIB)
+    h.shutdown()
+    server.stop_clean()
+
+
 def test_corrupt_member_block_is_reconstructed_and_rewritten(tmp_path, serve, rng):
     array = create_array(tmp_path)
     server = serve_array(serve, array)
