@@ -59,6 +59,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use disk_images::fault::CrashPoint;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 
 use crate::journal::{Journal, JOURNAL_FILE};
@@ -275,18 +276,9 @@ pub fn array_state(geometry: Geometry, states: &[MemberState]) -> ArrayState {
 /// the middle of its N-th multi-member write (after the first member is
 /// written, before the rest), as a controller dying at the worst moment.
 fn crash_point() {
-    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let at = AT.get_or_init(|| {
-        std::env::var("EMULATOR_FAULT_CRASH_MID_WRITE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(at) = at {
-        if COUNT.fetch_add(1, Ordering::SeqCst) + 1 == *at {
-            eprintln!("EMULATOR_FAULT_CRASH_MID_WRITE: aborting in the middle of a stripe write");
-            std::process::abort();
-        }
+    static CRASH_MID_WRITE: CrashPoint = CrashPoint::new("EMULATOR_FAULT_CRASH_MID_WRITE");
+    if CRASH_MID_WRITE.due() {
+        CRASH_MID_WRITE.abort("in the middle of a stripe write");
     }
 }
 

@@ -34,6 +34,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
 use crate::blocklocks::CrossLocks;
+use crate::fault::CrashPoint;
 use crate::mapping::SharedMapping;
 use crate::sidecar::{
     SidecarHeader, BLOCK_SIZE, CRC_UNKNOWN, HEADER_LEN, PENDING, PENDING_LEN, TRUSTED,
@@ -556,22 +557,12 @@ impl DiskImage {
     /// (`chunk`, at image offset `position`) is copied, before the rest and
     /// before the CRC, as a writer killed at the worst moment.
     fn crash_point(&self, position: u64, chunk: &[u8]) {
-        static AT: OnceLock<Option<u64>> = OnceLock::new();
-        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let at = AT.get_or_init(|| {
-            std::env::var("EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        });
-        if let Some(at) = at {
-            if COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *at {
-                self.data
-                    .write_from(position as usize, &chunk[..chunk.len() / 2]);
-                eprintln!(
-                    "EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE: aborting half-way through a block write"
-                );
-                std::process::abort();
-            }
+        static CRASH_IN_BLOCK_WRITE: CrashPoint =
+            CrashPoint::new("EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE");
+        if CRASH_IN_BLOCK_WRITE.due() {
+            self.data
+                .write_from(position as usize, &chunk[..chunk.len() / 2]);
+            CRASH_IN_BLOCK_WRITE.abort("half-way through a block write");
         }
     }
 

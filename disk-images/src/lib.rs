@@ -13,6 +13,7 @@
 //! This crate knows nothing of RAID or NBD; higher crates build on it.
 
 pub mod blocklocks;
+pub mod fault;
 pub mod image;
 pub mod mapping;
 pub mod process;

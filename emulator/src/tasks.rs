@@ -129,18 +129,9 @@ fn found_before(dir: &Path, kind: TaskKind, partition: u32, resume_from: u64) ->
     if resume_from == 0 {
         return Found::default();
     }
-    let prefix = found_prefix(kind, partition);
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Found::default();
-    };
-    entries
-        .flatten()
-        .filter(|entry| {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with(&prefix) && name.ends_with(".found.json")
-        })
-        .filter_map(|entry| std::fs::read(entry.path()).ok())
+    files_named(dir, &found_prefix(kind, partition), &[".found.json"])
+        .into_iter()
+        .filter_map(|path| std::fs::read(path).ok())
         .filter_map(|bytes| serde_json::from_slice::<FoundSoFar>(&bytes).ok())
         .flat_map(|saved| saved.points)
         .filter(|(point, _)| *point <= resume_from)
@@ -172,18 +163,28 @@ fn open_running_lock(dir: &Path, kind: TaskKind) -> anyhow::Result<std::fs::File
         .with_context(|| format!("open {}", path.display()))
 }
 
+/// The files in `dir` whose names start with `prefix` and end with one of
+/// `suffixes` (none if `dir` cannot be read).
+fn files_named(dir: &Path, prefix: &str, suffixes: &[&str]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(prefix) && suffixes.iter().any(|suffix| name.ends_with(suffix))
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
 /// Removes every partition findings file of task `kind`.
 fn remove_partition_details(dir: &Path, kind: TaskKind) {
     let prefix = format!("task-{}.part", kind.name());
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(&prefix) && (name.ends_with(".json") || name.ends_with(".tmp")) {
-            let _ = std::fs::remove_file(entry.path());
-        }
+    for path in files_named(dir, &prefix, &[".json", ".tmp"]) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -435,21 +436,20 @@ pub fn run_controller(dir: &Path, kind: TaskKind, id: u8, lease_ms: u64) -> anyh
                     tracing::warn!(%err, file = %found_file.display(), "cannot save findings so far");
                 }
             }
-            // Renewed a few times per lease while the rate limit holds us back.
-            let renew_every = Duration::from_millis((lease_ms / 4).max(1));
-            let paced = pacer.step(done - last, &task, renew_every, || {
+            let mut renew = || {
                 task.renew(&mut claim, resume_from + done, now_ms(), lease_ms)
                     .is_ok()
-            });
+            };
+            // Renewed a few times per lease while the rate limit holds us back.
+            let renew_every = Duration::from_millis((lease_ms / 4).max(1));
+            let paced = pacer.step(done - last, &task, renew_every, &mut renew);
             lost |= !paced;
             last = done;
             if !paced {
                 return false;
             }
             loop {
-                let ok = task
-                    .renew(&mut claim, resume_from + done, now_ms(), lease_ms)
-                    .is_ok();
+                let ok = renew();
                 lost |= !ok;
                 match task.control() {
                     _ if !ok => return false,
@@ -859,19 +859,18 @@ pub fn start(
             dir.display()
         )
     };
-    let already = running_path(dir, kind).exists() && {
-        let running = open_running_lock(dir, kind)?;
+    let existing = match running_path(dir, kind).exists() {
+        true => Some(open_running_lock(dir, kind)?),
+        false => None,
+    };
+    let held = existing.filter(|running| {
         let held = running.try_lock().is_err();
         let _ = running.unlock();
         held
-    };
-    let (task, running, attached) = if already {
+    });
+    let (task, running, attached) = if let Some(running) = held {
         busy(options)?;
-        (
-            TaskFile::open(&task_path(dir, kind))?,
-            open_running_lock(dir, kind)?,
-            true,
-        )
+        (TaskFile::open(&task_path(dir, kind))?, running, true)
     } else {
         let task = prepare(dir, kind, repair)?;
         let running = open_running_lock(dir, kind)?;

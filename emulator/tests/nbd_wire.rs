@@ -1082,6 +1082,7 @@ fn a_client_that_never_reads_replies_cannot_grow_the_server_without_bound() {
             most < bound,
             "server grew by {most} bytes with replies unread"
         );
+        // Samples of a fixed observation window, not synchronisation.
         std::thread::sleep(Duration::from_millis(20));
     }
     // Every reply still arrives, whole and correct (in any order).
