@@ -2,7 +2,8 @@
 # Benchmark, not a test: rebuild and scrub of arrays of 4 x 1 GiB members (RAID-5)
 # and 2 x 1 GiB (RAID-1) on tmpfs ($BENCH_DIR, default /dev/shm), with 1 and with 2 controller processes, in one
 # run; prints GiB/s for each (best of $REPEAT runs), the 2-vs-1 ratio, CPU seconds
-# per GiB, this machine's memcpy bandwidth as the ceiling, and how long
+# per GiB, this machine's memcpy bandwidth as the ceiling, the speed of a plain
+# kernel file copy (scripts/bench-filecopy.c) as a rebuild's ceiling, and how long
 # `array replace` (which allocates the new disk) took. Writes the table as Markdown
 # to $BENCH_OUT.
 #
@@ -58,6 +59,7 @@ int main(void) {
 EOF
 cc -O2 -o "$scratch/memcpy" "$scratch/memcpy.c"
 memcpy_gib=$("$scratch/memcpy")
+cc -O2 -o "$scratch/filecopy" scripts/bench-filecopy.c
 
 serve_and_fill() { # $1 array dir, $2 bytes
   "$EMULATOR" serve --array "$1" --socket "$scratch/s.sock" 2>"$scratch/serve.log" &
@@ -92,6 +94,9 @@ rm -rf "$scratch/probe"
 write_new=$(seconds dd if=/dev/zero of="$scratch/w" bs=1M count="$disk_mib" status=none)
 write_again=$(seconds dd if=/dev/zero of="$scratch/w" bs=1M count="$disk_mib" conv=notrunc status=none)
 rm -f "$scratch/w"
+# The kernel copying a disk-sized tmpfs file into a new, fallocated one, checking
+# nothing: the ceiling for a rebuild on this file system.
+filecopy_gib=$("$scratch/filecopy" "$scratch/copy-src" "$scratch/copy-dst" $((disk_mib << 20)))
 
 member_file() { # $1 array dir, $2 disk index: that member's image file name
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["metadata"]["members"][int(sys.argv[2])]["file"])' \
@@ -142,7 +147,7 @@ bench_level raid5 4
 bench_level raid1 2
 
 MOUNT="$BENCH_DIR: $(findmnt -rno FSTYPE,OPTIONS --target "$BENCH_DIR" | tail -1)" \
-REPEAT=$REPEAT WRITE_NEW="$write_new" WRITE_AGAIN="$write_again" DISK_MIB=$disk_mib \
+REPEAT=$REPEAT FILECOPY="$filecopy_gib" WRITE_NEW="$write_new" WRITE_AGAIN="$write_again" DISK_MIB=$disk_mib \
 python3 - "$memcpy_gib" "$BENCH_OUT" "$DISK" "$scratch/replace.times" "${rows[@]}" <<'EOF'
 import os, platform, sys, datetime
 memcpy, out, disk, times, rows = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
@@ -161,15 +166,17 @@ lines = [
     f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC | nproc {os.cpu_count()} | {cpu} | kernel {platform.release()} | disks of {disk} on {os.environ['MOUNT']}",
     "",
     f"memcpy bandwidth (ceiling): {memcpy:.2f} GiB/s; writing a {disk} tmpfs file with dd: "
-    f"{write_new:.2f} GiB/s new, {write_again:.2f} GiB/s over its pages again",
+    f"{write_new:.2f} GiB/s new, {write_again:.2f} GiB/s over its pages again; "
+    f"copying it into a new, fallocated file (copy_file_range, no checks): {float(os.environ['FILECOPY']):.2f} GiB/s",
     "",
-    "| task | 1 controller GiB/s | 2 controllers GiB/s | 2 vs 1 | 1 controller vs memcpy | CPU s/GiB, 1 / 2 controllers |",
-    "|---|---:|---:|---:|---:|---:|",
+    "| task | 1 controller GiB/s | 2 controllers GiB/s | 2 vs 1 | 1 controller vs memcpy | rebuild vs file copy | CPU s/GiB, 1 / 2 controllers |",
+    "|---|---:|---:|---:|---:|---:|---:|",
 ]
 for name in dict.fromkeys(k[0] for k in results):
     one, two = results[(name, 1)], results[(name, 2)]
     cpu1, cpu2 = cpu_per_gib[(name, 1)], cpu_per_gib[(name, 2)]
-    lines.append(f"| {name} | {one:.2f} | {two:.2f} | {two / one:.2f}x | {one / memcpy:.0%} | {cpu1:.2f} / {cpu2:.2f} |")
+    vs_copy = f"{one / float(os.environ['FILECOPY']):.0%}" if "rebuild" in name else "-"
+    lines.append(f"| {name} | {one:.2f} | {two:.2f} | {two / one:.2f}x | {one / memcpy:.0%} | {vs_copy} | {cpu1:.2f} / {cpu2:.2f} |")
 lines += ["", "Scrub GiB/s counts every member byte read; rebuild GiB/s counts bytes written to the rebuilt disk.",
           "CPU s/GiB: user + system seconds of the command and its controller processes, per GiB counted the same way.",
           f"Best of {os.environ['REPEAT']} runs each. `array replace`, which allocates the new disk before a rebuild and is not",
