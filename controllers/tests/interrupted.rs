@@ -3,7 +3,8 @@
 //! array write in turn, on a healthy and on a degraded RAID-5 and on a RAID-1.
 //! After the next process recovers the dead one's stripe, every acknowledged
 //! byte outside the interrupted write reads back as it was, every byte inside
-//! it is old or new, and the redundancy agrees with the data.
+//! it is old or new, and the redundancy agrees with the data. A process that had
+//! the array open all along and fails a disk next resyncs the stripe first.
 //!
 //! The killed process is this test binary run again (an ignored test) with
 //! `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE=N` (see `disk_images::DiskImage`).
@@ -69,7 +70,18 @@ fn child_killed_at(dir: &Path, nth: u32) -> bool {
     true
 }
 
-fn check(level: Level, disks: usize, fail_first: Option<usize>) {
+/// What the surviving side does after the kill.
+#[derive(Clone, Copy, Debug)]
+enum After {
+    /// Opens the array again (which recovers the dead process), then reads.
+    Reopen,
+    /// Had the array open all along, and fails disk 0 before reading: a
+    /// configuration change must first resync the stripe the dead process
+    /// left half-written, with the members it was written with.
+    FailDiskWhileOpen,
+}
+
+fn check(level: Level, disks: usize, fail_first: Option<usize>, after: After) {
     let mut kills = 0;
     for nth in 1.. {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -82,15 +94,28 @@ fn check(level: Level, disks: usize, fail_first: Option<usize>) {
         if let Some(disk) = fail_first {
             created.fail(disk).expect("fail a disk");
         }
-        drop(created);
+        let kept = match after {
+            After::Reopen => {
+                drop(created);
+                None
+            }
+            After::FailDiskWhileOpen => Some(created),
+        };
 
         if !child_killed_at(&dir, nth) {
             break;
         }
         kills += 1;
-        let context =
-            format!("{level:?} x{disks}, failed {fail_first:?}, killed in block write {nth}");
-        let mut array = Array::open(&dir).expect("reopen (recovers the dead process)");
+        let context = format!(
+            "{level:?} x{disks}, failed {fail_first:?}, killed in block write {nth}, {after:?}"
+        );
+        let mut array = match kept {
+            None => Array::open(&dir).expect("reopen (recovers the dead process)"),
+            Some(mut array) => {
+                array.fail(0).expect("fail disk 0");
+                array
+            }
+        };
         let check_reads = |array: &Array, what: &str| {
             let mut got = vec![0u8; size];
             array
@@ -110,7 +135,7 @@ fn check(level: Level, disks: usize, fail_first: Option<usize>) {
         check_reads(&array, "after recovery");
         // The redundancy agrees with the data: read again with another
         // member gone, through reconstruction.
-        if fail_first.is_none() {
+        if fail_first.is_none() && matches!(after, After::Reopen) {
             array.fail(0).expect("fail disk 0");
             check_reads(&array, "after recovery, disk 0 failed");
         }
@@ -123,15 +148,20 @@ fn check(level: Level, disks: usize, fail_first: Option<usize>) {
 
 #[test]
 fn raid5_kill_in_any_block_write_loses_nothing_acknowledged() {
-    check(Level::Raid5, 3, None);
+    check(Level::Raid5, 3, None, After::Reopen);
 }
 
 #[test]
 fn degraded_raid5_kill_in_any_block_write_loses_nothing_acknowledged() {
-    check(Level::Raid5, 3, Some(1));
+    check(Level::Raid5, 3, Some(1), After::Reopen);
 }
 
 #[test]
 fn raid1_kill_in_any_block_write_loses_nothing_acknowledged() {
-    check(Level::Raid1, 2, None);
+    check(Level::Raid1, 2, None, After::Reopen);
+}
+
+#[test]
+fn raid5_disk_failed_after_a_kill_is_failed_only_once_the_stripe_is_resynced() {
+    check(Level::Raid5, 3, None, After::FailDiskWhileOpen);
 }
