@@ -859,6 +859,12 @@ pub fn start(
             dir.display()
         )
     };
+    // Starts at the same time take turns until one holds the running lock
+    // (an exclusive `flock` of the array directory itself: no file to make),
+    // so that the others see the task whole and running.
+    let turn = std::fs::File::open(dir).with_context(|| format!("open {}", dir.display()))?;
+    turn.lock()
+        .with_context(|| format!("lock {}", dir.display()))?;
     let existing = match running_path(dir, kind).exists() {
         true => Some(open_running_lock(dir, kind)?),
         false => None,
@@ -885,6 +891,7 @@ pub fn start(
             }
         }
     };
+    drop(turn);
     let total = task.spec().data_set_bytes;
     let exe = std::env::current_exe().context("cannot find the emulator binary")?;
     let mut children = Vec::new();

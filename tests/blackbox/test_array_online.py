@@ -526,6 +526,42 @@ def test_starting_a_task_that_is_running_starts_nothing_and_wait_attaches_to_it(
     assert found.stdout.strip() == "0", "no second set of controllers was started"
 
 
+def test_starts_at_the_same_time_start_one_task(tmp_path):
+    """Four `array scrub` commands started at once: exactly one starts the
+    controllers, the other three exit 2 ("already running") and change nothing."""
+    array = create_array(tmp_path)
+    rates = (1, 2, 3, 4)
+    # Each waits on its stdin, so that all four start as close together as can be.
+    starts = [
+        subprocess.Popen(
+            ["sh", "-c", 'read go && exec "$0" "$@"', str(emulator_bin()), "array", "scrub", str(array), "--rate", f"{rate}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rate in rates
+    ]
+    for p in starts:
+        p.stdin.write("go\n")
+    for p in starts:
+        p.stdin.close()
+    results = [(p.wait(timeout=60), p.stderr.read(), rate) for p, rate in zip(starts, rates)]
+    for p in starts:
+        p.stdout.close()
+        p.stderr.close()
+    started = [rate for code, _, rate in results if code == 0]
+    refused = [err for code, err, _ in results if code == 2 and "already running" in err]
+    assert len(started) == 1 and len(refused) == 3, results
+    wait_until(lambda: task_status(array) is not None, 15, "the task is visible")
+    assert task_status(array)["rate_limit_mib_s"] == float(started[0]), "the winner's rate, set once"
+    found = subprocess.run(["pgrep", "-fc", f"controller {array} --task scrub"], capture_output=True, text=True)
+    assert found.stdout.strip() == "1", "one controller was started"
+    cancelled = emulator("array", "cancel", str(array))
+    assert cancelled.returncode == 0, cancelled.describe()
+    wait_until(lambda: not controllers_running(array), 15, "the controller stops")
+
+
 def test_rebuild_completion_actions_that_failed_run_again_with_the_next_command(tmp_path):
     array = create_array(tmp_path, spares=1)
     fail_and_replace(array, 1)
