@@ -361,6 +361,80 @@ fn concurrent_writers_never_leave_a_block_with_a_stale_checksum() {
     assert!(image.verify(|_| {}).bad_blocks.is_empty());
 }
 
+const REWRITE_BLOCKS: usize = 16;
+
+/// Child of the test below: rewrites the first blocks of `CHILD_IMAGE` with
+/// whole-block fills, `CHILD_ROUNDS` times.
+#[test]
+#[ignore = "run as a child process by a_reader_never_takes_a_write_in_flight_for_one_cut_short"]
+fn child_rewrites_blocks() {
+    let Some(path) = std::env::var_os("CHILD_IMAGE") else {
+        return;
+    };
+    let rounds: u32 = std::env::var("CHILD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .expect("CHILD_ROUNDS");
+    let image = DiskImage::open(Path::new(&path), Access::ReadWrite).expect("open");
+    for round in 0..rounds {
+        let fill = 1 + (round % 255) as u8;
+        image
+            .write_at(0, &[fill; REWRITE_BLOCKS * BLOCK_BYTES])
+            .expect("write");
+    }
+}
+
+#[test]
+fn a_reader_never_takes_a_write_in_flight_for_one_cut_short() {
+    // While another process rewrites blocks over and over (a host write sets
+    // each block's pending word before its bytes), this one reads them. A read
+    // that lands mid-write sees a CRC mismatch with the word set; that writer
+    // is alive, not dead, and the read must wait for it rather than take the
+    // torn block for a write cut short.
+    let (_dir, path, reader) = temp_image(REWRITE_BLOCKS as u64 * 4096);
+    assert!(reader.shares_locks(), "needs the cross-process lock table");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "child_rewrites_blocks",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("CHILD_IMAGE", &path)
+        .env("CHILD_ROUNDS", "20000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the writer");
+    let mut buf = vec![0u8; REWRITE_BLOCKS * BLOCK_BYTES];
+    let (mut reads, mut changed) = (0u64, 0u64);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the writer") {
+            break status;
+        }
+        let before = buf[0];
+        reader
+            .read_at(0, &mut buf)
+            .unwrap_or_else(|err| panic!("read {reads}: {err}"));
+        for (i, block) in buf.chunks_exact(BLOCK_BYTES).enumerate() {
+            assert!(
+                block.iter().all(|&b| b == block[0]),
+                "read {reads} returned a torn block {i}: {:#04x} .. {:#04x}",
+                block[0],
+                block[BLOCK_BYTES - 1]
+            );
+        }
+        reads += 1;
+        changed += u64::from(buf[0] != before);
+    };
+    println!("{reads} reads, {changed} saw a change");
+    assert!(status.success(), "the writer: {status:?}");
+    assert!(
+        changed > 100,
+        "the reads ran alongside the writes ({changed} of {reads} saw a change)"
+    );
+    assert!(reader.verify(|_| {}).bad_blocks.is_empty());
+}
+
 // ------------------------------------------------------------------------
 // A writer killed half-way through a block.
 
