@@ -321,6 +321,12 @@ impl Array {
         let mut metadata = read_metadata(&self.dir)?;
         let out = change(&mut metadata, self)?;
         metadata.changes += 1;
+        // No write in flight anywhere from here until the change is announced:
+        // each write runs whole under the configuration before or the one
+        // after (a degraded one journals what the failed disk held). Taken
+        // only now, so that the change's own work (allocating a disk) does
+        // not hold up the hosts.
+        let _quiet = self.engine.quiesce();
         write_metadata(&self.dir, &metadata)?;
         live.announce(metadata.changes);
         self.metadata = metadata;
@@ -550,12 +556,12 @@ fn check_index(metadata: &ArrayMetadata, index: usize) -> Result<(), ArrayError>
 /// Most volumes an array carries.
 pub const MAX_VOLUMES: usize = 64;
 
-/// Where volumes may start: RAID-5 on a whole row of data chunks, RAID-1 on a
+/// Where volumes may start: RAID-5/6 on a whole row of data chunks, RAID-1 on a
 /// chunk, so no stripe (and no stripe lock) is shared by two volumes.
 fn volume_alignment(geometry: &Geometry) -> u64 {
     match geometry.level {
         Level::Raid1 => geometry.chunk_bytes,
-        Level::Raid5 => geometry.row_bytes(),
+        Level::Raid5 | Level::Raid6 => geometry.row_bytes(),
     }
 }
 

@@ -1,18 +1,19 @@
-//! The degraded-write journal, `DIR/array.journal`: what closes the RAID-5 write
+//! The degraded-write journal, `DIR/array.journal`: what closes the RAID-5/6 write
 //! hole for the death of a process.
 //!
-//! On a RAID-5 with a failed (or not yet rebuilt) data member, that member's
-//! bytes exist only as the XOR of the others and the parity. A write changes
-//! data and then parity; a process killed between the two leaves them out of
-//! step, and the missing member's bytes in that stripe, which nobody was
-//! writing, would be reconstructed wrong. So before such a write touches any
-//! member, the writer saves the missing member's current bytes for the range it
-//! is about to change in the journal entry of the stripe's lock, and clears the
-//! entry when the write is done. A process that recovers the stripe after the
-//! writer died (see [`crate::live`]) finds the entry and recomputes the parity
-//! from the surviving data and the saved bytes: the missing member reads back
-//! as it was, and the interrupted write (never acknowledged) is partly applied
-//! at worst, block by block.
+//! On a RAID-5 with a failed (or not yet rebuilt) data member, that member's bytes
+//! exist only as the XOR of the others and the parity (on a RAID-6, with one or two
+//! missing, through P and Q). A write changes data and then parity; a process
+//! killed between the two leaves them out of step, and the missing members' bytes
+//! in that stripe, which nobody was writing, would be reconstructed wrong. So
+//! before such a write touches any member, the writer saves the missing members'
+//! current bytes for the range it is about to change (one after the other, in disk
+//! order) in the journal entry of the stripe's lock, and clears the entry when the
+//! write is done. A process that recovers the stripe after the writer died (see
+//! [`crate::live`]) finds the entry and recomputes the parity from the surviving
+//! data and the saved bytes: the missing members read back as they were, and the
+//! interrupted write (never acknowledged) is partly applied at worst, block by
+//! block.
 //!
 //! Only the holder of a stripe's exclusive lock writes or clears its lock's
 //! entry, so entries need no locking of their own. The file is sparse: an entry
@@ -29,7 +30,7 @@
 //! | 16     | 8    | offset | where the saved range starts within the chunk         |
 //! | 24     | 8    | length | bytes saved (at most 128 KiB)                         |
 //! | 32     | 4    | crc    | CRC32 of bytes 8..32 and of the saved bytes           |
-//! | 4096   | len  | bytes  | the missing member's bytes before the write           |
+//! | 4096   | len  | bytes  | the missing members' bytes before the write           |
 //!
 //! The saved bytes are written before the header, so an entry whose writer died
 //! half-way through recording it is not valid (and then no member was written).

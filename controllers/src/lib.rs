@@ -1,10 +1,11 @@
 //! Controllers: what the two controllers of a server system do together with the
 //! disks they share: the RAID engine that turns array I/O into member I/O with
-//! redundancy, reconstruction and repair ([`raid`]); arrays on disk, member
-//! images plus checksummed metadata and volumes ([`array`]); the live state every
-//! process using an array shares, with cross-process stripe locks and crash
-//! recovery ([`live`]), and the journal that closes the RAID-5 write hole for a
-//! process dying mid-write on a degraded array ([`journal`]); the task coordination object through which controllers
+//! redundancy, reconstruction and repair ([`raid`], with RAID-6's Galois-field
+//! arithmetic in [`pq`]); arrays on disk, member images plus checksummed metadata
+//! and volumes ([`array`]); the live state every process using an array shares,
+//! with cross-process stripe locks and crash recovery ([`live`]), and the journal
+//! that closes the RAID-5/6 write hole for a process dying mid-write on a degraded
+//! array ([`journal`]); the task coordination object through which controllers
 //! split rebuild and scrub into partitions and claim them ([`coordination`]); and
 //! the work of one partition ([`work`]).
 //!
@@ -15,5 +16,6 @@ pub mod array;
 pub mod coordination;
 pub mod journal;
 pub mod live;
+pub mod pq;
 pub mod raid;
 pub mod work;

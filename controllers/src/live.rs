@@ -393,6 +393,15 @@ impl Live {
             .store_u64_le(LOCK_TABLE + LOCK_ENTRY * lock + 8, stripe + 1);
     }
 
+    /// Takes lock `lock` exclusively to keep writers out, not to write: a
+    /// holder that dies leaves nothing to resync.
+    pub fn lock_exclusive_idle(&self, lock: usize, resync: Resync<'_>) {
+        let shift = 8 * self.my_slot();
+        self.acquire(lock, resync, |word| {
+            (word == 0).then_some(EXCLUSIVE << shift)
+        });
+    }
+
     /// Releases an exclusive hold of lock `lock`.
     pub fn unlock_exclusive(&self, lock: usize) {
         let at = LOCK_TABLE + LOCK_ENTRY * lock;

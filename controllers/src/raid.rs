@@ -1,11 +1,12 @@
-//! The RAID engine: RAID-1 (n-way mirror) and RAID-5 (rotating parity) over
-//! [`DiskImage`]s, in one process.
+//! The RAID engine: RAID-1 (n-way mirror), RAID-5 (rotating parity) and RAID-6
+//! (rotating P and Q) over [`DiskImage`]s, in one process.
 //!
 //! [`RaidEngine`] turns array offsets into member I/O. It keeps redundancy for
 //! whatever members survive, reconstructs the data of a failed member (or of a
 //! block whose CRC does not match, which `disk-images` reports as a media error)
 //! from the others, and rewrites such a block with the reconstructed bytes. With
-//! one failure too many (every member of a mirror, two members of a RAID-5) the
+//! one failure too many (every member of a mirror, two members of a RAID-5,
+//! three of a RAID-6) the
 //! array is failed: every read and write returns [`RaidError::ArrayFailed`] without
 //! touching the members, so nothing on the survivors is destroyed and no garbage
 //! is ever returned.
@@ -32,6 +33,25 @@
 //!
 //! Parity is the XOR of the stripe's data chunks: the XOR of all `disks` chunks of
 //! a stripe is zero, so any one chunk is the XOR of the others.
+//!
+//! # RAID-6 layout: left-symmetric, P then Q
+//!
+//! As RAID-5 with two parity chunks per stripe (Linux md's RAID-6 default):
+//! P on disk `p(s) = disks - 1 - s % disks`, Q on the next disk
+//! `(p(s) + 1) % disks`, data chunk `k` on `(p(s) + 2 + k) % disks`. Five
+//! disks:
+//!
+//! | stripe | disk 0 | disk 1 | disk 2 | disk 3 | disk 4 |
+//! |-------:|:------:|:------:|:------:|:------:|:------:|
+//! | 0      | Q      | D0     | D1     | D2     | P      |
+//! | 1      | D3     | D4     | D5     | P      | Q      |
+//! | 2      | D7     | D8     | P      | Q      | D6     |
+//! | 3      | D11    | P      | Q      | D9     | D10    |
+//!
+//! P is the XOR of the data, Q their Reed-Solomon syndrome over GF(2^8)
+//! ([`crate::pq`]); any two chunks of a stripe follow from the others. Writes
+//! compute P and Q from the whole stripe's data (the chunks a write does not
+//! change are read), never by read-modify-write.
 //!
 //! RAID-1: every member holds the same bytes at the same offsets; reads go to the
 //! first active member, and to the next ones only for blocks that fail their CRC.
@@ -64,6 +84,7 @@ use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 
 use crate::journal::{Journal, JOURNAL_FILE};
 use crate::live::Live;
+use crate::pq::{self, Role};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +109,9 @@ pub enum Level {
     Raid1,
     /// Striping with one rotating parity chunk per stripe (left-symmetric).
     Raid5,
+    /// Striping with two rotating parity chunks per stripe, P and Q
+    /// (left-symmetric, see [`crate::pq`]).
+    Raid6,
 }
 
 /// State of one member disk.
@@ -129,7 +153,8 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Checks the geometry: RAID-1 needs at least 2 disks, RAID-5 at least 3; the
+    /// Checks the geometry: RAID-1 needs at least 2 disks, RAID-5 at least 3,
+    /// RAID-6 at least 4; the
     /// chunk is a power of two from 4 KiB to 16 MiB; `disk_bytes` is a positive
     /// multiple of the chunk; the data size fits in a `u64`.
     pub fn validate(&self) -> Result<(), RaidError> {
@@ -137,6 +162,7 @@ impl Geometry {
         let min_disks = match self.level {
             Level::Raid1 => 2,
             Level::Raid5 => 3,
+            Level::Raid6 => 4,
         };
         if self.disks < min_disks {
             return invalid(format!(
@@ -172,33 +198,63 @@ impl Geometry {
     }
 
     /// Bytes of data the array holds: RAID-1 `disk_bytes`, RAID-5
-    /// `(disks - 1) * disk_bytes`.
+    /// `(disks - 1) * disk_bytes`, RAID-6 `(disks - 2) * disk_bytes`.
     pub fn data_bytes(&self) -> u64 {
         match self.level {
             Level::Raid1 => self.disk_bytes,
-            Level::Raid5 => (self.disks as u64).saturating_sub(1) * self.disk_bytes,
+            Level::Raid5 | Level::Raid6 => self.data_disks() as u64 * self.disk_bytes,
         }
     }
 
-    /// RAID-5: the disk holding stripe `stripe`'s parity.
+    /// Parity chunks per stripe: 0 (RAID-1), 1 (RAID-5), 2 (RAID-6).
+    pub fn parity_chunks(&self) -> usize {
+        match self.level {
+            Level::Raid1 => 0,
+            Level::Raid5 => 1,
+            Level::Raid6 => 2,
+        }
+    }
+
+    /// RAID-5/6: data chunks per stripe.
+    pub fn data_disks(&self) -> usize {
+        self.disks.saturating_sub(self.parity_chunks())
+    }
+
+    /// RAID-5/6: the disk holding stripe `stripe`'s parity (RAID-6: P).
     pub fn parity_disk(&self, stripe: u64) -> usize {
         self.disks - 1 - (stripe % self.disks as u64) as usize
     }
 
-    /// RAID-5: the disk holding data chunk `k` of stripe `stripe`.
-    fn data_disk(&self, stripe: u64, k: usize) -> usize {
-        (self.parity_disk(stripe) + 1 + k) % self.disks
+    /// RAID-6: the disk holding stripe `stripe`'s Q, just after P's.
+    pub fn q_disk(&self, stripe: u64) -> Option<usize> {
+        (self.level == Level::Raid6).then(|| (self.parity_disk(stripe) + 1) % self.disks)
     }
 
-    /// RAID-5: which data chunk of stripe `stripe` disk `disk` holds (`None`: parity).
+    /// RAID-5/6: the disk holding data chunk `k` of stripe `stripe`.
+    pub fn data_disk(&self, stripe: u64, k: usize) -> usize {
+        (self.parity_disk(stripe) + self.parity_chunks() + k) % self.disks
+    }
+
+    /// RAID-5/6: which data chunk of stripe `stripe` disk `disk` holds (`None`:
+    /// a parity chunk).
     pub fn data_index(&self, stripe: u64, disk: usize) -> Option<usize> {
-        let parity = self.parity_disk(stripe);
-        (disk != parity).then(|| (disk + self.disks - parity - 1) % self.disks)
+        let first = self.parity_disk(stripe) + self.parity_chunks();
+        let k = (disk + 2 * self.disks - first) % self.disks;
+        (k < self.data_disks()).then_some(k)
     }
 
-    /// Data bytes of one RAID-5 stripe.
+    /// RAID-6: the role of disk `disk` in stripe `stripe`.
+    pub fn role(&self, stripe: u64, disk: usize) -> crate::pq::Role {
+        match self.data_index(stripe, disk) {
+            Some(k) => crate::pq::Role::Data(k),
+            None if disk == self.parity_disk(stripe) => crate::pq::Role::P,
+            None => crate::pq::Role::Q,
+        }
+    }
+
+    /// Data bytes of one RAID-5/6 stripe.
     pub fn row_bytes(&self) -> u64 {
-        (self.disks as u64 - 1) * self.chunk_bytes
+        self.data_disks() as u64 * self.chunk_bytes
     }
 }
 
@@ -207,6 +263,7 @@ impl Level {
         match self {
             Level::Raid1 => "raid1",
             Level::Raid5 => "raid5",
+            Level::Raid6 => "raid6",
         }
     }
 }
@@ -256,13 +313,13 @@ pub enum RaidError {
 }
 
 /// Optimal, Degraded or Failed for members in `states` (RAID-5: 2 or more
-/// members not active; RAID-1: no member active). A member being rebuilt does
-/// not count as redundancy yet.
+/// members not active; RAID-6: 3 or more; RAID-1: no member active). A member
+/// being rebuilt does not count as redundancy yet.
 pub fn array_state(geometry: Geometry, states: &[MemberState]) -> ArrayState {
     let count = states.iter().filter(|s| **s != MemberState::Active).count();
     let tolerated = match geometry.level {
         Level::Raid1 => geometry.disks - 1,
-        Level::Raid5 => 1,
+        Level::Raid5 | Level::Raid6 => geometry.parity_chunks(),
     };
     match count {
         0 => ArrayState::Optimal,
@@ -670,6 +727,31 @@ impl RaidEngine {
         }
     }
 
+    /// Takes every stripe lock exclusively, in order: while the guards are
+    /// held no member write of this or any other process is in flight, and
+    /// the next one samples the configuration afresh. For configuration
+    /// changes (see `Array`), so that every write runs whole under one
+    /// configuration: one that started before a disk failed finishes (or is
+    /// resynced, if its process died) before the disk is marked failed.
+    pub fn quiesce(&self) -> Vec<StripeGuard<'_>> {
+        (0..LOCK_STRIPES)
+            .map(|lock| {
+                let local = LocalGuard::Exclusive(self.locks[lock].write());
+                if let Some(shared) = &self.shared {
+                    shared
+                        .live
+                        .lock_exclusive_idle(lock, &|dirty| self.resync_stripe(dirty));
+                }
+                StripeGuard {
+                    engine: self,
+                    lock,
+                    exclusive: true,
+                    _local: local,
+                }
+            })
+            .collect()
+    }
+
     /// Runs `step(view, exclusive)` under stripe `stripe`'s lock, shared first;
     /// if it asks for exclusivity (to repair a block), again under the exclusive
     /// lock. The view is sampled under the lock.
@@ -730,7 +812,7 @@ impl RaidEngine {
                 Level::Raid1 => self.under_shared(position / chunk, |view, exclusive| {
                     self.r1_read(view, position, piece, exclusive)
                 })?,
-                Level::Raid5 => {
+                Level::Raid5 | Level::Raid6 => {
                     let row = self.geometry.row_bytes();
                     let stripe = position / row;
                     let within = position % row;
@@ -752,7 +834,7 @@ impl RaidEngine {
         // RAID-5 stripe row (its parity covers the row).
         let unit = match self.geometry.level {
             Level::Raid1 => self.geometry.chunk_bytes,
-            Level::Raid5 => self.geometry.row_bytes(),
+            Level::Raid5 | Level::Raid6 => self.geometry.row_bytes(),
         };
         for (position, done, step) in split(offset, data.len(), unit) {
             let piece = &data[done..done + step];
@@ -761,7 +843,7 @@ impl RaidEngine {
                 Level::Raid1 => {
                     self.under_exclusive(region, |view| self.r1_write(view, position, piece))?
                 }
-                Level::Raid5 => self.under_exclusive(region, |view| {
+                Level::Raid5 | Level::Raid6 => self.under_exclusive(region, |view| {
                     self.r5_write_stripe(view, region, position % unit, piece)
                 })?,
             }
@@ -818,10 +900,9 @@ impl RaidEngine {
             if stripe >= self.geometry.disk_bytes / chunk {
                 return Ok(());
             }
-            if let (Level::Raid5, Some(missing)) =
-                (self.geometry.level, self.missing_data_member(&view, stripe))
-            {
-                return match self.r5_resync_degraded(&view, stripe, missing) {
+            let missing = self.missing_data_members(&view, stripe);
+            if self.geometry.level != Level::Raid1 && !missing.is_empty() {
+                return match self.r5_resync_degraded(&view, stripe, &missing) {
                     Ok(()) => Ok(()),
                     Err(Fault::Raid(err)) => Err(err),
                     Err(Fault::NeedExclusive) => unreachable!("resync reads repair in place"),
@@ -833,7 +914,7 @@ impl RaidEngine {
                 let len = (chunk - done).min(WORK_BYTES);
                 let step = match self.geometry.level {
                     Level::Raid1 => self.r1_resync(&view, base + done, len),
-                    Level::Raid5 => self.r5_resync(&view, stripe, done, len),
+                    Level::Raid5 | Level::Raid6 => self.r5_resync(&view, stripe, done, len),
                 };
                 match step {
                     Ok(()) => {}
@@ -881,26 +962,55 @@ impl RaidEngine {
         Ok(())
     }
 
-    /// The data member of `stripe` that cannot be read (failed, or being
-    /// rebuilt), if any: its bytes there exist only as the XOR of the others.
-    fn missing_data_member(&self, view: &View, stripe: u64) -> Option<usize> {
-        let parity_disk = self.geometry.parity_disk(stripe);
-        (0..self.geometry.disks).find(|&d| d != parity_disk && !view.readable(d))
+    /// The data members of `stripe` that cannot be read (failed, or being
+    /// rebuilt): their bytes there exist only through the parity.
+    fn missing_data_members(&self, view: &View, stripe: u64) -> Vec<usize> {
+        (0..self.geometry.disks)
+            .filter(|&d| self.geometry.data_index(stripe, d).is_some() && !view.readable(d))
+            .collect()
     }
 
-    /// Resync of a degraded RAID-5 stripe: the parity is recomputed from the
-    /// surviving data and the missing member's bytes saved in the journal before
+    /// Fills in the parity chunks (RAID-5: P; RAID-6: P and Q) of `chunks`
+    /// (one buffer per disk, the data ones filled) from its data chunks.
+    fn compute_parity(&self, stripe: u64, chunks: &mut [Vec<u8>]) {
+        let g = &self.geometry;
+        match g.level {
+            Level::Raid1 => {}
+            Level::Raid5 => {
+                let parity_disk = g.parity_disk(stripe);
+                let mut parity = std::mem::take(&mut chunks[parity_disk]);
+                parity.fill(0);
+                for k in 0..g.data_disks() {
+                    xor_into(&mut parity, &chunks[g.data_disk(stripe, k)]);
+                }
+                chunks[parity_disk] = parity;
+            }
+            Level::Raid6 => {
+                let len = chunks[0].len();
+                let mut roles = pq_stripe(g, stripe, chunks, len);
+                pq::recover(&mut roles, &[Role::P, Role::Q]);
+            }
+        }
+    }
+
+    /// The parity disks of `stripe` (RAID-5: P; RAID-6: P and Q).
+    fn parity_disks(&self, stripe: u64) -> impl Iterator<Item = usize> {
+        std::iter::once(self.geometry.parity_disk(stripe)).chain(self.geometry.q_disk(stripe))
+    }
+
+    /// Resync of a degraded RAID-5/6 stripe: the parity is recomputed from the
+    /// surviving data and the missing members' bytes saved in the journal before
     /// the interrupted write (see [`crate::journal`]). No valid entry means the
     /// write had not touched a member yet, or had finished: nothing to do.
-    fn r5_resync_degraded(&self, view: &View, stripe: u64, missing: usize) -> StepResult<()> {
+    fn r5_resync_degraded(&self, view: &View, stripe: u64, missing: &[usize]) -> StepResult<()> {
         let g = &self.geometry;
         let lock = Self::lock_index(stripe);
         let Some(journal) = &self.journal else {
             tracing::error!(
                 stripe,
-                member = missing,
-                "a write to this stripe of a degraded RAID-5 was cut short and there is \
-                 no journal: member {missing}'s data in it may be lost (RAID-5 write hole)"
+                members = ?missing,
+                "a write to this stripe of a degraded array was cut short and there is \
+                 no journal: the missing members' data in it may be lost (the write hole)"
             );
             return Ok(());
         };
@@ -908,54 +1018,67 @@ impl RaidEngine {
         let Some(saved) = journal.saved(lock, stripe).map_err(fault)? else {
             return Ok(());
         };
-        let parity_disk = g.parity_disk(stripe);
-        let offset = stripe * g.chunk_bytes + saved.offset;
-        if view.writable(parity_disk) {
-            let mut parity = saved.bytes.clone();
-            let mut data = vec![0u8; saved.bytes.len()];
-            for k in 0..g.disks - 1 {
-                let disk = g.data_disk(stripe, k);
-                if disk != missing {
-                    self.r5_read_member(view, stripe, disk, saved.offset, &mut data, true)?;
-                    xor_into(&mut parity, &data);
+        let len = saved.bytes.len() / missing.len();
+        if len == 0
+            || saved.bytes.len() % missing.len() != 0
+            || saved.offset + len as u64 > g.chunk_bytes
+        {
+            // Recovery runs before any configuration change, so the entry was
+            // written with these members missing; anything else is not ours.
+            tracing::error!(stripe, members = ?missing, "a journal entry that does not fit the stripe; ignored");
+            journal.clear(lock).map_err(fault)?;
+            return Ok(());
+        }
+        let mut chunks = vec![vec![0u8; len]; g.disks];
+        for k in 0..g.data_disks() {
+            let disk = g.data_disk(stripe, k);
+            match missing.iter().position(|&m| m == disk) {
+                Some(i) => chunks[disk].copy_from_slice(&saved.bytes[i * len..(i + 1) * len]),
+                None => {
+                    self.r5_read_member(view, stripe, disk, saved.offset, &mut chunks[disk], true)?
                 }
             }
-            view.images[parity_disk]
-                .rewrite_at(offset, &parity)
-                .map_err(|source| Self::member_error(parity_disk, source))?;
         }
-        if view.writable(missing) {
-            // Being rebuilt: it holds what the interrupted write gave it.
-            view.images[missing]
-                .rewrite_at(offset, &saved.bytes)
-                .map_err(|source| Self::member_error(missing, source))?;
+        self.compute_parity(stripe, &mut chunks);
+        let offset = stripe * g.chunk_bytes + saved.offset;
+        for disk in self.parity_disks(stripe).chain(missing.iter().copied()) {
+            // A missing member being rebuilt holds what the interrupted write
+            // gave it: it gets its saved bytes back.
+            if view.writable(disk) {
+                view.images[disk]
+                    .rewrite_at(offset, &chunks[disk])
+                    .map_err(|source| Self::member_error(disk, source))?;
+            }
         }
         journal.clear(lock).map_err(fault)?;
         tracing::warn!(
             stripe,
-            member = missing,
-            "restored the missing member's data in a stripe a dead process was writing, \
+            members = ?missing,
+            "restored the missing members' data in a stripe a dead process was writing, \
              from the journal"
         );
         Ok(())
     }
 
+    /// Recomputes the parity of `[in_chunk, in_chunk+len)` of `stripe` from its
+    /// data.
     fn r5_resync(&self, view: &View, stripe: u64, in_chunk: u64, len: u64) -> StepResult<()> {
         let g = &self.geometry;
-        let parity_disk = g.parity_disk(stripe);
-        if !view.writable(parity_disk) {
+        if !self.parity_disks(stripe).any(|d| view.writable(d)) {
             return Ok(());
         }
-        let mut parity = vec![0u8; len as usize];
-        let mut data = vec![0u8; len as usize];
-        for k in 0..g.disks - 1 {
+        let mut chunks = vec![vec![0u8; len as usize]; g.disks];
+        for k in 0..g.data_disks() {
             let disk = g.data_disk(stripe, k);
-            self.r5_read_member(view, stripe, disk, in_chunk, &mut data, true)?;
-            xor_into(&mut parity, &data);
+            self.r5_read_member(view, stripe, disk, in_chunk, &mut chunks[disk], true)?;
         }
-        view.images[parity_disk]
-            .rewrite_at(stripe * g.chunk_bytes + in_chunk, &parity)
-            .map_err(|source| Self::member_error(parity_disk, source))
+        self.compute_parity(stripe, &mut chunks);
+        for disk in self.parity_disks(stripe).filter(|&d| view.writable(d)) {
+            view.images[disk]
+                .rewrite_at(stripe * g.chunk_bytes + in_chunk, &chunks[disk])
+                .map_err(|source| Self::member_error(disk, source))?;
+        }
+        Ok(())
     }
     // ---------------------------------------------------------------- RAID-1
 
@@ -1115,6 +1238,9 @@ impl RaidEngine {
         in_chunk: u64,
         buf: &mut [u8],
     ) -> StepResult<()> {
+        if self.geometry.level == Level::Raid6 {
+            return self.r6_reconstruct(view, stripe, disk, in_chunk, buf, true);
+        }
         if let Some(other) = (0..self.geometry.disks).find(|&m| m != disk && !view.readable(m)) {
             return Err(self.unrecoverable(
                 stripe,
@@ -1193,6 +1319,90 @@ impl RaidEngine {
         Ok(())
     }
 
+    /// RAID-6: `buf` := member `disk`'s bytes at `in_chunk` of `stripe`, from
+    /// the other members (any two chunks of a stripe follow from the rest, see
+    /// [`crate::pq`]). A member that is failed, being rebuilt, or has a media
+    /// error in the window counts as missing too; with more than two missing,
+    /// a window of several blocks is tried again block by block (`split`),
+    /// and what is still lost is unrecoverable.
+    fn r6_reconstruct(
+        &self,
+        view: &View,
+        stripe: u64,
+        disk: usize,
+        in_chunk: u64,
+        buf: &mut [u8],
+        split: bool,
+    ) -> StepResult<()> {
+        let g = &self.geometry;
+        let chunk_start = stripe * g.chunk_bytes;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = in_chunk + done as u64;
+            let window = (buf.len() - done).min(WORK_BYTES as usize);
+            let mut chunks = vec![vec![0u8; window]; g.disks];
+            let mut missing = vec![g.role(stripe, disk)];
+            let mut bad = None;
+            for member in (0..g.disks).filter(|&m| m != disk) {
+                if !view.readable(member) {
+                    missing.push(g.role(stripe, member));
+                    continue;
+                }
+                match view.images[member].read_at(chunk_start + at, &mut chunks[member]) {
+                    Ok(()) => {}
+                    Err(ImageError::Media(err)) => {
+                        missing.push(g.role(stripe, member));
+                        bad.get_or_insert((member, err));
+                    }
+                    Err(source) => return Err(Self::member_error(member, source)),
+                }
+            }
+            if missing.len() > 2 {
+                let first_block = align_down(at);
+                if split && bad.is_some() && align_up(at + window as u64) - first_block > BLOCK {
+                    // Media errors in different blocks of different members
+                    // may each still leave a block recoverable.
+                    let mut position = at;
+                    while position < at + window as u64 {
+                        let end = (align_down(position) + BLOCK).min(at + window as u64);
+                        let from = (position - in_chunk) as usize;
+                        let to = (end - in_chunk) as usize;
+                        self.r6_reconstruct(
+                            view,
+                            stripe,
+                            disk,
+                            position,
+                            &mut buf[from..to],
+                            false,
+                        )?;
+                        position = end;
+                    }
+                    done += window;
+                    continue;
+                }
+                let bad_at = bad.as_ref().map_or(at, |(_, err)| {
+                    (err.block * BLOCK).max(chunk_start + at) - chunk_start
+                });
+                let detail = match bad {
+                    Some((member, err)) => format!(
+                        "member {disk}'s data must be rebuilt but too many others are missing there, \
+                         member {member} with a media error: {err}"
+                    ),
+                    None => format!(
+                        "member {disk}'s data is needed while two other members are failed or being rebuilt"
+                    ),
+                };
+
+                return Err(self.unrecoverable(stripe, disk, bad_at, detail));
+            }
+            let mut roles = pq_stripe(g, stripe, &mut chunks, window);
+            pq::recover(&mut roles, &missing);
+            buf[done..done + window].copy_from_slice(&chunks[disk]);
+            done += window;
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `within` of stripe `stripe`'s data (all inside the stripe).
     ///
     /// The chunk offsets are cut into segments of at most `WORK_BYTES`, with cuts
@@ -1228,7 +1438,8 @@ impl RaidEngine {
         for pair in cuts.windows(2) {
             let mut lo = pair[0];
             while lo < pair[1] {
-                let hi = (lo + WORK_BYTES).min(pair[1]);
+                // A RAID-6 segment may journal two missing members' bytes.
+                let hi = (lo + WORK_BYTES / self.geometry.parity_chunks() as u64).min(pair[1]);
                 self.r5_write_segment(view, stripe, within, data, first..=last, lo, hi)?;
                 lo = hi;
             }
@@ -1284,6 +1495,9 @@ impl RaidEngine {
         }
         if touched.is_empty() {
             return Ok(());
+        }
+        if g.level == Level::Raid6 {
+            return self.r6_write_segment(view, stripe, &touched, lo, len);
         }
 
         let parity_disk = g.parity_disk(stripe);
@@ -1350,10 +1564,59 @@ impl RaidEngine {
             }
             Ok(())
         })();
-        // Cleared whether or not the writes succeeded: an entry is only ever
-        // for a process that died holding the stripe's lock; left behind by
-        // one that returned, it would later be applied to a stripe that has
-        // moved on.
+        self.clear_journal(journaled, written)
+    }
+
+    /// RAID-6: the rest of a segment write, once `touched` holds the new bytes
+    /// of the data chunks it changes. P and Q are computed from the whole
+    /// segment's data (the untouched chunks are read, or reconstructed), then
+    /// data, P and Q are written.
+    fn r6_write_segment(
+        &self,
+        view: &View,
+        stripe: u64,
+        touched: &[Touched<'_>],
+        lo: u64,
+        len: usize,
+    ) -> StepResult<()> {
+        let g = &self.geometry;
+        let mut chunks = vec![vec![0u8; len]; g.disks];
+        for k in 0..g.data_disks() {
+            let disk = g.data_disk(stripe, k);
+            match touched.iter().find(|t| t.disk == disk) {
+                Some(t) => chunks[disk].copy_from_slice(&t.new),
+                None => self.r5_read_member(view, stripe, disk, lo, &mut chunks[disk], true)?,
+            }
+        }
+        self.compute_parity(stripe, &mut chunks);
+        let journaled = if self.parity_disks(stripe).any(|d| view.writable(d)) {
+            self.journal_missing(view, stripe, lo, len)?
+        } else {
+            None
+        };
+        let offset = stripe * g.chunk_bytes + lo;
+        let written = (|| {
+            for t in touched.iter().filter(|t| view.writable(t.disk)) {
+                view.images[t.disk]
+                    .write_at(offset, &t.new)
+                    .map_err(|source| Self::member_error(t.disk, source))?;
+            }
+            crash_point();
+            for disk in self.parity_disks(stripe).filter(|&d| view.writable(d)) {
+                view.images[disk]
+                    .write_at(offset, &chunks[disk])
+                    .map_err(|source| Self::member_error(disk, source))?;
+            }
+            Ok(())
+        })();
+        self.clear_journal(journaled, written)
+    }
+
+    /// Clears the journal entry a segment write made (if any), whether or not
+    /// the writes succeeded: an entry is only ever for a process that died
+    /// holding the stripe's lock; left behind by one that returned, it would
+    /// later be applied to a stripe that has moved on.
+    fn clear_journal(&self, journaled: Option<usize>, written: StepResult<()>) -> StepResult<()> {
         if let (Some(lock), Some(journal)) = (journaled, &self.journal) {
             let cleared = journal
                 .clear(lock)
@@ -1363,10 +1626,11 @@ impl RaidEngine {
         written
     }
 
-    /// Before a write to `[lo, lo+len)` of a degraded RAID-5 stripe changes any
-    /// member: saves the missing data member's bytes there in the journal entry
-    /// of the stripe's lock (held exclusively), so that a resync after this
-    /// process dies half-way can restore them. Returns the entry's lock.
+    /// Before a write to `[lo, lo+len)` of a degraded RAID-5/6 stripe changes
+    /// any member: saves the missing data members' bytes there (one after the
+    /// other, in disk order) in the journal entry of the stripe's lock (held
+    /// exclusively), so that a resync after this process dies half-way can
+    /// restore them. Returns the entry's lock.
     fn journal_missing(
         &self,
         view: &View,
@@ -1374,18 +1638,49 @@ impl RaidEngine {
         lo: u64,
         len: usize,
     ) -> StepResult<Option<usize>> {
-        let (Some(journal), Some(missing)) =
-            (&self.journal, self.missing_data_member(view, stripe))
-        else {
+        let Some(journal) = &self.journal else {
             return Ok(None);
         };
-        let mut saved = vec![0u8; len];
-        self.r5_reconstruct(view, stripe, missing, lo, &mut saved)?;
+        let missing = self.missing_data_members(view, stripe);
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let mut saved = vec![0u8; len * missing.len()];
+        for (disk, bytes) in missing.iter().zip(saved.chunks_exact_mut(len)) {
+            self.r5_reconstruct(view, stripe, *disk, lo, bytes)?;
+        }
         let lock = Self::lock_index(stripe);
         journal
             .record(lock, stripe, lo, &saved)
             .map_err(|err| Fault::Raid(journal_error(journal, err)))?;
         Ok(Some(lock))
+    }
+}
+
+/// The first `len` bytes of each chunk of RAID-6 stripe `stripe` (one buffer
+/// per disk), by role.
+pub(crate) fn pq_stripe<'a>(
+    g: &Geometry,
+    stripe: u64,
+    chunks: &'a mut [Vec<u8>],
+    len: usize,
+) -> pq::Stripe<'a> {
+    let mut data: Vec<Option<&'a mut [u8]>> = (0..g.data_disks()).map(|_| None).collect();
+    let (mut p, mut q) = (None, None);
+    for (disk, chunk) in chunks.iter_mut().enumerate() {
+        match g.role(stripe, disk) {
+            Role::Data(k) => data[k] = Some(&mut chunk[..len]),
+            Role::P => p = Some(&mut chunk[..len]),
+            Role::Q => q = Some(&mut chunk[..len]),
+        }
+    }
+    pq::Stripe {
+        data: data
+            .into_iter()
+            .map(|d| d.expect("a disk for every data chunk"))
+            .collect(),
+        p: p.expect("a P disk"),
+        q: q.expect("a Q disk"),
     }
 }
 
@@ -1444,11 +1739,43 @@ mod tests {
     }
 
     #[test]
+    fn raid6_layout_matches_the_table() {
+        use crate::pq::Role::{Data, P, Q};
+        let g = geometry(Level::Raid6, 5);
+        // Row s of the module's RAID-6 table: data chunk (of the array), P or Q.
+        let table = [
+            [Q, Data(0), Data(1), Data(2), P],
+            [Data(3), Data(4), Data(5), P, Q],
+            [Data(7), Data(8), P, Q, Data(6)],
+            [Data(11), P, Q, Data(9), Data(10)],
+        ];
+        for (stripe, row) in table.iter().enumerate() {
+            let stripe = stripe as u64;
+            for (disk, cell) in row.iter().enumerate() {
+                let got = match g.role(stripe, disk) {
+                    Data(k) => Data(stripe as usize * 3 + k),
+                    other => other,
+                };
+                assert_eq!(got, *cell, "stripe {stripe} disk {disk}");
+                match g.role(stripe, disk) {
+                    Data(k) => assert_eq!(g.data_disk(stripe, k), disk),
+                    P => assert_eq!(g.parity_disk(stripe), disk),
+                    Q => assert_eq!(g.q_disk(stripe), Some(disk)),
+                }
+            }
+        }
+        assert_eq!(g.data_bytes(), 3 * g.disk_bytes);
+        assert_eq!(g.row_bytes(), 3 * g.chunk_bytes);
+    }
+
+    #[test]
     fn geometry_validation() {
         assert!(geometry(Level::Raid1, 2).validate().is_ok());
         assert!(geometry(Level::Raid5, 3).validate().is_ok());
         assert!(geometry(Level::Raid1, 1).validate().is_err());
         assert!(geometry(Level::Raid5, 2).validate().is_err());
+        assert!(geometry(Level::Raid6, 4).validate().is_ok());
+        assert!(geometry(Level::Raid6, 3).validate().is_err());
         for chunk in [0, 2048, 4096 + 4096 * 2, 32 << 20] {
             let g = Geometry {
                 chunk_bytes: chunk,

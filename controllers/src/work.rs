@@ -14,7 +14,8 @@ use std::sync::Arc;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 use serde::Serialize;
 
-use crate::raid::{array_state, ArrayState, Geometry, Level, MemberState, RaidEngine};
+use crate::pq::{self, Role};
+use crate::raid::{array_state, pq_stripe, ArrayState, Geometry, Level, MemberState, RaidEngine};
 
 /// Bytes handled between progress reports.
 pub const STEP_BYTES: u64 = 1024 * 1024;
@@ -216,7 +217,8 @@ impl Units {
         // Every block read matches its CRC, so redundancy is checked on the
         // CRCs (see `xor_crc`); anything that does not add up is
         // compared byte by byte on the slow path.
-        let blocks = len as usize / BLOCK_BYTES;
+        let (bytes, blocks) = (len as usize, len as usize / BLOCK_BYTES);
+        let disks = members.images.len();
         let all_readable = members.readable.iter().all(|&r| r);
         let consistent = match members.geometry.level {
             // Degraded RAID-5: nothing left to compare against.
@@ -224,6 +226,27 @@ impl Units {
             Level::Raid5 => (0..blocks).all(|block| {
                 parity_holds_by_crc(self.crcs.iter().map(|crcs| crcs[block]), self.zero_crc)
             }),
+            // Degraded RAID-6: checked block by block, on what redundancy is left.
+            Level::Raid6 if !all_readable => false,
+            Level::Raid6 => {
+                // P on the CRCs, as RAID-5's parity; Q computed and compared.
+                let stripe = offset / members.geometry.chunk_bytes;
+                let g = &members.geometry;
+                let q_disk = g.q_disk(stripe).expect("a RAID-6 Q disk");
+                let p_holds = (0..blocks).all(|block| {
+                    let crcs = (0..disks)
+                        .filter(|&i| i != q_disk)
+                        .map(|i| self.crcs[i][block]);
+                    xor_crc(crcs, disks - 1, self.zero_crc) == self.zero_crc
+                });
+                let data: Vec<&[u8]> = (0..g.data_disks())
+                    .map(|k| &self.buffers[g.data_disk(stripe, k)][..bytes])
+                    .collect();
+                p_holds && {
+                    pq::q_syndrome(&data, &mut self.sum[..bytes]);
+                    self.sum[..bytes] == self.buffers[q_disk][..bytes]
+                }
+            }
             Level::Raid1 => {
                 let mut copies = (0..self.crcs.len())
                     .filter(|&i| members.readable[i])
@@ -280,6 +303,22 @@ impl Units {
                     Some(&self.sum_crcs[..blocks]),
                 )
             }
+            // Any two missing chunks of a stripe follow from the others.
+            Level::Raid6 => {
+                let g = &members.geometry;
+                let stripe = offset / g.chunk_bytes;
+                let mut missing = vec![target];
+                missing.extend((0..disks).filter(|&i| i != target && !members.readable[i]));
+                if missing.len() > 2 {
+                    return Ok(false);
+                }
+                if !self.read(members, |i| !missing.contains(&i), offset, len)? {
+                    return Ok(false);
+                }
+                let roles: Vec<Role> = missing.iter().map(|&i| g.role(stripe, i)).collect();
+                pq::recover(&mut pq_stripe(g, stripe, &mut self.buffers, bytes), &roles);
+                members.images[target].write_blocks(offset, &self.buffers[target][..bytes], None)
+            }
             // One good mirror is enough: its bytes and CRCs are the target's.
             Level::Raid1 => {
                 let Some(source) = (0..disks).find(|&i| i != target && members.readable[i]) else {
@@ -308,7 +347,7 @@ impl Units {
 fn array_offset(geometry: &Geometry, index: usize, offset: u64) -> Option<u64> {
     match geometry.level {
         Level::Raid1 => Some(offset),
-        Level::Raid5 => {
+        Level::Raid5 | Level::Raid6 => {
             let stripe = offset / geometry.chunk_bytes;
             let k = geometry.data_index(stripe, index)? as u64;
             Some(
@@ -463,6 +502,7 @@ fn scrub_blocks(
                         .filter_map(|&i| array_offset(&members.geometry, i, offset)),
                 ),
             },
+            Level::Raid6 => scrub_raid6_row(members, &mut blocks, &bad, offset, repair, findings)?,
             Level::Raid1 => match (0..disks).find(|&i| good[i]) {
                 None => findings.unrecoverable.push(offset),
                 Some(source) => {
@@ -485,6 +525,59 @@ fn scrub_blocks(
             },
         }
         offset += BLOCK_BYTES as u64;
+    }
+    Ok(())
+}
+
+/// One block row of a RAID-6 scrub: `blocks` holds every member's block at
+/// `offset`, `bad` the members whose block could not be read (failed, being
+/// rebuilt, or a media error). Up to two are recovered (and, with `repair`, the
+/// readable ones rewritten); the redundancy that recovery did not use is then
+/// checked against the data, and a P or Q that disagrees is a parity mismatch
+/// (with `repair`, rewritten from the data: the data is what hosts wrote).
+/// With more than two bad, the data blocks among them are lost.
+fn scrub_raid6_row(
+    members: &Members,
+    blocks: &mut [Vec<u8>],
+    bad: &[usize],
+    offset: u64,
+    repair: bool,
+    findings: &mut ScrubFindings,
+) -> Result<(), WorkError> {
+    let g = &members.geometry;
+    let stripe = offset / g.chunk_bytes;
+    let missing: Vec<Role> = bad.iter().map(|&i| g.role(stripe, i)).collect();
+    if !pq::recover(&mut pq_stripe(g, stripe, blocks, BLOCK_BYTES), &missing) {
+        findings
+            .unrecoverable
+            .extend(bad.iter().filter_map(|&i| array_offset(g, i, offset)));
+        return Ok(());
+    }
+    let mut expected = blocks.to_vec();
+    pq::recover(
+        &mut pq_stripe(g, stripe, &mut expected, BLOCK_BYTES),
+        &[Role::P, Role::Q],
+    );
+    let parity = [
+        g.parity_disk(stripe),
+        g.q_disk(stripe).expect("a RAID-6 Q disk"),
+    ];
+    let disagree: Vec<usize> = parity
+        .into_iter()
+        .filter(|&i| members.readable[i] && expected[i] != blocks[i])
+        .collect();
+    if !disagree.is_empty() {
+        findings.parity_mismatches += 1;
+    }
+    if repair {
+        for &index in bad.iter().filter(|&&i| members.readable[i]) {
+            write_block(members, index, offset, &blocks[index])?;
+            findings.repaired += 1;
+        }
+        for &index in &disagree {
+            write_block(members, index, offset, &expected[index])?;
+            findings.repaired += 1;
+        }
     }
     Ok(())
 }
@@ -568,6 +661,25 @@ fn rebuild_blocks(
                     }
                     xor_into(&mut rebuilt, &block);
                 }
+            }
+            Level::Raid6 => {
+                let g = &members.geometry;
+                let stripe = offset / g.chunk_bytes;
+                let mut chunks = vec![vec![0u8; BLOCK_BYTES]; disks];
+                let mut missing = vec![g.role(stripe, target)];
+                for index in (0..disks).filter(|&i| i != target) {
+                    if !members.readable[index]
+                        || !read_block(members, index, offset, &mut chunks[index])?
+                    {
+                        missing.push(g.role(stripe, index));
+                        bad_sources.push(index);
+                    }
+                }
+                complete = pq::recover(
+                    &mut pq_stripe(g, stripe, &mut chunks, BLOCK_BYTES),
+                    &missing,
+                );
+                rebuilt.copy_from_slice(&chunks[target]);
             }
             Level::Raid1 => {
                 complete = false;

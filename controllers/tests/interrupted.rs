@@ -1,7 +1,7 @@
 //! A process killed half-way through a block of a member write (after some of
 //! the block's new bytes landed, before its CRC): at every block write of one
-//! array write in turn, on a healthy and on a degraded RAID-5 and on a RAID-1.
-//! After the next process recovers the dead one's stripe, every acknowledged
+//! array write in turn: on a healthy and on a degraded RAID-5, on a RAID-1, and
+//! on a RAID-6 healthy and with one or two members failed. After the next process recovers the dead one's stripe, every acknowledged
 //! byte outside the interrupted write reads back as it was, every byte inside
 //! it is old or new, and the redundancy agrees with the data. A process that had
 //! the array open all along and fails a disk next resyncs the stripe first.
@@ -23,9 +23,18 @@ const WRITE_AT: u64 = 100;
 const WRITE_LEN: usize = 12388;
 const NEW: u8 = 0xA5;
 
+/// What the array holds before the interrupted write: no two chunks alike (a
+/// pattern that repeated every chunk would make a parity that is out of step
+/// look right).
 fn acknowledged(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(7))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
         .collect()
 }
 
@@ -81,7 +90,7 @@ enum After {
     FailDiskWhileOpen,
 }
 
-fn check(level: Level, disks: usize, fail_first: Option<usize>, after: After) {
+fn check(level: Level, disks: usize, fail_first: &[usize], after: After) {
     let mut kills = 0;
     for nth in 1.. {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -91,7 +100,7 @@ fn check(level: Level, disks: usize, fail_first: Option<usize>, after: After) {
         let size = geometry.data_bytes() as usize;
         let old = acknowledged(size);
         created.engine().write_at(0, &old).expect("fill");
-        if let Some(disk) = fail_first {
+        for &disk in fail_first {
             created.fail(disk).expect("fail a disk");
         }
         let kept = match after {
@@ -135,7 +144,7 @@ fn check(level: Level, disks: usize, fail_first: Option<usize>, after: After) {
         check_reads(&array, "after recovery");
         // The redundancy agrees with the data: read again with another
         // member gone, through reconstruction.
-        if fail_first.is_none() && matches!(after, After::Reopen) {
+        if fail_first.is_empty() && matches!(after, After::Reopen) {
             array.fail(0).expect("fail disk 0");
             check_reads(&array, "after recovery, disk 0 failed");
         }
@@ -148,20 +157,106 @@ fn check(level: Level, disks: usize, fail_first: Option<usize>, after: After) {
 
 #[test]
 fn raid5_kill_in_any_block_write_loses_nothing_acknowledged() {
-    check(Level::Raid5, 3, None, After::Reopen);
+    check(Level::Raid5, 3, &[], After::Reopen);
 }
 
 #[test]
 fn degraded_raid5_kill_in_any_block_write_loses_nothing_acknowledged() {
-    check(Level::Raid5, 3, Some(1), After::Reopen);
+    check(Level::Raid5, 3, &[1], After::Reopen);
 }
 
 #[test]
 fn raid1_kill_in_any_block_write_loses_nothing_acknowledged() {
-    check(Level::Raid1, 2, None, After::Reopen);
+    check(Level::Raid1, 2, &[], After::Reopen);
 }
 
 #[test]
 fn raid5_disk_failed_after_a_kill_is_failed_only_once_the_stripe_is_resynced() {
-    check(Level::Raid5, 3, None, After::FailDiskWhileOpen);
+    check(Level::Raid5, 3, &[], After::FailDiskWhileOpen);
+}
+
+#[test]
+fn raid6_kill_in_any_block_write_loses_nothing_acknowledged() {
+    check(Level::Raid6, 4, &[], After::Reopen);
+    check(Level::Raid6, 5, &[], After::FailDiskWhileOpen);
+}
+
+#[test]
+fn degraded_raid6_kill_in_any_block_write_loses_nothing_acknowledged() {
+    // One data member missing, then two (the write's stripe 0: P on disk 3,
+    // Q on disk 0, data on disks 1 and 2).
+    check(Level::Raid6, 4, &[1], After::Reopen);
+    check(Level::Raid6, 4, &[1, 2], After::Reopen);
+    // P and a data member missing: Q alone carries the missing data.
+    check(Level::Raid6, 4, &[3, 2], After::Reopen);
+}
+
+/// A writer stalls in the middle of a stripe write (data written, parity not)
+/// and then dies, while another process fails a disk of that stripe: the
+/// change waits for the write, resyncs the stripe under the configuration it
+/// was written with, and only then fails the disk, whose data then reads back
+/// as it was.
+#[test]
+fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("array");
+    let geometry = array::geometry(Level::Raid5, 3, CHUNK, DISK);
+    let created = Array::create(&dir, geometry, 0, 1).expect("create");
+    let size = geometry.data_bytes() as usize;
+    let old = acknowledged(size);
+    created.engine().write_at(0, &old).expect("fill");
+    drop(created);
+
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "child_writes_until_killed",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env("CHILD_ARRAY", &dir)
+        .env("EMULATOR_FAULT_CRASH_MID_WRITE", "1")
+        .env("EMULATOR_FAULT_STALL_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    // The child says when it stalls (its stderr closes if it dies first).
+    // Kept open until it dies: its last words must not meet a closed pipe.
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut said = Vec::new();
+    for line in &mut lines {
+        let line = line.expect("child stderr");
+        let stalled = line.contains("stalling");
+        said.push(line);
+        if stalled {
+            break;
+        }
+    }
+    assert!(
+        said.last().is_some_and(|l| l.contains("stalling")),
+        "the child should stall mid-write: {said:?}"
+    );
+    // Stripe 0 is D0 on disk 0, D1 on disk 1, P on disk 2; the write changed
+    // D0 and stalled before D1 and P. Disk 1 fails now, mid-write.
+    let mut array = Array::open(&dir).expect("open while the writer stalls");
+    array.fail(1).expect("fail disk 1");
+    let status = child.wait().expect("wait for the child");
+    said.extend(lines.map_while(Result::ok));
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the child dies in the fault hook: {said:?}"
+    );
+    let mut got = vec![0u8; size];
+    array.engine().read_at(0, &mut got).expect("read");
+    let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
+    for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
+        assert!(
+            g == o || (write.contains(&i) && g == NEW),
+            "byte {i} is {g:#04x}, acknowledged {o:#04x}"
+        );
+    }
 }

@@ -111,7 +111,8 @@ fn read_member(member: &DiskImage, offset: u64, len: u64) -> Vec<u8> {
     buf
 }
 
-/// Every stripe's chunks XOR to zero (RAID-5), every mirror identical (RAID-1).
+/// Every stripe's chunks XOR to zero (RAID-5), its P and Q are those of its
+/// data (RAID-6), every mirror identical (RAID-1).
 fn assert_redundancy_consistent(f: &Fixture, context: &str) {
     let g = f.engine.geometry();
     match g.level {
@@ -136,6 +137,31 @@ fn assert_redundancy_consistent(f: &Fixture, context: &str) {
                 if let Some(at) = acc.iter().position(|b| *b != 0) {
                     panic!("{context}: stripe {stripe} parity inconsistent at chunk byte {at}");
                 }
+            }
+        }
+        Level::Raid6 => {
+            for stripe in 0..g.disk_bytes / g.chunk_bytes {
+                let chunk = |disk: usize| {
+                    read_member(&f.members[disk], stripe * g.chunk_bytes, g.chunk_bytes)
+                };
+                let data: Vec<Vec<u8>> = (0..g.data_disks())
+                    .map(|k| chunk(g.data_disk(stripe, k)))
+                    .collect();
+                let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+                let (mut p, mut q) = (
+                    vec![0u8; g.chunk_bytes as usize],
+                    vec![0u8; g.chunk_bytes as usize],
+                );
+                controllers::pq::syndromes(&refs, &mut p, &mut q);
+                assert!(
+                    p == chunk(g.parity_disk(stripe)),
+                    "{context}: stripe {stripe} P inconsistent"
+                );
+                let q_disk = g.q_disk(stripe).expect("Q");
+                assert!(
+                    q == chunk(q_disk),
+                    "{context}: stripe {stripe} Q inconsistent"
+                );
             }
         }
     }
@@ -167,27 +193,36 @@ fn random_offset(rng: &mut Rng, size: u64) -> u64 {
     }
 }
 
-/// Random writes, zeroings and reads against a `Vec<u8>` model; a random member
-/// fails half-way and everything still reads back as the model says.
+/// Random writes, zeroings and reads against a `Vec<u8>` model; random members
+/// fail on the way (one; RAID-6: one a third of the way, another at two
+/// thirds) and everything still reads back as the model says.
 fn model_run(g: Geometry, seed: u64, ops: usize) {
     let mut rng = Rng(seed);
     let f = fixture(g);
     let size = g.data_bytes();
     let mut model = vec![0u8; size as usize];
     let context = format!("{g:?} seed {seed}");
-    let mut failed = None;
+    let failures = g.parity_chunks().max(1);
+    let mut failed = Vec::new();
     for op in 0..ops {
-        if op == ops / 2 {
-            assert_redundancy_consistent(&f, &context);
-            let victim = rng.below(g.disks as u64) as usize;
+        if (1..=failures).any(|i| op == ops * i / (failures + 1)) {
+            if failed.is_empty() {
+                assert_redundancy_consistent(&f, &context);
+            }
+            let victim = loop {
+                let victim = rng.below(g.disks as u64) as usize;
+                if !failed.contains(&victim) {
+                    break victim;
+                }
+            };
             f.engine.fail_member(victim).expect("fail");
             assert_eq!(f.engine.state(), ArrayState::Degraded);
+            failed.push(victim);
             assert_reads_model(
                 &f.engine,
                 &model,
-                &format!("{context}: just failed {victim}"),
+                &format!("{context}: just failed {failed:?}"),
             );
-            failed = Some(victim);
         }
         let offset = random_offset(&mut rng, size);
         let len = random_len(&mut rng, g.chunk_bytes, size - offset);
@@ -206,7 +241,7 @@ fn model_run(g: Geometry, seed: u64, ops: usize) {
                 f.engine.read_at(offset, &mut buf).expect("read");
                 assert!(
                     buf == model[offset as usize..(offset + len) as usize],
-                    "{context}: op {op} read {offset}+{len} differs (failed member {failed:?})"
+                    "{context}: op {op} read {offset}+{len} differs (failed members {failed:?})"
                 );
             }
         }
@@ -232,6 +267,9 @@ fn random_io_matches_the_model_through_a_member_failure() {
         geometry(Level::Raid5, 4, 4096, 64 * 1024),
         geometry(Level::Raid5, 4, 8192, 64 * 1024),
         geometry(Level::Raid5, 5, 16384, 128 * 1024),
+        geometry(Level::Raid6, 4, 4096, 64 * 1024),
+        geometry(Level::Raid6, 5, 8192, 64 * 1024),
+        geometry(Level::Raid6, 6, 16384, 128 * 1024),
     ];
     for (c, g) in configs.iter().enumerate() {
         for round in 0..6u64 {
@@ -243,8 +281,15 @@ fn random_io_matches_the_model_through_a_member_failure() {
 #[test]
 fn random_writes_keep_parity_consistent() {
     let base = base_seed("parity");
-    for (c, disks) in [3usize, 4, 6].into_iter().enumerate() {
-        let g = geometry(Level::Raid5, disks, 8192, 64 * 1024);
+    let configs = [
+        (Level::Raid5, 3),
+        (Level::Raid5, 4),
+        (Level::Raid5, 6),
+        (Level::Raid6, 4),
+        (Level::Raid6, 7),
+    ];
+    for (c, (level, disks)) in configs.into_iter().enumerate() {
+        let g = geometry(level, disks, 8192, 64 * 1024);
         let f = fixture(g);
         let mut rng = Rng(base.wrapping_add(c as u64));
         for _ in 0..300 {
@@ -254,7 +299,7 @@ fn random_writes_keep_parity_consistent() {
                 .write_at(offset, &rng.bytes(len as usize))
                 .expect("write");
         }
-        assert_redundancy_consistent(&f, &format!("{disks} disks, seed {base}+{c}"));
+        assert_redundancy_consistent(&f, &format!("{level:?}, {disks} disks, seed {base}+{c}"));
     }
 }
 
@@ -364,6 +409,75 @@ fn corrupt_raid5_data_block_is_reconstructed_and_rewritten() {
     assert_eq!(f.engine.repaired_blocks(), 1);
     assert_reads_model(&f.engine, &data, "after repair");
     assert_redundancy_consistent(&f, "after repair");
+}
+
+#[test]
+fn raid6_survives_two_failures_and_refuses_io_at_the_third() {
+    let mut rng = Rng(base_seed("raid6 failures"));
+    let g = geometry(Level::Raid6, 5, 8192, 64 * 1024);
+    let f = fixture(g);
+    let data = rng.bytes(g.data_bytes() as usize);
+    f.engine.write_at(0, &data).expect("fill");
+    f.engine.fail_member(0).expect("fail 0");
+    f.engine.fail_member(3).expect("fail 3");
+    assert_eq!(f.engine.state(), ArrayState::Degraded);
+    assert_reads_model(&f.engine, &data, "two members failed");
+    f.engine.fail_member(4).expect("fail 4");
+    assert_eq!(f.engine.state(), ArrayState::Failed);
+    let before: Vec<Vec<u8>> = f
+        .paths
+        .iter()
+        .map(|p| std::fs::read(p).expect("read raw"))
+        .collect();
+    let mut buf = vec![0u8; 4096];
+    expect_array_failed(f.engine.read_at(0, &mut buf), "read");
+    expect_array_failed(f.engine.write_at(100, &[0xAB; 9000]), "write");
+    assert!(buf.iter().all(|b| *b == 0), "no bytes handed out");
+    for (i, path) in f.paths.iter().enumerate() {
+        assert!(
+            std::fs::read(path).expect("read raw") == before[i],
+            "member {i} changed by refused I/O"
+        );
+    }
+}
+
+#[test]
+fn raid6_two_corrupt_blocks_in_a_row_are_reconstructed_and_rewritten() {
+    let mut rng = Rng(base_seed("raid6 corruption"));
+    let g = geometry(Level::Raid6, 5, 8192, 64 * 1024);
+    let f = fixture(g);
+    let data = rng.bytes(g.data_bytes() as usize);
+    f.engine.write_at(0, &data).expect("fill");
+    // Stripe 0: P on disk 4, Q on disk 0, D0..D2 on disks 1..3. Block 1 of
+    // D0 and of D2 go bad: two of the row's five blocks, as much as RAID-6
+    // can lose.
+    poke(&f.paths[1], 4096 + 10, &[!data[4096 + 10]]);
+    poke(&f.paths[3], 4096 + 20, &[!data[2 * 8192 + 4096 + 20]]);
+    assert_reads_model(&f.engine, &data, "two bad blocks in a row");
+    assert_eq!(f.engine.repaired_blocks(), 2);
+    for (i, member) in f.members.iter().enumerate() {
+        assert!(member.verify(|_| {}).bad_blocks.is_empty(), "member {i}");
+    }
+    assert_redundancy_consistent(&f, "after repair");
+
+    // With two members failed, one more bad block in a row is one too many:
+    // its data is unrecoverable, never garbage.
+    f.engine.fail_member(2).expect("fail 2");
+    f.engine.fail_member(4).expect("fail 4");
+    poke(&f.paths[1], 4096 + 10, &[!data[4096 + 10]]);
+    let mut buf = vec![0u8; 3 * 8192];
+    match f.engine.read_at(0, &mut buf) {
+        // D1 (disk 2) needs D0's bad block; D0 itself is read first.
+        Err(RaidError::Unrecoverable { offset, .. }) => assert_eq!(offset, 4096),
+        other => panic!("expected Unrecoverable, got {other:?}"),
+    }
+    assert!(buf.iter().all(|b| *b == 0), "no garbage handed out");
+    // The rest of the stripe row, and the other stripes, still read.
+    let mut rest = vec![0u8; g.data_bytes() as usize - 3 * 8192];
+    f.engine
+        .read_at(3 * 8192, &mut rest)
+        .expect("other stripes");
+    assert!(rest == data[3 * 8192..]);
 }
 
 #[test]
@@ -563,6 +677,12 @@ fn concurrent_writers_keep_parity_consistent() {
         seed + 2,
     );
     concurrent_run(geometry(Level::Raid1, 2, 4096, 64 * 1024), None, seed + 3);
+    concurrent_run(geometry(Level::Raid6, 5, 4096, 64 * 1024), None, seed + 4);
+    concurrent_run(
+        geometry(Level::Raid6, 5, 8192, 64 * 1024),
+        Some(1),
+        seed + 5,
+    );
 }
 
 #[test]
@@ -646,21 +766,25 @@ fn bad_members_and_ranges_are_refused() {
 fn large_chunks_work_in_bounded_pieces() {
     // A 1 MiB chunk is bigger than the engine's work buffers.
     let mut rng = Rng(base_seed("large chunks"));
-    let g = geometry(Level::Raid5, 3, 1 << 20, 2 << 20);
-    let f = fixture(g);
-    let mut model = vec![0u8; g.data_bytes() as usize];
-    for _ in 0..20 {
-        let offset = random_offset(&mut rng, g.data_bytes());
-        let len = (1 + rng.below(3 << 20)).min(g.data_bytes() - offset);
-        let data = rng.bytes(len as usize);
-        f.engine.write_at(offset, &data).expect("write");
-        model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+    for (level, disks, fail) in [(Level::Raid5, 3, &[0][..]), (Level::Raid6, 4, &[0, 2][..])] {
+        let g = geometry(level, disks, 1 << 20, 2 << 20);
+        let f = fixture(g);
+        let mut model = vec![0u8; g.data_bytes() as usize];
+        for _ in 0..20 {
+            let offset = random_offset(&mut rng, g.data_bytes());
+            let len = (1 + rng.below(3 << 20)).min(g.data_bytes() - offset);
+            let data = rng.bytes(len as usize);
+            f.engine.write_at(offset, &data).expect("write");
+            model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+        }
+        assert_redundancy_consistent(&f, "large chunks");
+        for &disk in fail {
+            f.engine.fail_member(disk).expect("fail");
+        }
+        assert_reads_model(&f.engine, &model, "large chunks, degraded");
+        let data = rng.bytes(1_500_000);
+        f.engine.write_at(777_777, &data).expect("degraded write");
+        model[777_777..777_777 + data.len()].copy_from_slice(&data);
+        assert_reads_model(&f.engine, &model, "large chunks, after a degraded write");
     }
-    assert_redundancy_consistent(&f, "large chunks");
-    f.engine.fail_member(0).expect("fail");
-    assert_reads_model(&f.engine, &model, "large chunks, degraded");
-    let data = rng.bytes(1_500_000);
-    f.engine.write_at(777_777, &data).expect("degraded write");
-    model[777_777..777_777 + data.len()].copy_from_slice(&data);
-    assert_reads_model(&f.engine, &model, "large chunks, after a degraded write");
 }

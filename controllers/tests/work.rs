@@ -35,8 +35,8 @@ fn poke(path: &std::path::Path, offset: u64, bytes: &[u8]) {
 
 #[test]
 fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
-    for level in [Level::Raid5, Level::Raid1] {
-        let (_dir, array, _data) = filled_array(level, 3);
+    for (level, disks) in [(Level::Raid5, 3), (Level::Raid6, 4), (Level::Raid1, 3)] {
+        let (_dir, array, _data) = filled_array(level, disks);
         let engine = array.engine();
         let members = engine.view().expect("view");
         assert_eq!(
@@ -61,9 +61,11 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
             "{level:?}"
         );
         let fixed = scrub_range(engine, 0, DISK, true, |_, _| true).expect("repair");
+        // The data is kept; the parity is rewritten (RAID-6: P and Q).
+        let rewritten = if level == Level::Raid6 { 2 } else { 1 };
         assert_eq!(
             (fixed.parity_mismatches, fixed.repaired),
-            (1, 1),
+            (1, rewritten),
             "{level:?}"
         );
         assert_eq!(
@@ -77,7 +79,7 @@ fn scrub_finds_and_repairs_a_silent_parity_mismatch() {
 
 #[test]
 fn rebuild_restores_a_member_exactly() {
-    for level in [Level::Raid5, Level::Raid1] {
+    for level in [Level::Raid5, Level::Raid6, Level::Raid1] {
         let (_dir, mut array, data) = filled_array(level, 4);
         let mut before = vec![0u8; DISK as usize];
         array.engine().view().expect("view").images[2]
@@ -195,7 +197,11 @@ mod model {
             let rebuilding = states.iter().position(|s| *s == MemberState::Rebuilding);
             let failed = states.iter().position(|s| *s == MemberState::Failed);
             let inactive = states.iter().filter(|s| **s != MemberState::Active).count();
-            let tolerated = if level == Level::Raid5 { 1 } else { disks - 1 };
+            let tolerated = match level {
+                Level::Raid1 => disks - 1,
+                Level::Raid5 => 1,
+                Level::Raid6 => 2,
+            };
             match op {
                 Op::Write { offset, len, seed } => {
                     let data: Vec<u8> = (0..len)
@@ -254,6 +260,13 @@ mod model {
         }
 
         #[test]
+        fn raid6_writes_failures_and_online_rebuilds_match_the_model(
+            ops in proptest::collection::vec(op(3 * SMALL_DISK, 5), 1..60)
+        ) {
+            check(Level::Raid6, 5, ops)?;
+        }
+
+        #[test]
         fn raid1_writes_failures_and_online_rebuilds_match_the_model(
             ops in proptest::collection::vec(op(SMALL_DISK, 3), 1..60)
         ) {
@@ -286,4 +299,42 @@ fn a_block_a_host_wrote_to_the_disk_being_rebuilt_is_kept_when_its_row_cannot_be
     let mut back = vec![0u8; data.len()];
     array.engine().read_at(0, &mut back).expect("read");
     assert!(back == data);
+}
+
+#[test]
+fn raid6_with_two_members_missing_journals_large_writes_and_rebuilds() {
+    // 1 MiB chunks: a write's segments are larger than a journal entry holds
+    // for two missing members, unless cut to fit.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut array = Array::create(
+        &dir.path().join("a"),
+        array::geometry(Level::Raid6, 5, 1 << 20, 4 << 20),
+        0,
+        1,
+    )
+    .expect("create");
+    let size = array.metadata().geometry.data_bytes() as usize;
+    let mut model: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8).collect();
+    array.engine().write_at(0, &model).expect("fill");
+    array.fail(1).expect("fail 1");
+    array.fail(2).expect("fail 2");
+    let data: Vec<u8> = (0..3_000_000).map(|i| (i * 13 % 249) as u8).collect();
+    array
+        .engine()
+        .write_at(123_457, &data)
+        .expect("doubly degraded write");
+    model[123_457..123_457 + data.len()].copy_from_slice(&data);
+    for disk in [1, 2] {
+        array.replace(disk).expect("replace");
+        let engine = array.engine().clone();
+        let lost = rebuild_range(&engine, disk, 0, 4 << 20, |_, _| true).expect("rebuild");
+        assert!(lost.is_empty(), "{lost:?}");
+        array.finish_rebuild(disk).expect("finish");
+    }
+    let mut read = vec![0u8; size];
+    array.engine().read_at(0, &mut read).expect("read");
+    assert!(read == model, "array differs from the model");
+    let engine = array.engine().clone();
+    let found = scrub_range(&engine, 0, 4 << 20, false, |_, _| true).expect("scrub");
+    assert_eq!((found.parity_mismatches, found.checksum_errors), (0, 0));
 }

@@ -36,8 +36,18 @@ impl CrashPoint {
         at.is_some_and(|at| self.passed.fetch_add(1, Ordering::SeqCst) + 1 == at)
     }
 
-    /// Aborts the process, saying where (`what`) on stderr.
+    /// Aborts the process, saying where (`what`) on stderr. With
+    /// `EMULATOR_FAULT_STALL_MS=M` set, it first says so and stalls there for
+    /// M ms, holding whatever it holds (a process that hangs in the middle of
+    /// its work, then dies), so that others can act meanwhile.
     pub fn abort(&self, what: &str) -> ! {
+        let stall = std::env::var("EMULATOR_FAULT_STALL_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok());
+        if let Some(ms) = stall {
+            eprintln!("{}: stalling {ms} ms {what}", self.var);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         eprintln!("{}: aborting {what}", self.var);
         std::process::abort()
     }

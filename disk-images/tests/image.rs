@@ -364,19 +364,19 @@ fn concurrent_writers_never_leave_a_block_with_a_stale_checksum() {
 const REWRITE_BLOCKS: usize = 16;
 
 /// Child of the test below: rewrites the first blocks of `CHILD_IMAGE` with
-/// whole-block fills, `CHILD_ROUNDS` times.
+/// whole-block fills until the file `CHILD_STOP` exists.
 #[test]
 #[ignore = "run as a child process by a_reader_never_takes_a_write_in_flight_for_one_cut_short"]
 fn child_rewrites_blocks() {
     let Some(path) = std::env::var_os("CHILD_IMAGE") else {
         return;
     };
-    let rounds: u32 = std::env::var("CHILD_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .expect("CHILD_ROUNDS");
+    let stop = std::env::var_os("CHILD_STOP").expect("CHILD_STOP");
     let image = DiskImage::open(Path::new(&path), Access::ReadWrite).expect("open");
-    for round in 0..rounds {
+    for round in 0u32.. {
+        if round % 64 == 0 && Path::new(&stop).exists() {
+            break;
+        }
         let fill = 1 + (round % 255) as u8;
         image
             .write_at(0, &[fill; REWRITE_BLOCKS * BLOCK_BYTES])
@@ -391,9 +391,18 @@ fn a_reader_never_takes_a_write_in_flight_for_one_cut_short() {
     // that lands mid-write sees a CRC mismatch with the word set; that writer
     // is alive, not dead, and the read must wait for it rather than take the
     // torn block for a write cut short.
-    let (_dir, path, reader) = temp_image(REWRITE_BLOCKS as u64 * 4096);
+    let (dir, path, reader) = temp_image(REWRITE_BLOCKS as u64 * 4096);
     assert!(reader.shares_locks(), "needs the cross-process lock table");
-    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+    let stop = dir.path().join("stop");
+    /// Stops the writer however the test ends (a panic included).
+    struct Writer(std::process::Child);
+    impl Drop for Writer {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
             "child_rewrites_blocks",
@@ -401,15 +410,19 @@ fn a_reader_never_takes_a_write_in_flight_for_one_cut_short() {
             "--test-threads=1",
         ])
         .env("CHILD_IMAGE", &path)
-        .env("CHILD_ROUNDS", "20000")
+        .env("CHILD_STOP", &stop)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn the writer");
+    let mut child = Writer(child);
     let mut buf = vec![0u8; REWRITE_BLOCKS * BLOCK_BYTES];
     let (mut reads, mut changed) = (0u64, 0u64);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the writer") {
-            break status;
+    // Until 2000 reads have seen the blocks change (the writer may take a
+    // while to start), and at most 60 s.
+    let started = std::time::Instant::now();
+    while changed < 2000 && started.elapsed() < std::time::Duration::from_secs(60) {
+        if let Some(status) = child.0.try_wait().expect("wait for the writer") {
+            panic!("the writer stopped early: {status:?}");
         }
         let before = buf[0];
         reader
@@ -425,11 +438,13 @@ fn a_reader_never_takes_a_write_in_flight_for_one_cut_short() {
         }
         reads += 1;
         changed += u64::from(buf[0] != before);
-    };
+    }
+    std::fs::write(&stop, b"").expect("stop the writer");
+    let status = child.0.wait().expect("wait for the writer");
     println!("{reads} reads, {changed} saw a change");
     assert!(status.success(), "the writer: {status:?}");
     assert!(
-        changed > 100,
+        changed >= 2000,
         "the reads ran alongside the writes ({changed} of {reads} saw a change)"
     );
     assert!(reader.verify(|_| {}).bad_blocks.is_empty());

@@ -62,7 +62,7 @@ enum ArrayCommand {
         /// RAID level.
         #[arg(long, value_enum)]
         level: LevelArg,
-        /// Member disks (raid1: at least 2; raid5: at least 3).
+        /// Member disks (raid1: at least 2; raid5: at least 3; raid6: at least 4).
         #[arg(long)]
         disks: usize,
         /// Hot spares.
@@ -197,6 +197,7 @@ struct TaskArgs {
 enum LevelArg {
     Raid1,
     Raid5,
+    Raid6,
 }
 
 #[derive(Debug, Subcommand)]
@@ -411,6 +412,7 @@ fn array_command(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             let level = match level {
                 LevelArg::Raid1 => Level::Raid1,
                 LevelArg::Raid5 => Level::Raid5,
+                LevelArg::Raid6 => Level::Raid6,
             };
             let mut array = Array::create(
                 &dir,

@@ -1,6 +1,6 @@
 """RAID arrays end to end: `emulator array create/status/fail`, `serve --array`
-with real clients, degraded reads, a second failure, and media errors repaired
-from redundancy."""
+with real clients, degraded reads, a failure too many, and media errors repaired
+from redundancy; RAID-6 through two failures, two rebuilds and a scrub."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def serve_array(serve, array, transport="unix"):
     return serve(None, transport, extra=["--array", str(array)])
 
 
-@pytest.mark.parametrize("level,disks,usable", [("raid5", 4, 3 * DISK), ("raid1", 2, DISK)])
+@pytest.mark.parametrize(
+    "level,disks,usable", [("raid5", 4, 3 * DISK), ("raid6", 5, 3 * DISK), ("raid1", 2, DISK)]
+)
 def test_create_and_status(tmp_path, level, disks, usable):
     array = create_array(tmp_path, level=level, disks=disks, spares=1)
     report = status(array)
@@ -100,6 +102,70 @@ def test_data_survives_one_failure_and_the_second_fails_the_array(tmp_path, serv
     assert "FAILED" in error_line(again)
 
 
+def test_raid6_survives_two_failures_rebuilds_both_and_scrub_repairs_two_blocks_in_a_row(
+    tmp_path, serve, rng, need_tools
+):
+    need_tools("nbdcopy")
+    array = create_array(tmp_path, level="raid6", disks=5, spares=2)
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.randbytes(3 * DISK))
+    server = serve_array(serve, array)
+    assert run(["nbdcopy", str(source), server.uri("vol0")]).returncode == 0
+    server.stop_clean()
+
+    for disk in (1, 3):
+        failed = emulator("array", "fail", str(array), "--disk", str(disk))
+        assert failed.returncode == 0, failed.describe()
+    assert status(array)["state"] == "degraded"
+    server = serve_array(serve, array)
+    out = tmp_path / "out.bin"
+    assert run(["nbdcopy", server.uri("vol0"), str(out)]).returncode == 0
+    assert out.read_bytes() == source.read_bytes(), "read with two disks failed differs"
+    h = nbd_connect(server.uri("vol0"))
+    patch = rng.randbytes(300_000)
+    h.pwrite(patch, 654_321)
+    h.flush()
+    h.shutdown()
+    server.stop_clean()
+    expected = bytearray(source.read_bytes())
+    expected[654_321:654_321 + len(patch)] = patch
+
+    # Both disks replaced and rebuilt, one after the other, by two controllers.
+    for disk, spare in ((1, "spare0.img"), (3, "spare1.img")):
+        replaced = emulator("array", "replace", str(array), "--disk", str(disk))
+        assert replaced.returncode == 0, replaced.describe()
+        rebuilt = emulator("array", "rebuild", str(array), "--controllers", "2", "--wait", "--json", timeout=120)
+        assert rebuilt.returncode == 0, rebuilt.describe()
+        assert json.loads(rebuilt.stdout)["unrecoverable"] == []
+        assert status(array)["members"][disk] == {"file": spare, "state": "active"}
+    assert status(array)["state"] == "optimal"
+    for member in status(array)["members"]:
+        assert emulator("image", "verify", str(array / member["file"])).returncode == 0
+
+    # Two bad blocks in one row (member block 5 of disks 0 and 2): RAID-6 repairs both.
+    corrupt_block(array / "disk0.img", 5, rng)
+    corrupt_block(array / "disk2.img", 5, rng)
+    found = emulator("array", "scrub", str(array), "--repair", "--wait", "--json", timeout=120)
+    assert found.returncode == 0, found.describe()
+    report = json.loads(found.stdout)
+    assert (report["checksum_errors"], report["repaired"], report["unrecoverable"]) == (2, 2, [])
+    clean = emulator("array", "scrub", str(array), "--wait", "--json", timeout=120)
+    assert clean.returncode == 0, clean.describe()
+    assert json.loads(clean.stdout)["checksum_errors"] == 0
+
+    server = serve_array(serve, array)
+    assert run(["nbdcopy", server.uri("vol0"), str(out)]).returncode == 0
+    assert out.read_bytes() == bytes(expected)
+    server.stop_clean()
+
+    # A third failure is one too many.
+    for disk in (0, 2):
+        assert emulator("array", "fail", str(array), "--disk", str(disk)).returncode == 0
+    assert status(array)["state"] == "degraded"
+    assert emulator("array", "fail", str(array), "--disk", "4").returncode == 0
+    assert status(array)["state"] == "failed"
+
+
 def test_fast_zero_on_an_array_volume_fails_at_once_and_leaves_the_data(tmp_path, serve, rng):
     # An array writes real zeros to every member: no faster than a write, so
     # NBD's FAST_ZERO must be refused (ENOTSUP) and the data left alone.
@@ -139,6 +205,7 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     not_array.mkdir()
     for args, needle in [
         (["array", "create", str(tmp_path / "a"), "--level", "raid5", "--disks", "2", "--disk-size", "8MiB"], "disks"),
+        (["array", "create", str(tmp_path / "a6"), "--level", "raid6", "--disks", "3", "--disk-size", "8MiB"], "disks"),
         (["array", "create", str(tmp_path / "b"), "--level", "raid5", "--disks", "3", "--disk-size", "8MiB", "--chunk", "3KiB"], "chunk"),
         (["array", "status", str(not_array)], "not an array"),
         (["array", "status", str(tmp_path / "missing")], "not an array"),
