@@ -144,6 +144,7 @@ bench_level() { # $1 level, $2 disks
 }
 
 bench_level raid5 4
+bench_level raid6 4
 bench_level raid1 2
 
 MOUNT="$BENCH_DIR: $(findmnt -rno FSTYPE,OPTIONS --target "$BENCH_DIR" | tail -1)" \
