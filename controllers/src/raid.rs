@@ -95,7 +95,7 @@ const MIN_CHUNK: u64 = 4096;
 /// Largest chunk size.
 const MAX_CHUNK: u64 = 16 << 20;
 /// Number of stripe locks; stripe `s` is guarded by lock `s % LOCK_STRIPES`.
-const LOCK_STRIPES: usize = 1024;
+const LOCK_STRIPES: usize = crate::live::LOCKS;
 /// Largest buffer one step of a read reconstruction or a write works with.
 const WORK_BYTES: u64 = 128 * 1024;
 /// Largest zero buffer [`RaidEngine::write_zeroes`] writes from.
