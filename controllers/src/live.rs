@@ -383,23 +383,17 @@ impl Live {
         });
     }
 
-    /// Takes lock `lock` exclusively to write `stripe`.
-    pub fn lock_exclusive(&self, lock: usize, stripe: u64, resync: Resync<'_>) {
+    /// Takes lock `lock` exclusively to write `stripe`, or with `None` only to
+    /// keep writers out (a holder that dies then leaves nothing to resync).
+    pub fn lock_exclusive(&self, lock: usize, stripe: Option<u64>, resync: Resync<'_>) {
         let shift = 8 * self.my_slot();
         self.acquire(lock, resync, |word| {
             (word == 0).then_some(EXCLUSIVE << shift)
         });
-        self.map
-            .store_u64_le(LOCK_TABLE + LOCK_ENTRY * lock + 8, stripe + 1);
-    }
-
-    /// Takes lock `lock` exclusively to keep writers out, not to write: a
-    /// holder that dies leaves nothing to resync.
-    pub fn lock_exclusive_idle(&self, lock: usize, resync: Resync<'_>) {
-        let shift = 8 * self.my_slot();
-        self.acquire(lock, resync, |word| {
-            (word == 0).then_some(EXCLUSIVE << shift)
-        });
+        if let Some(stripe) = stripe {
+            self.map
+                .store_u64_le(LOCK_TABLE + LOCK_ENTRY * lock + 8, stripe + 1);
+        }
     }
 
     /// Releases an exclusive hold of lock `lock`.
@@ -510,7 +504,7 @@ mod tests {
         assert_eq!(byte(word, b.slot().expect("slot")), 1);
         a.unlock_shared(7);
         b.unlock_shared(7);
-        a.lock_exclusive(7, 1234, none);
+        a.lock_exclusive(7, Some(1234), none);
         assert_eq!(a.map.load_u64_le(LOCK_TABLE + LOCK_ENTRY * 7 + 8), 1235);
         a.unlock_exclusive(7);
         assert_eq!(a.map.load_u64_le(LOCK_TABLE + LOCK_ENTRY * 7), 0);
@@ -524,7 +518,7 @@ mod tests {
         dead.me = 0x7fff_fffe;
         dead.register().expect("slot");
         let none: Resync<'_> = &|_| panic!("nothing to recover");
-        dead.lock_exclusive(3, 42, none);
+        dead.lock_exclusive(3, Some(42), none);
         let dead_slot = dead.slot().expect("slot");
         // The process "dies": its slot and lock stay as they are.
         dead.slot = None;
@@ -533,7 +527,7 @@ mod tests {
         let mut survivor = Live::open(dir.path(), 2).expect("open");
         survivor.register().expect("slot");
         let resynced = std::cell::RefCell::new(Vec::new());
-        survivor.lock_exclusive(3, 99, &|stripe| resynced.borrow_mut().push(stripe));
+        survivor.lock_exclusive(3, Some(99), &|stripe| resynced.borrow_mut().push(stripe));
         assert_eq!(*resynced.borrow(), vec![42]);
         assert_eq!(
             survivor.map.load_u64_le(SLOT_TABLE + 8 * dead_slot),

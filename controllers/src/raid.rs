@@ -712,7 +712,13 @@ impl RaidEngine {
 
     /// Takes stripe `stripe`'s lock exclusively, to change its member bytes.
     pub fn lock_stripe_exclusive(&self, stripe: u64) -> StripeGuard<'_> {
-        let lock = Self::lock_index(stripe);
+        self.lock_exclusive(Self::lock_index(stripe), Some(stripe))
+    }
+
+    /// Takes lock `lock` exclusively, in this process and across processes, to
+    /// write `stripe` (recorded for crash recovery) or, with `None`, only to
+    /// keep writers out.
+    fn lock_exclusive(&self, lock: usize, stripe: Option<u64>) -> StripeGuard<'_> {
         let local = LocalGuard::Exclusive(self.locks[lock].write());
         if let Some(shared) = &self.shared {
             shared
@@ -735,20 +741,7 @@ impl RaidEngine {
     /// resynced, if its process died) before the disk is marked failed.
     pub fn quiesce(&self) -> Vec<StripeGuard<'_>> {
         (0..LOCK_STRIPES)
-            .map(|lock| {
-                let local = LocalGuard::Exclusive(self.locks[lock].write());
-                if let Some(shared) = &self.shared {
-                    shared
-                        .live
-                        .lock_exclusive_idle(lock, &|dirty| self.resync_stripe(dirty));
-                }
-                StripeGuard {
-                    engine: self,
-                    lock,
-                    exclusive: true,
-                    _local: local,
-                }
-            })
+            .map(|lock| self.lock_exclusive(lock, None))
             .collect()
     }
 

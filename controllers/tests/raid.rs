@@ -310,26 +310,30 @@ fn expect_array_failed(result: Result<(), RaidError>, what: &str) {
     }
 }
 
-#[test]
-fn second_raid5_failure_refuses_io_and_leaves_survivors_untouched() {
-    let mut rng = Rng(base_seed("second failure"));
-    let g = geometry(Level::Raid5, 4, 8192, 64 * 1024);
+/// Fills an array, fails the members in `tolerated` (it still reads back),
+/// then `too_many`: the array is FAILED, every read and write is refused, no
+/// bytes are handed out and no member changes.
+fn failure_too_many_refuses_io(g: Geometry, tolerated: &[usize], too_many: usize) {
+    let mut rng = Rng(base_seed("failure too many"));
     let f = fixture(g);
     let data = rng.bytes(g.data_bytes() as usize);
     f.engine.write_at(0, &data).expect("fill");
-    f.engine.fail_member(1).expect("fail 1");
+    for &disk in tolerated {
+        f.engine.fail_member(disk).expect("fail");
+    }
+    assert_eq!(f.engine.state(), ArrayState::Degraded);
     assert_reads_model(&f.engine, &data, "degraded");
-    f.engine.fail_member(3).expect("fail 3");
+    f.engine.fail_member(too_many).expect("fail one too many");
     assert_eq!(f.engine.state(), ArrayState::Failed);
-    assert_eq!(
-        f.engine.member_states(),
-        vec![
-            MemberState::Active,
-            MemberState::Failed,
-            MemberState::Active,
-            MemberState::Failed
-        ]
-    );
+    let states = f.engine.member_states();
+    for (disk, state) in states.iter().enumerate() {
+        let failed = tolerated.contains(&disk) || disk == too_many;
+        assert_eq!(
+            *state == MemberState::Failed,
+            failed,
+            "disk {disk}: {states:?}"
+        );
+    }
 
     let before: Vec<Vec<u8>> = f
         .paths
@@ -339,8 +343,8 @@ fn second_raid5_failure_refuses_io_and_leaves_survivors_untouched() {
     let mut buf = vec![0u8; 4096];
     expect_array_failed(f.engine.read_at(0, &mut buf), "read");
     expect_array_failed(
-        f.engine.read_at(8192 * 5, &mut buf),
-        "read of a survivor's chunk",
+        f.engine.read_at(g.chunk_bytes * 5, &mut buf),
+        "read of another chunk",
     );
     expect_array_failed(f.engine.write_at(100, &[0xAB; 9000]), "write");
     expect_array_failed(f.engine.write_zeroes(0, g.data_bytes()), "write_zeroes");
@@ -352,7 +356,21 @@ fn second_raid5_failure_refuses_io_and_leaves_survivors_untouched() {
         );
     }
     // A failed array's surviving data is still intact on the members.
-    assert!(f.members[0].verify(|_| {}).bad_blocks.is_empty());
+    let survivor = (0..g.disks).find(|d| !tolerated.contains(d) && *d != too_many);
+    assert!(f.members[survivor.expect("a survivor")]
+        .verify(|_| {})
+        .bad_blocks
+        .is_empty());
+}
+
+#[test]
+fn second_raid5_failure_refuses_io_and_leaves_survivors_untouched() {
+    failure_too_many_refuses_io(geometry(Level::Raid5, 4, 8192, 64 * 1024), &[1], 3);
+}
+
+#[test]
+fn raid6_survives_two_failures_and_refuses_io_at_the_third() {
+    failure_too_many_refuses_io(geometry(Level::Raid6, 5, 8192, 64 * 1024), &[0, 3], 4);
 }
 
 #[test]
@@ -409,36 +427,6 @@ fn corrupt_raid5_data_block_is_reconstructed_and_rewritten() {
     assert_eq!(f.engine.repaired_blocks(), 1);
     assert_reads_model(&f.engine, &data, "after repair");
     assert_redundancy_consistent(&f, "after repair");
-}
-
-#[test]
-fn raid6_survives_two_failures_and_refuses_io_at_the_third() {
-    let mut rng = Rng(base_seed("raid6 failures"));
-    let g = geometry(Level::Raid6, 5, 8192, 64 * 1024);
-    let f = fixture(g);
-    let data = rng.bytes(g.data_bytes() as usize);
-    f.engine.write_at(0, &data).expect("fill");
-    f.engine.fail_member(0).expect("fail 0");
-    f.engine.fail_member(3).expect("fail 3");
-    assert_eq!(f.engine.state(), ArrayState::Degraded);
-    assert_reads_model(&f.engine, &data, "two members failed");
-    f.engine.fail_member(4).expect("fail 4");
-    assert_eq!(f.engine.state(), ArrayState::Failed);
-    let before: Vec<Vec<u8>> = f
-        .paths
-        .iter()
-        .map(|p| std::fs::read(p).expect("read raw"))
-        .collect();
-    let mut buf = vec![0u8; 4096];
-    expect_array_failed(f.engine.read_at(0, &mut buf), "read");
-    expect_array_failed(f.engine.write_at(100, &[0xAB; 9000]), "write");
-    assert!(buf.iter().all(|b| *b == 0), "no bytes handed out");
-    for (i, path) in f.paths.iter().enumerate() {
-        assert!(
-            std::fs::read(path).expect("read raw") == before[i],
-            "member {i} changed by refused I/O"
-        );
-    }
 }
 
 #[test]
