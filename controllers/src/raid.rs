@@ -1385,7 +1385,6 @@ impl RaidEngine {
                         "member {disk}'s data is needed while two other members are failed or being rebuilt"
                     ),
                 };
-
                 return Err(self.unrecoverable(stripe, disk, bad_at, detail));
             }
             let mut roles = pq_stripe(g, stripe, &mut chunks, window);
