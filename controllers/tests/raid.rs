@@ -1,7 +1,8 @@
 //! The RAID engine through its public API: a reference model under random I/O
 //! with a member failing half-way, one failure too many, checksum errors repaired
-//! from redundancy (and the ones that cannot be), parity consistency, and
-//! concurrent writers.
+//! from redundancy (and the ones that cannot be), parity consistency,
+//! concurrent writers, and RAID-6 (two failures, two bad blocks in a row); a
+//! degraded write that fails leaves no journal entry behind.
 //!
 //! Random tests are seeded: set `RAID_TEST_SEED` to replay a run; the seed in use
 //! is printed (shown by `cargo test -- --nocapture`, and on failure).
@@ -775,4 +776,68 @@ fn large_chunks_work_in_bounded_pieces() {
         model[777_777..777_777 + data.len()].copy_from_slice(&data);
         assert_reads_model(&f.engine, &model, "large chunks, after a degraded write");
     }
+}
+
+#[test]
+fn a_degraded_write_that_fails_leaves_no_journal_entry_behind() {
+    // A shared engine over a degraded RAID-5 (disk 1 failed) whose parity
+    // member for stripe 0 (disk 2) cannot be written: a write there journals
+    // disk 1's bytes, writes D0, and fails on the parity. The entry must not
+    // outlive the write, or a later recovery would apply it to a stripe that
+    // has moved on.
+    use controllers::array::{self, Array};
+    use controllers::journal::Journal;
+    use controllers::live::Live;
+    use disk_images::Access;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("a");
+    let g = array::geometry(Level::Raid5, 3, 8192, 64 * 1024);
+    let mut created = Array::create(&dir, g, 0, 1).expect("create");
+    created.fail(1).expect("fail disk 1");
+    let files: Vec<PathBuf> = created
+        .metadata()
+        .members
+        .iter()
+        .map(|m| dir.join(&m.file))
+        .collect();
+    drop(created);
+
+    let source_files = files.clone();
+    let source: controllers::raid::ViewSource = Box::new(move || {
+        let images = source_files
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
+                let access = if i == 2 {
+                    Access::ReadOnly
+                } else {
+                    Access::ReadWrite
+                };
+                DiskImage::open(path, access).map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| RaidError::Config(err.to_string()))?;
+        Ok((
+            images,
+            vec![
+                MemberState::Active,
+                MemberState::Failed,
+                MemberState::Active,
+            ],
+        ))
+    });
+    let live = Live::open(&dir, 3).expect("live state");
+    let engine = RaidEngine::shared(g, live, source).expect("engine");
+    match engine.write_at(0, &[0x5a; 100]) {
+        Err(RaidError::Member { index: 2, .. }) => {}
+        other => panic!("expected the parity member's write to fail, got {other:?}"),
+    }
+    let journal = Journal::open(&dir).expect("journal");
+    let saved = journal.saved(0, 0).expect("read the journal");
+    assert!(
+        saved.is_none(),
+        "a journal entry outlived the failed write ({} bytes saved)",
+        saved.map_or(0, |s| s.bytes.len())
+    );
 }
