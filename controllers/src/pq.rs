@@ -16,6 +16,8 @@
 //! Recovering data from Q multiplies by other constants, through a 256-byte
 //! table per constant: that is only done for failed or corrupt chunks.
 
+use crate::raid::xor_into;
+
 /// The field's reducing polynomial, without its `x^8` term.
 const POLY: u8 = 0x1d;
 
@@ -76,11 +78,6 @@ pub fn gen_pow(i: usize) -> u8 {
     EXP[i % 255]
 }
 
-/// `dst ^= src`.
-fn xor_into(dst: &mut [u8], src: &[u8]) {
-    crate::raid::xor_into(dst, src);
-}
-
 /// `dst ^= c · src`, bytewise.
 fn mul_xor(dst: &mut [u8], c: u8, src: &[u8]) {
     let table: [u8; 256] = std::array::from_fn(|v| mul(c, v as u8));
@@ -89,19 +86,10 @@ fn mul_xor(dst: &mut [u8], c: u8, src: &[u8]) {
     }
 }
 
-/// `dst = c · dst`, bytewise.
-fn mul_in_place(dst: &mut [u8], c: u8) {
-    let table: [u8; 256] = std::array::from_fn(|v| mul(c, v as u8));
-    for d in dst.iter_mut() {
-        *d = table[*d as usize];
-    }
-}
-
 /// Computes P and Q of the data chunks `data` (in stripe order, equal lengths)
 /// into `p` and `q`.
 pub fn syndromes(data: &[&[u8]], p: &mut [u8], q: &mut [u8]) {
     p.fill(0);
-    q.fill(0);
     for d in data {
         xor_into(p, d);
     }
@@ -135,7 +123,7 @@ pub fn q_syndrome(data: &[&[u8]], q: &mut [u8]) {
                 *a = mul2_branchless(*a) ^ b;
             }
         }
-        q[start..whole.min(start + LANE)].copy_from_slice(&acc);
+        q[start..start + LANE].copy_from_slice(&acc);
     }
     let tail = &mut q[whole..];
     tail.fill(0);
@@ -205,8 +193,8 @@ impl Stripe<'_> {
     fn data_from_q(&mut self, x: usize) {
         let mut qx = self.q_of_data(&[x]);
         xor_into(&mut qx, self.q);
-        mul_in_place(&mut qx, inverse(gen_pow(x)));
-        self.data[x].copy_from_slice(&qx);
+        self.data[x].fill(0);
+        mul_xor(self.data[x], inverse(gen_pow(x)), &qx);
     }
 
     /// Data chunks `x < y` from P, Q and the other data:

@@ -435,23 +435,10 @@ fn align_up(x: u64) -> u64 {
     x.div_ceil(BLOCK) * BLOCK
 }
 
-/// `dst ^= src`, eight bytes at a time.
+/// `dst ^= src`, in a form the compiler vectorises.
 pub(crate) fn xor_into(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "xor of unequal lengths");
-    let mut dst_words = dst.chunks_exact_mut(8);
-    let mut src_words = src.chunks_exact(8);
-    for (d, s) in (&mut dst_words).zip(&mut src_words) {
-        let mut a = [0u8; 8];
-        let mut b = [0u8; 8];
-        a.copy_from_slice(d);
-        b.copy_from_slice(s);
-        d.copy_from_slice(&(u64::from_ne_bytes(a) ^ u64::from_ne_bytes(b)).to_ne_bytes());
-    }
-    for (d, s) in dst_words
-        .into_remainder()
-        .iter_mut()
-        .zip(src_words.remainder())
-    {
+    for (d, s) in dst.iter_mut().zip(src) {
         *d ^= *s;
     }
 }

@@ -15,7 +15,9 @@ use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 use serde::Serialize;
 
 use crate::pq::{self, Role};
-use crate::raid::{array_state, pq_stripe, ArrayState, Geometry, Level, MemberState, RaidEngine};
+use crate::raid::{
+    array_state, pq_stripe, xor_into, ArrayState, Geometry, Level, MemberState, RaidEngine,
+};
 
 /// Bytes handled between progress reports.
 pub const STEP_BYTES: u64 = 1024 * 1024;
@@ -106,14 +108,6 @@ fn write_block(members: &Members, index: usize, offset: u64, data: &[u8]) -> Res
     members.images[index]
         .rewrite_at(offset, data)
         .map_err(|source| WorkError::Member { index, source })
-}
-
-/// `target ^= source`, in a form the compiler vectorises.
-fn xor_into(target: &mut [u8], source: &[u8]) {
-    debug_assert_eq!(target.len(), source.len());
-    for (t, s) in target.iter_mut().zip(source) {
-        *t ^= *s;
-    }
 }
 
 /// The CRC32 of the XOR of `terms` equal-length blocks, from their CRCs: CRC32
