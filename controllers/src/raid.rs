@@ -850,15 +850,22 @@ impl RaidEngine {
         Ok(())
     }
 
-    /// Makes everything written so far durable on every written member.
+    /// Makes everything written so far durable on every written member, by
+    /// any process: the members that anyone wrote since their last flush start
+    /// writing back together, then each is synced (see
+    /// [`DiskImage::flush`]); the others are skipped.
     pub fn flush(&self) -> Result<(), RaidError> {
         let view = self.view()?;
-        for (index, member) in view.images.iter().enumerate() {
-            if view.writable(index) {
-                member
-                    .flush()
-                    .map_err(|source| RaidError::Member { index, source })?;
-            }
+        let started: Vec<_> = view
+            .images
+            .iter()
+            .enumerate()
+            .map(|(index, member)| view.writable(index).then(|| member.start_flush()).flatten())
+            .collect();
+        for (index, (member, started)) in view.images.iter().zip(started).enumerate() {
+            member
+                .finish_flush(started)
+                .map_err(|source| RaidError::Member { index, source })?;
         }
         Ok(())
     }

@@ -36,9 +36,19 @@
 //! ## File format (native endianness: the file lives in memory and never
 //! leaves the machine)
 //!
-//! | offset | size      | field | meaning                                     |
-//! |-------:|----------:|-------|---------------------------------------------|
-//! | 0      | 8 × 4096  | words | per stripe: holder identity, `0` when free  |
+//! | offset    | size     | field  | meaning                                     |
+//! |----------:|---------:|--------|---------------------------------------------|
+//! | 0         | 8 × *s*  | words  | per stripe: holder identity, `0` when free  |
+//! | 8·*s*     | 8        | writes | count of writes to the image (data and CRCs stored), by every process |
+//! | 8·*s* + 8 | 8        | synced | the `writes` count that the last completed flush started from |
+//!
+//! (*s* is the number of stripes, 4096.) The two counters let a flush in any
+//! process skip an image that nobody has written since a flush completed: a
+//! writer counts its write after the bytes and CRCs are stored and before it
+//! is acknowledged, and a flush reads `writes` before it syncs and raises
+//! `synced` to that value once the sync is done. A new table starts with
+//! `writes` 1 and `synced` 0, so the first flush after it syncs: what the
+//! processes before it wrote may still be in the page cache.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -102,6 +112,16 @@ fn remove_if_still(path: &Path, file: &File) {
     }
 }
 
+/// Bytes of the write and sync counters after the stripe words.
+const COUNTERS_LEN: usize = 16;
+
+/// Writes words at `offset` of `file`, little-endian like the mapping's accessors.
+fn write_words(file: &File, offset: usize, words: &[u64]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    file.write_all_at(&bytes, offset as u64)
+}
+
 /// The cross-process block locks of one image.
 #[derive(Debug)]
 pub struct CrossLocks {
@@ -118,7 +138,7 @@ impl CrossLocks {
     pub fn open(image: &File, stripes: usize) -> io::Result<Self> {
         let me = my_identity()?;
         let path = table_path(image)?;
-        let len = (stripes * 8) as u64;
+        let len = (stripes * 8 + COUNTERS_LEN) as u64;
         let file = loop {
             let file = OpenOptions::new()
                 .read(true)
@@ -133,6 +153,7 @@ impl CrossLocks {
                     // over from processes that are gone. Start from zeros.
                     file.set_len(0)?;
                     file.set_len(len)?;
+                    write_words(&file, stripes * 8, &[1, 0])?;
                     file.lock_shared()?;
                     remove_abandoned(&path);
                 }
@@ -210,6 +231,30 @@ impl CrossLocks {
             released.is_ok(),
             "unlock of a stripe this process did not hold"
         );
+    }
+
+    /// Counts a write to the image: called after its bytes and CRCs are
+    /// stored, before it is acknowledged.
+    pub fn note_write(&self) {
+        self.map.fetch_add_u64_le(self.stripes * 8, 1);
+    }
+
+    /// The number of writes counted so far, by every process (see the
+    /// module docs): read before a flush starts.
+    pub fn writes(&self) -> u64 {
+        self.map.load_u64_le(self.stripes * 8)
+    }
+
+    /// The [`Self::writes`] count the last completed flush started from: every
+    /// write counted up to it is durable.
+    pub fn synced(&self) -> u64 {
+        self.map.load_u64_le(self.stripes * 8 + 8)
+    }
+
+    /// Records that a flush that started when [`Self::writes`] was `writes`
+    /// has completed.
+    pub fn mark_synced(&self, writes: u64) {
+        self.map.raise_u64_le(self.stripes * 8 + 8, writes);
     }
 
     #[cfg(test)]
@@ -293,16 +338,42 @@ mod tests {
     fn a_lone_opener_starts_from_a_clean_table_and_keeps_a_used_one() {
         let (_dir, img) = image();
         // Leftovers of processes that are gone, in a table nobody removed.
-        std::fs::write(table_path(&img).expect("path"), [0xffu8; 16 * 8]).expect("write");
+        std::fs::write(
+            table_path(&img).expect("path"),
+            [0xffu8; 16 * 8 + COUNTERS_LEN],
+        )
+        .expect("write");
         let a = CrossLocks::open(&img, 16).expect("open");
         assert!(
             (0..16).all(|s| a.holder(s) == 0),
             "a lone opener zeroes the table"
         );
+        assert!(
+            a.writes() > a.synced(),
+            "a new table asks the first flush to sync"
+        );
         a.lock(5);
         let b = CrossLocks::open(&img, 16).expect("open");
         assert_eq!(b.holder(5), a.me, "a table in use is kept");
         a.unlock(5);
+    }
+
+    #[test]
+    fn writes_and_syncs_are_counted_across_openers() {
+        let (_dir, img) = image();
+        let a = CrossLocks::open(&img, 16).expect("open a");
+        let b = CrossLocks::open(&img, 16).expect("open b");
+        let start = b.writes();
+        a.mark_synced(start);
+        assert_eq!(b.synced(), start, "nothing written since that flush");
+        a.note_write();
+        a.note_write();
+        assert_eq!(b.writes(), start + 2, "b sees a's writes");
+        assert!(b.synced() < b.writes(), "b must sync");
+        // A flush that started earlier and completes later never lowers it.
+        b.mark_synced(start + 2);
+        a.mark_synced(start + 1);
+        assert_eq!(a.synced(), start + 2);
     }
 
     #[test]

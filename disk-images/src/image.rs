@@ -21,12 +21,41 @@
 //! under the same block locks and CRC rules, without this process mapping each
 //! page in (or, for a new sparse disk, the kernel zeroing each page before it is
 //! overwritten).
+//!
+//! How a write reaches the files depends on the file system they are on
+//! ([`Stores`]). In memory (tmpfs), bytes and CRCs are stored straight into the
+//! shared mappings. On a file system that writes pages back to a disk (ext4,
+//! XFS, btrfs …) they are written with `pwrite`, and the mappings serve reads
+//! only: Linux writes a page dirtied through a mapping back as its whole folio,
+//! and a file's page cache is often made of large folios (up to 2 MiB, after
+//! large sequential writes or read-ahead), so a 4 KiB store would cost the next
+//! flush up to megabytes of writes (measured on ext4, kernel 6.18: 1 MiB
+//! written back per 4 KiB block stored). `pwrite` marks only the blocks it
+//! writes dirty. The sidecar's pending words are the exception: they are
+//! stored through the mapping in every case (they must be seen by other
+//! processes at once, they are zero at rest, and no flush waits for them).
+//!
+//! Durability ([`DiskImage::flush`], [`DiskImage::flush_range`]): the image
+//! file and the range of CRC entries in the sidecar are synced with
+//! `fdatasync` of the file or of the range. On Linux that covers pages dirtied
+//! through a shared mapping as well as by `pwrite`: shared writable file
+//! mappings are write-protected whenever their pages are clean, so the first
+//! store to a page faults and marks it dirty in the page cache, where `fsync`
+//! finds it (and `msync(MS_SYNC)` is itself an `fsync` of the range). So a
+//! flush in any process makes durable what every process wrote, which is what
+//! NBD's `CAN_MULTI_CONN` promises. A flush costs what was written since the
+//! last one: the kernel writes back only dirty pages, and a flush of an image
+//! that no process has written since a flush completed is skipped altogether
+//! (counted in the cross-process lock table, see [`crate::blocklocks`]). Where
+//! it is known to be safe (ext4), the CRC entries are written back first and
+//! then ride on the device-cache flush of the image's `fdatasync`, so that a
+//! FLUSH costs one cache flush of the device, not two ([`CrcSync`]).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -35,7 +64,7 @@ use serde::Serialize;
 
 use crate::blocklocks::CrossLocks;
 use crate::fault::CrashPoint;
-use crate::mapping::SharedMapping;
+use crate::mapping::{start_writeback, write_back, SharedMapping};
 use crate::sidecar::{
     SidecarHeader, BLOCK_SIZE, CRC_UNKNOWN, HEADER_LEN, PENDING, PENDING_LEN, TRUSTED,
 };
@@ -43,6 +72,8 @@ use crate::{ImageError, MediaError};
 
 /// Bytes per checksummed block, as a `usize` for slicing.
 pub const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
+/// How many zero bytes one `pwrite` of [`DiskImage::write_zeroes`] takes from.
+const ZERO_BUFFER_BYTES: usize = 64 * 1024;
 /// Number of lock stripes; block `b` is guarded by stripe
 /// `(b / STRIPE_BLOCKS) % LOCK_STRIPES`.
 const LOCK_STRIPES: usize = 4096;
@@ -120,6 +151,122 @@ pub enum Access {
     ReadWrite,
 }
 
+/// How a writer puts bytes and CRCs into an image's files (see the module
+/// docs): chosen when the image is opened, from the file system it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stores {
+    /// Stores into the shared mappings: for file systems in memory (tmpfs,
+    /// ramfs, hugetlbfs), which never write pages back.
+    Mapping,
+    /// `pwrite` of the image and of the sidecar's CRC entries: for file
+    /// systems that write pages back to a disk.
+    File,
+}
+
+impl Stores {
+    /// The way to store into `file`, from the file system it is on; `File`
+    /// when that cannot be told.
+    pub fn for_file(file: &File) -> Self {
+        use nix::sys::statfs::{fstatfs, FsType, HUGETLBFS_MAGIC, TMPFS_MAGIC};
+        // Not in nix's list; linux/magic.h.
+        const RAMFS_MAGIC: u32 = 0x8584_58f6;
+        match fstatfs(file) {
+            Ok(stat) => {
+                let kind = stat.filesystem_type();
+                if kind == TMPFS_MAGIC
+                    || kind == HUGETLBFS_MAGIC
+                    || kind == FsType(RAMFS_MAGIC as _)
+                {
+                    Self::Mapping
+                } else {
+                    Self::File
+                }
+            }
+            Err(_) => Self::File,
+        }
+    }
+}
+
+/// How a flush makes the sidecar's CRC entries durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrcSync {
+    /// With an `fdatasync` of their own (of the entries' range).
+    Own,
+    /// Written back and waited for, then covered by the device-cache flush of
+    /// the image's `fdatasync` that follows: one flush of the device's write
+    /// cache per FLUSH instead of two (which at queue depth 1 is most of a
+    /// FLUSH's time). Only where that is known to hold: on ext4, which
+    /// overwrites file blocks in place and issues a cache flush on every
+    /// `fdatasync` of a regular file (through its journal commit or
+    /// explicitly, see `ext4_sync_file`), with both files on one device, the
+    /// entries in blocks already allocated and written (so that writing them
+    /// back needs no metadata; checked when the image is opened), and data
+    /// not journalled. Copy-on-write file systems (btrfs, XFS with reflinks)
+    /// must commit metadata for an overwrite, so they use [`CrcSync::Own`].
+    WithImage,
+}
+
+impl CrcSync {
+    /// Which way fits the image open as `data_file` with its sidecar
+    /// `crc_file` (open for writing, `entries_end` the end of the entries).
+    fn for_files(data_file: &File, crc_file: &File, entries_end: u64) -> Self {
+        use nix::sys::statfs::{fstatfs, EXT4_SUPER_MAGIC};
+        use nix::unistd::{lseek, Whence};
+        let ext4 = |file: &File| {
+            fstatfs(file).is_ok_and(|stat| stat.filesystem_type() == EXT4_SUPER_MAGIC)
+        };
+        let (Ok(data_meta), Ok(crc_meta)) = (data_file.metadata(), crc_file.metadata()) else {
+            return Self::Own;
+        };
+        let eligible = ext4(crc_file)
+            && data_meta.dev() == crc_meta.dev()
+            && !journals_data(crc_meta.dev())
+            // Written back once, so that no block of the entries is still
+            // delayed or unwritten; then no hole may lie among them.
+            && crc_file.sync_data().is_ok()
+            && lseek(crc_file.as_raw_fd(), HEADER_LEN as i64, Whence::SeekHole)
+                .is_ok_and(|hole| hole as u64 >= entries_end);
+        if eligible {
+            Self::WithImage
+        } else {
+            Self::Own
+        }
+    }
+}
+
+/// Whether the file system on device `dev` is mounted with `data=journal`
+/// (its file data then goes through the journal, not written in place).
+fn journals_data(dev: u64) -> bool {
+    let wanted = format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return true;
+    };
+    mounts.lines().any(|line| {
+        let mut fields = line.split(' ');
+        let device = fields.nth(2);
+        let super_options = line
+            .split(" - ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').nth(2));
+        device == Some(wanted.as_str())
+            && super_options.is_some_and(|options| options.split(',').any(|o| o == "data=journal"))
+    })
+}
+
+/// What [`DiskImage::start_flush`] started and [`DiskImage::finish_flush`]
+/// completes.
+#[derive(Debug)]
+#[must_use = "a flush is complete only once finish_flush has run"]
+pub struct FlushStarted {
+    /// The image's write count when the flush started (None: no cross-process
+    /// counters, see [`DiskImage::shares_locks`]).
+    writes: Option<u64>,
+}
+
 /// One extent reported by [`DiskImage::allocation`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Extent {
@@ -177,6 +324,13 @@ pub struct ImageInfo {
 pub struct DiskImage {
     path: PathBuf,
     data_file: File,
+    /// The sidecar, for `pwrite` of CRC entries ([`Stores::File`]) and for
+    /// starting their write-back.
+    crc_file: File,
+    /// How writes reach the files.
+    stores: Stores,
+    /// How a flush makes CRC entries durable.
+    crc_sync: CrcSync,
     data: SharedMapping,
     crcs: SharedMapping,
     size: u64,
@@ -339,6 +493,17 @@ impl DiskImage {
 
     /// Opens an existing image and its sidecar, validating that they belong together.
     pub fn open(path: &Path, access: Access) -> Result<Self, ImageError> {
+        Self::open_storing(path, access, None)
+    }
+
+    /// Like [`Self::open`], storing writes as `stores` says instead of as the
+    /// file system suggests (`None`): for tests of both ways on one machine.
+    #[doc(hidden)]
+    pub fn open_storing(
+        path: &Path,
+        access: Access,
+        stores: Option<Stores>,
+    ) -> Result<Self, ImageError> {
         let writable = access == Access::ReadWrite;
         let open = |p: &Path| OpenOptions::new().read(true).write(writable).open(p);
         let data_file = open(path).map_err(io_error(path, "open image"))?;
@@ -368,13 +533,24 @@ impl DiskImage {
                 })
             }
         };
+        let stores = stores.unwrap_or_else(|| Stores::for_file(&data_file));
+        if stores == Stores::File {
+            // The sidecar is read a word at a time: no read-ahead, and its
+            // pages enter the cache as 4 KiB pages, which keeps a 4-byte CRC
+            // `pwrite` from walking a large folio. Only advice.
+            let _ = nix::fcntl::posix_fadvise(
+                crc_file.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
+            );
+        }
         let crc_len = crc_file
             .metadata()
             .map_err(io_error(&sidecar, "stat checksum file"))?
             .len();
         let mut header_bytes = [0u8; HEADER_LEN];
         {
-            use std::os::unix::fs::FileExt;
             let got = crc_file
                 .read_at(&mut header_bytes, 0)
                 .map_err(io_error(&sidecar, "read checksum header"))?;
@@ -423,10 +599,21 @@ impl DiskImage {
         };
         let data = map(&data_file, size, "map image", path)?;
         let crcs = map(&crc_file, header.file_len(), "map checksum file", &sidecar)?;
+        let crc_sync = match stores {
+            Stores::File if writable => {
+                let _ = crcs.advise_random();
+                let entries_end = SidecarHeader::entry_offset(header.block_count);
+                CrcSync::for_files(&data_file, &crc_file, entries_end)
+            }
+            _ => CrcSync::Own,
+        };
         let block_locks = BlockLocks::for_file(&data_file).map_err(io_error(path, "stat image"))?;
         Ok(Self {
             path: path.to_path_buf(),
             data_file,
+            crc_file,
+            stores,
+            crc_sync,
             data,
             crcs,
             size,
@@ -445,6 +632,11 @@ impl DiskImage {
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// How writes reach the files (see the module docs).
+    pub fn stores(&self) -> Stores {
+        self.stores
     }
 
     /// Whether writes are allowed.
@@ -522,9 +714,73 @@ impl DiskImage {
             .load_u32_le(SidecarHeader::entry_offset(block) as usize)
     }
 
-    fn store_crc(&self, block: u64, crc: u32) {
-        self.crcs
-            .store_u32_le(SidecarHeader::entry_offset(block) as usize, crc);
+    /// Puts `bytes` at image offset `position`, as [`Self::stores`] says;
+    /// `streaming` for a large write whose bytes are not read back soon.
+    fn store_bytes(&self, position: u64, bytes: &[u8], streaming: bool) -> Result<(), ImageError> {
+        match self.stores {
+            Stores::Mapping if streaming => {
+                self.data.write_from_streaming(position as usize, bytes)
+            }
+            Stores::Mapping => self.data.write_from(position as usize, bytes),
+            Stores::File => {
+                return self
+                    .data_file
+                    .write_all_at(bytes, position)
+                    .map_err(io_error(&self.path, "write image"))
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `len` zero bytes at image offset `position`.
+    fn store_zeros(&self, position: u64, len: u64) -> Result<(), ImageError> {
+        static ZEROS: [u8; ZERO_BUFFER_BYTES] = [0; ZERO_BUFFER_BYTES];
+        match self.stores {
+            Stores::Mapping => self.data.fill_zero(position as usize, len as usize),
+            Stores::File => {
+                let mut done = 0;
+                while done < len {
+                    let step = (len - done).min(ZERO_BUFFER_BYTES as u64) as usize;
+                    self.store_bytes(position + done, &ZEROS[..step], false)?;
+                    done += step as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the CRCs of blocks `first..first + crcs.len()`.
+    fn store_crcs(&self, first: u64, crcs: &[u32]) -> Result<(), ImageError> {
+        match self.stores {
+            Stores::Mapping => {
+                for (block, &crc) in (first..).zip(crcs) {
+                    self.crcs
+                        .store_u32_le(SidecarHeader::entry_offset(block) as usize, crc);
+                }
+            }
+            Stores::File => {
+                let mut bytes = [0u8; 4 * BULK_BLOCKS];
+                for (batch, sums) in crcs.chunks(BULK_BLOCKS).enumerate() {
+                    for (entry, crc) in bytes.chunks_exact_mut(4).zip(sums) {
+                        entry.copy_from_slice(&crc.to_le_bytes());
+                    }
+                    let block = first + (batch * BULK_BLOCKS) as u64;
+                    self.crc_file
+                        .write_all_at(&bytes[..4 * sums.len()], SidecarHeader::entry_offset(block))
+                        .map_err(io_error(&self.path, "write checksum file"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a write in the cross-process counters that let a flush skip an
+    /// image nobody wrote (see [`Self::flush`]): after its bytes and CRCs are
+    /// stored, before it is acknowledged.
+    fn note_write(&self) {
+        if let Some(shared) = &self.block_locks.shared {
+            shared.note_write();
+        }
     }
 
     fn pending_offset(&self, block: u64) -> Option<usize> {
@@ -553,16 +809,19 @@ impl DiskImage {
     /// Fault injection for crash-consistency tests: with
     /// `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE=N` in its environment, a process
     /// aborts in the middle of its N-th block write ([`Self::write_at`],
-    /// [`Self::rewrite_at`]): after the first half of the block's new bytes
-    /// (`chunk`, at image offset `position`) is copied, before the rest and
-    /// before the CRC, as a writer killed at the worst moment.
-    fn crash_point(&self, position: u64, chunk: &[u8]) {
+    /// [`Self::rewrite_at`]). Called for each block of a write of `bytes` at
+    /// image offset `position` (whose `block`-th block is the one starting
+    /// now) before any of them is stored: when due, the blocks before it and
+    /// the first half of its new bytes are stored, none of the rest and no
+    /// CRC, as a writer killed at the worst moment.
+    fn crash_point(&self, position: u64, bytes: &[u8], block: usize) {
         static CRASH_IN_BLOCK_WRITE: CrashPoint =
             CrashPoint::new("EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE");
         if CRASH_IN_BLOCK_WRITE.due() {
-            self.data
-                .write_from(position as usize, &chunk[..chunk.len() / 2]);
-            CRASH_IN_BLOCK_WRITE.abort("half-way through a block write");
+            let start = block * BLOCK_BYTES;
+            let half = start + (bytes.len() - start).min(BLOCK_BYTES) / 2;
+            let stored = self.store_bytes(position, &bytes[..half], false);
+            CRASH_IN_BLOCK_WRITE.abort(&format!("half-way through a block write ({stored:?})"));
         }
     }
 
@@ -573,10 +832,41 @@ impl DiskImage {
         }
     }
 
-    /// Stores block `block`'s new CRC and clears its pending word.
-    fn end_write(&self, block: u64, new_crc: u32) {
-        self.store_crc(block, new_crc);
-        self.clear_pending(block);
+    /// Stores the new CRCs of blocks `first..first + crcs.len()` and clears
+    /// their pending words. If the CRCs cannot be stored, the blocks are left
+    /// to [`Self::abandon_writes`].
+    fn end_writes(&self, first: u64, crcs: &[u32]) -> Result<(), ImageError> {
+        match self.store_crcs(first, crcs) {
+            Ok(()) => {
+                for block in first..first + crcs.len() as u64 {
+                    self.clear_pending(block);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.abandon_writes(first, crcs.len() as u64);
+                Err(err)
+            }
+        }
+    }
+
+    /// A write of blocks `[first, first+count)` failed part-way (the host file
+    /// system refused a `pwrite`: full, or an I/O error), with their pending
+    /// words set and the caller holding their locks exclusively. Each block is
+    /// left as a write cut short would leave it: unchanged (its word cleared),
+    /// or settled by [`Self::settle_interrupted_write`].
+    fn abandon_writes(&self, first: u64, count: u64) {
+        let mut bytes = [0u8; BLOCK_BYTES];
+        for block in first..first + count {
+            self.data
+                .read_into((block * u64::from(BLOCK_SIZE)) as usize, &mut bytes);
+            let actual = crc32fast::hash(&bytes);
+            if actual == self.stored_crc(block) {
+                self.clear_pending(block);
+            } else {
+                self.settle_interrupted_write(block, actual);
+            }
+        }
     }
 
     /// Block `block` still fails its CRC (`actual` is its bytes' CRC) under its
@@ -609,10 +899,17 @@ impl DiskImage {
         let completed = new_crc == Some(self.stored_crc(block));
         let accepted = new_crc == Some(actual) || (word & TRUSTED != 0 && !completed);
         if self.is_writable() {
-            if accepted {
-                self.store_crc(block, actual);
+            match accepted.then(|| {
+                self.store_crcs(block, &[actual])
+                    .inspect(|()| self.note_write())
+            }) {
+                Some(Err(err)) => {
+                    // The word stays: the next reader under the lock tries again.
+                    tracing::warn!(image = %self.path.display(), block, "cannot settle a write cut short: {err}");
+                    return false;
+                }
+                _ => self.crcs.store_u64_le(at, 0),
             }
-            self.crcs.store_u64_le(at, 0);
         }
         tracing::warn!(
             image = %self.path.display(),
@@ -795,41 +1092,127 @@ impl DiskImage {
     fn write_with(&self, offset: u64, data: &[u8], trust: Trust) -> Result<(), ImageError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
-        let mut scratch = [0u8; BLOCK_BYTES];
-        let mut held = None;
-        let streaming = data.len() >= STREAMING_WRITE_BYTES;
-        for Piece {
-            block,
-            within,
-            step,
-            done,
-        } in pieces(offset, data.len())
-        {
-            let position = offset + done as u64;
-            let chunk = &data[done..done + step];
-            self.hold_exclusive(&mut held, block);
-            if step == BLOCK_BYTES {
-                let known = (trust == Trust::NewBytesOnly).then(|| crc32fast::hash(chunk));
-                self.begin_write(block, known, trust);
-                self.crash_point(position, chunk);
-                if streaming {
-                    self.data.write_from_streaming(position as usize, chunk);
-                } else {
-                    self.data.write_from(position as usize, chunk);
-                }
-                let crc = known.unwrap_or_else(|| crc32fast::hash(chunk));
-                self.end_write(block, crc);
-            } else {
-                self.read_checked_block(block, &mut scratch, Held::Exclusive)?;
-                scratch[within..within + step].copy_from_slice(chunk);
-                let crc = crc32fast::hash(&scratch);
-                self.begin_write(block, Some(crc), trust);
-                self.crash_point(position, chunk);
-                self.data.write_from(position as usize, chunk);
-                self.end_write(block, crc);
+        let block_bytes = u64::from(BLOCK_SIZE);
+        let end = offset + data.len() as u64;
+        let whole_start = offset.next_multiple_of(block_bytes);
+        let whole_end = end / block_bytes * block_bytes;
+        let at = |position: u64| (position - offset) as usize;
+        let write = || -> Result<(), ImageError> {
+            if whole_end <= whole_start {
+                // No whole block: one or two partial ones.
+                return pieces(offset, data.len()).try_for_each(|piece| {
+                    let chunk = &data[piece.done..piece.done + piece.step];
+                    self.write_partial_block(offset + piece.done as u64, chunk, trust)
+                });
             }
+            if offset < whole_start {
+                self.write_partial_block(offset, &data[..at(whole_start)], trust)?;
+            }
+            let whole = &data[at(whole_start)..at(whole_end)];
+            match self.stores {
+                Stores::Mapping => {
+                    let streaming = data.len() >= STREAMING_WRITE_BYTES;
+                    self.write_blocks_mapped(whole_start, whole, trust, streaming)?;
+                }
+                Stores::File => {
+                    for (batch, bytes) in whole.chunks(BULK_BLOCKS * BLOCK_BYTES).enumerate() {
+                        let position = whole_start + (batch * BULK_BLOCKS * BLOCK_BYTES) as u64;
+                        self.write_blocks_filed(position, bytes, trust)?;
+                    }
+                }
+            }
+            if whole_end < end {
+                self.write_partial_block(whole_end, &data[at(whole_end)..], trust)?;
+            }
+            Ok(())
+        };
+        let result = write();
+        // Counted even when it failed part-way: some blocks may have changed.
+        self.note_write();
+        result
+    }
+
+    /// Writes `chunk` at `position`, inside one block and not all of it: the
+    /// block's old bytes are read (and checked) to compute its new CRC.
+    fn write_partial_block(
+        &self,
+        position: u64,
+        chunk: &[u8],
+        trust: Trust,
+    ) -> Result<(), ImageError> {
+        let block = position / u64::from(BLOCK_SIZE);
+        let within = (position % u64::from(BLOCK_SIZE)) as usize;
+        let _guard = self.lock_stripe_exclusive(stripe_of(block));
+        let mut scratch = [0u8; BLOCK_BYTES];
+        self.read_checked_block(block, &mut scratch, Held::Exclusive)?;
+        scratch[within..within + chunk.len()].copy_from_slice(chunk);
+        let crc = crc32fast::hash(&scratch);
+        self.begin_write(block, Some(crc), trust);
+        self.crash_point(position, chunk, 0);
+        if let Err(err) = self.store_bytes(position, chunk, false) {
+            self.abandon_writes(block, 1);
+            return Err(err);
+        }
+        self.end_writes(block, &[crc])
+    }
+
+    /// Writes whole blocks at `position` through the mapping ([`Stores::Mapping`]),
+    /// one block after the other, each block's CRC computed right after its
+    /// copy, from bytes still in cache.
+    fn write_blocks_mapped(
+        &self,
+        position: u64,
+        bytes: &[u8],
+        trust: Trust,
+        streaming: bool,
+    ) -> Result<(), ImageError> {
+        let mut held = None;
+        for (i, chunk) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let block_position = position + (i * BLOCK_BYTES) as u64;
+            let block = block_position / u64::from(BLOCK_SIZE);
+            self.hold_exclusive(&mut held, block);
+            let known = (trust == Trust::NewBytesOnly).then(|| crc32fast::hash(chunk));
+            self.begin_write(block, known, trust);
+            self.crash_point(block_position, chunk, 0);
+            self.store_bytes(block_position, chunk, streaming)?;
+            let crc = known.unwrap_or_else(|| crc32fast::hash(chunk));
+            self.end_writes(block, &[crc])?;
         }
         Ok(())
+    }
+
+    /// Writes up to [`BULK_BLOCKS`] whole blocks at `position` with one
+    /// `pwrite` of the bytes and one of the CRCs ([`Stores::File`]), holding
+    /// all their locks.
+    fn write_blocks_filed(
+        &self,
+        position: u64,
+        bytes: &[u8],
+        trust: Trust,
+    ) -> Result<(), ImageError> {
+        let first = position / u64::from(BLOCK_SIZE);
+        let count = bytes.len() / BLOCK_BYTES;
+        debug_assert!(count <= BULK_BLOCKS && bytes.len().is_multiple_of(BLOCK_BYTES));
+        let _guards = self.lock_blocks(first, count as u64);
+        let mut crcs = [0u32; BULK_BLOCKS];
+        for (i, chunk) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let known = (trust == Trust::NewBytesOnly).then(|| crc32fast::hash(chunk));
+            crcs[i] = known.unwrap_or_default();
+            self.begin_write(first + i as u64, known, trust);
+        }
+        for i in 0..count {
+            self.crash_point(position, bytes, i);
+        }
+        if let Err(err) = self.store_bytes(position, bytes, false) {
+            self.abandon_writes(first, count as u64);
+            return Err(err);
+        }
+        if trust == Trust::OldBytes {
+            for (crc, chunk) in crcs.iter_mut().zip(bytes.chunks_exact(BLOCK_BYTES)) {
+                *crc = crc32fast::hash(chunk);
+            }
+        }
+        self.end_writes(first, &crcs[..count])
     }
 
     /// Checks that `[offset, offset+len)` is inside the image and made of whole blocks.
@@ -862,7 +1245,6 @@ impl DiskImage {
         buf: &mut [u8],
         crcs: &mut [u32],
     ) -> Result<(), ImageError> {
-        use std::os::unix::fs::FileExt;
         self.check_whole_blocks(offset, buf.len() as u64)?;
         assert_eq!(crcs.len(), buf.len() / BLOCK_BYTES, "one CRC per block");
         let first_block = offset / u64::from(BLOCK_SIZE);
@@ -919,13 +1301,14 @@ impl DiskImage {
         self.check_whole_blocks(offset, len)?;
         let block_size = u64::from(BLOCK_SIZE);
         let mut bytes = [0u8; BLOCK_BYTES];
-        for block in offset / block_size..(offset + len) / block_size {
+        let result = (offset / block_size..(offset + len) / block_size).try_for_each(|block| {
             let _guard = self.lock_stripe_exclusive(stripe_of(block));
             self.data
                 .read_into((block * block_size) as usize, &mut bytes);
-            self.end_write(block, !crc32fast::hash(&bytes));
-        }
-        Ok(())
+            self.store_crcs(block, &[!crc32fast::hash(&bytes)])
+        });
+        self.note_write();
+        result
     }
 
     /// Bulk write of whole blocks, for rebuild: writes `data` at `offset`
@@ -945,7 +1328,6 @@ impl DiskImage {
         data: &[u8],
         crcs: Option<&[u32]>,
     ) -> Result<(), ImageError> {
-        use std::os::unix::fs::FileExt;
         self.check_writable()?;
         self.check_whole_blocks(offset, data.len() as u64)?;
         if let Some(crcs) = crcs {
@@ -978,12 +1360,18 @@ impl DiskImage {
             for (i, &sum) in sums.iter().enumerate() {
                 self.begin_write(first + i as u64, Some(sum), Trust::NewBytesOnly);
             }
-            self.data_file
+            let written = self
+                .data_file
                 .write_all_at(bytes, first * u64::from(BLOCK_SIZE))
-                .map_err(io_error(&self.path, "write image"))?;
-            for (i, &sum) in sums.iter().enumerate() {
-                self.end_write(first + i as u64, sum);
+                .map_err(io_error(&self.path, "write image"));
+            if let Err(err) = written {
+                self.abandon_writes(first, count as u64);
+                self.note_write();
+                return Err(err);
             }
+            let ended = self.end_writes(first, sums);
+            self.note_write();
+            ended?;
         }
         Ok(())
     }
@@ -1026,8 +1414,22 @@ impl DiskImage {
         if tail > 0 {
             self.write_at(end_full * block_size, &vec![0u8; tail as usize])?;
         }
+        let result = self.zero_whole_blocks(first_full, end_full, punch_hole);
+        self.note_write();
+        result
+    }
+
+    /// Zeroes whole blocks `[block, end_full)`, punching holes when asked and
+    /// the file system can.
+    fn zero_whole_blocks(
+        &self,
+        mut block: u64,
+        end_full: u64,
+        punch_hole: bool,
+    ) -> Result<(), ImageError> {
+        let block_size = u64::from(BLOCK_SIZE);
         let zero_crc = zero_block_crc();
-        let mut block = first_full;
+        let zero_crcs = [zero_crc; ZERO_BATCH_BLOCKS as usize];
         let mut can_punch = punch_hole;
         while block < end_full {
             let count = (end_full - block).min(ZERO_BATCH_BLOCKS);
@@ -1041,11 +1443,7 @@ impl DiskImage {
                     self.begin_write(b, Some(zero_crc), Trust::OldBytes);
                 }
                 match punch_hole_in(&self.data_file, byte_offset, byte_len) {
-                    Ok(()) => {
-                        for b in block..block + count {
-                            self.end_write(b, zero_crc);
-                        }
-                    }
+                    Ok(()) => self.end_writes(block, &zero_crcs[..count as usize])?,
                     Err(err) => {
                         // Nothing was changed: the words go, the CRCs stay.
                         for b in block..block + count {
@@ -1063,14 +1461,14 @@ impl DiskImage {
                 }
             }
             if !can_punch {
-                // Block by block, as a write: a kill leaves at most one block
-                // with its word set.
                 for b in block..block + count {
                     self.begin_write(b, Some(zero_crc), Trust::OldBytes);
-                    self.data
-                        .fill_zero((b * block_size) as usize, block_size as usize);
-                    self.end_write(b, zero_crc);
                 }
+                if let Err(err) = self.store_zeros(byte_offset, byte_len) {
+                    self.abandon_writes(block, count);
+                    return Err(err);
+                }
+                self.end_writes(block, &zero_crcs[..count as usize])?;
             }
             block += count;
         }
@@ -1101,38 +1499,105 @@ impl DiskImage {
         }
     }
 
-    /// Makes `[offset, offset+len)` and its checksums durable.
+    /// The byte range of the sidecar's CRC entries for image bytes
+    /// `[offset, offset+len)` (`len` > 0).
+    fn crc_entries(&self, offset: u64, len: u64) -> (u64, u64) {
+        let first = offset / u64::from(BLOCK_SIZE);
+        let last = (offset + len - 1) / u64::from(BLOCK_SIZE);
+        (SidecarHeader::entry_offset(first), (last - first + 1) * 4)
+    }
+
+    /// Makes `[offset, offset+len)` and its checksums durable, as a FUA write
+    /// needs: `fdatasync` of that range of the image and of its CRC entries,
+    /// whichever process wrote them, and nothing else (other dirty pages stay
+    /// in the page cache).
     pub fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check_range(offset, len)?;
         if !self.is_writable() || len == 0 {
             return Ok(());
         }
+        let (crc_offset, crc_len) = self.crc_entries(offset, len);
+        // Both files' pages go to the device together, then each range is
+        // synced (the second sync finds its pages written already).
+        let _ = start_writeback(&self.data_file, offset, len);
+        let _ = start_writeback(&self.crc_file, crc_offset, crc_len);
+        self.sync_crc_entries_before(crc_offset, crc_len)?;
         self.data
             .flush_range(offset as usize, len as usize)
-            .map_err(io_error(&self.path, "msync image"))?;
-        let first = offset / u64::from(BLOCK_SIZE);
-        let last = (offset + len - 1) / u64::from(BLOCK_SIZE);
-        let crc_offset = SidecarHeader::entry_offset(first) as usize;
-        let crc_len = ((last - first + 1) * 4) as usize;
-        self.crcs
-            .flush_range(crc_offset, crc_len)
-            .map_err(io_error(&self.path, "msync checksum file"))
+            .map_err(io_error(&self.path, "fdatasync image range"))?;
+        self.sync_crc_entries_after(crc_offset, crc_len)
     }
 
-    /// Makes everything written so far durable, including punched holes.
-    pub fn flush(&self) -> Result<(), ImageError> {
-        if !self.is_writable() {
-            return Ok(());
+    /// Before the image's sync: CRC entries that ride on its device-cache
+    /// flush ([`CrcSync::WithImage`]) must be on the device first.
+    fn sync_crc_entries_before(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        match self.crc_sync {
+            CrcSync::WithImage => write_back(&self.crc_file, offset, len)
+                .map_err(io_error(&self.path, "write back checksum range")),
+            CrcSync::Own => Ok(()),
         }
-        self.data
-            .flush_range(0, self.data.len())
-            .map_err(io_error(&self.path, "msync image"))?;
+    }
+
+    /// After the image's sync: CRC entries synced on their own.
+    fn sync_crc_entries_after(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        match self.crc_sync {
+            CrcSync::WithImage => Ok(()),
+            CrcSync::Own => self
+                .crcs
+                .flush_range(offset as usize, len as usize)
+                .map_err(io_error(&self.path, "fdatasync checksum range")),
+        }
+    }
+
+    /// Makes everything written so far to the image, by every process that has
+    /// it open, durable with its checksums, including punched holes: what NBD's
+    /// FLUSH promises. See the module docs for why `fdatasync` covers every
+    /// process and every way of writing; the sidecar's pending words are not
+    /// synced (they hold only writes in flight). Skipped when no process has
+    /// written the image since a flush completed.
+    pub fn flush(&self) -> Result<(), ImageError> {
+        let started = self.start_flush();
+        self.finish_flush(started)
+    }
+
+    /// The first half of [`Self::flush`]: notes what is to be made durable and
+    /// starts writing it back without waiting, so that the flushes of several
+    /// images (an array's members) reach the device together. `None`: nothing
+    /// to do.
+    pub fn start_flush(&self) -> Option<FlushStarted> {
+        if !self.is_writable() {
+            return None;
+        }
+        let shared = self.block_locks.shared.as_ref();
+        let writes = shared.map(CrossLocks::writes);
+        if let (Some(shared), Some(writes)) = (shared, writes) {
+            if shared.synced() >= writes {
+                return None;
+            }
+        }
+        // Errors here are only lost overlap: the syncs below report them.
+        let (crc_offset, crc_len) = self.crc_entries(0, self.size);
+        let _ = start_writeback(&self.data_file, 0, 0);
+        let _ = start_writeback(&self.crc_file, crc_offset, crc_len);
+        Some(FlushStarted { writes })
+    }
+
+    /// The second half of [`Self::flush`]: waits until what
+    /// [`Self::start_flush`] started is durable.
+    pub fn finish_flush(&self, started: Option<FlushStarted>) -> Result<(), ImageError> {
+        let Some(FlushStarted { writes }) = started else {
+            return Ok(());
+        };
+        let (crc_offset, crc_len) = self.crc_entries(0, self.size);
+        self.sync_crc_entries_before(crc_offset, crc_len)?;
         self.data_file
             .sync_data()
             .map_err(io_error(&self.path, "fdatasync image"))?;
-        self.crcs
-            .flush_range(0, self.crcs.len())
-            .map_err(io_error(&self.path, "msync checksum file"))
+        self.sync_crc_entries_after(crc_offset, crc_len)?;
+        if let (Some(shared), Some(writes)) = (&self.block_locks.shared, writes) {
+            shared.mark_synced(writes);
+        }
+        Ok(())
     }
 
     /// Describes allocation of `[offset, offset+len)`: data extents and holes, from
@@ -1324,7 +1789,6 @@ fn build_files(image: &Path, sidecar: &Path, size: u64) -> Result<(), ImageError
 /// version-2 length, which `open` refuses as the wrong length rather than
 /// misreading.
 fn upgrade_sidecar(file: &File, header: &SidecarHeader) -> io::Result<SidecarHeader> {
-    use std::os::unix::fs::FileExt;
     let upgraded = header.upgraded();
     file.set_len(upgraded.file_len())?;
     file.write_all_at(&upgraded.encode(), 0)?;

@@ -22,8 +22,8 @@ pub mod sidecar;
 use std::path::PathBuf;
 
 pub use image::{
-    sidecar_path, validate_size, Access, BadBlock, DiskImage, Extent, ImageInfo, VerifyReport,
-    BLOCK_BYTES, BULK_BLOCKS,
+    sidecar_path, validate_size, Access, BadBlock, DiskImage, Extent, FlushStarted, ImageInfo,
+    Stores, VerifyReport, BLOCK_BYTES, BULK_BLOCKS,
 };
 
 /// A block whose data does not match its checksum: a media error. Never hidden.

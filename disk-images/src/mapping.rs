@@ -9,6 +9,10 @@
 //!
 //! What this module must never do: return a reference into the mapping that
 //! outlives the call that created it.
+//!
+//! It also holds the one page-cache control the standard library and `nix` do
+//! not wrap, `sync_file_range` ([`start_writeback`], [`write_back`]), for the
+//! same reason: it is a foreign call, and all of the crate's `unsafe` is here.
 
 use std::fs::File;
 use std::io;
@@ -259,13 +263,102 @@ impl SharedMapping {
             .map_err(u64::from_le)
     }
 
-    /// Makes `[offset, offset+len)` durable (msync `MS_SYNC`).
+    /// Atomically adds `delta` to the little-endian `u64` at `offset`; returns
+    /// the value before.
+    pub fn fetch_add_u64_le(&self, offset: usize, delta: u64) -> u64 {
+        assert!(self.writable, "write to a read-only mapping");
+        let word = self.atomic_u64(offset);
+        let mut current = word.load(Ordering::Relaxed);
+        loop {
+            let new = u64::from_le(current).wrapping_add(delta).to_le();
+            match word.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(before) => return u64::from_le(before),
+                Err(found) => current = found,
+            }
+        }
+    }
+
+    /// Atomically raises the little-endian `u64` at `offset` to `value` if it
+    /// is lower (a maximum that several processes advance).
+    pub fn raise_u64_le(&self, offset: usize, value: u64) {
+        assert!(self.writable, "write to a read-only mapping");
+        let word = self.atomic_u64(offset);
+        let mut current = word.load(Ordering::Relaxed);
+        while u64::from_le(current) < value {
+            match word.compare_exchange_weak(
+                current,
+                value.to_le(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(found) => current = found,
+            }
+        }
+    }
+
+    /// Tells the kernel that this mapping is accessed at random: a page fault
+    /// reads in just its page, with no read-ahead (`MADV_RANDOM`). Pages read
+    /// in that way enter the page cache as single 4 KiB pages, not large
+    /// folios (see `DiskImage`'s notes on write-back).
+    pub fn advise_random(&self) -> io::Result<()> {
+        self.map.advise(memmap2::Advice::Random)
+    }
+
+    /// Makes `[offset, offset+len)` durable: `msync(MS_SYNC)`, which Linux
+    /// carries out as `fdatasync` of the file's range under the mapping
+    /// (`vfs_fsync_range`): the range's dirty pages, however they were
+    /// dirtied, the metadata needed to read them back, and a flush of the
+    /// device's write cache.
     pub fn flush_range(&self, offset: usize, len: usize) -> io::Result<()> {
         self.check_range(offset, len);
         if !self.writable || len == 0 {
             return Ok(());
         }
         self.map.flush_range(offset, len)
+    }
+}
+
+/// Starts writing back the dirty pages of `file` in `[offset, offset+len)`
+/// (`len == 0`: to the end of the file) and returns without waiting:
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`. Durability still needs an
+/// `fdatasync` (or [`SharedMapping::flush_range`]) afterwards; starting several
+/// files' write-back first lets their writes reach the device together instead
+/// of one file after the other.
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    sync_file_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE)
+}
+
+/// Writes back the dirty pages of `file` in `[offset, offset+len)` and waits
+/// until the device has them: `sync_file_range` with `WAIT_BEFORE`, `WRITE`
+/// and `WAIT_AFTER`. Not durable by itself: no metadata is written and the
+/// device's write cache is not flushed.
+pub fn write_back(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    sync_file_range(
+        file,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    )
+}
+
+fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "write-back range beyond the largest file offset",
+        ));
+    };
+    // SAFETY: a plain system call on a file descriptor that `file` keeps open
+    // for the duration of the call; it takes no pointers.
+    let result = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

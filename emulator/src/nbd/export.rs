@@ -31,6 +31,9 @@ pub enum DeviceError {
     /// The range is outside the device.
     #[error("range outside the device")]
     OutOfRange,
+    /// The host file system under the images is full.
+    #[error("{0}")]
+    NoSpace(String),
     /// Anything else from the operating system.
     #[error("{0}")]
     Io(String),
@@ -43,6 +46,7 @@ impl DeviceError {
             Self::Media { .. } | Self::Io(_) => errno::EIO,
             Self::ReadOnly => errno::EPERM,
             Self::OutOfRange => errno::EINVAL,
+            Self::NoSpace(_) => errno::ENOSPC,
         }
     }
 }
@@ -56,6 +60,11 @@ impl From<ImageError> for DeviceError {
             },
             ImageError::ReadOnly { .. } => Self::ReadOnly,
             ImageError::OutOfRange { .. } => Self::OutOfRange,
+            ImageError::Io { ref source, .. }
+                if source.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                Self::NoSpace(err.to_string())
+            }
             other => Self::Io(other.to_string()),
         }
     }
@@ -299,6 +308,10 @@ impl From<RaidError> for DeviceError {
                 offset,
                 message: detail,
             },
+            RaidError::Member {
+                source: ImageError::Io { ref source, .. },
+                ..
+            } if source.kind() == std::io::ErrorKind::StorageFull => Self::NoSpace(err.to_string()),
             other => Self::Io(other.to_string()),
         }
     }
