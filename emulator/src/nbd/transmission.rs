@@ -16,7 +16,9 @@
 //!   need) run large reads and writes, FLUSH and the flush of FUA writes, so
 //!   that receiving the next write payload overlaps copying the previous one
 //!   into the image, and several large requests use every core. Their replies
-//!   may complete out of order.
+//!   may complete out of order. A FLUSH with nothing else in flight and no
+//!   further request received runs in place instead: the client is waiting
+//!   for it, and handing it to a worker would only add a wake-up to its wait.
 //! - Replies are sent without blocking by whichever thread made them; what the
 //!   socket does not take at once is queued for the **reply thread**, which is
 //!   the only one ever to block on writing. So writing never stops reading: a
@@ -370,6 +372,11 @@ impl<'a> Jobs<'a> {
             ready: Condvar::new(),
             freed: Condvar::new(),
         }
+    }
+
+    /// Whether no job is queued or running.
+    fn is_idle(&self) -> bool {
+        lock(&self.state).in_flight == 0
     }
 
     /// Queues `job` once there is room for it; `true` if no idle worker is
@@ -802,6 +809,11 @@ impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
             cmd::BLOCK_STATUS => {
                 block_status_reply(out, session, &request);
                 return Ok(());
+            }
+            cmd::FLUSH if requests.buffered().is_empty() && self.jobs.is_idle() => {
+                // Nothing else to do until the client sends more: a wake-up
+                // of a worker would only add to its wait.
+                device.flush()
             }
             cmd::FLUSH => {
                 self.offload(0, move || {
