@@ -57,6 +57,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -72,6 +73,12 @@ use crate::{ImageError, MediaError};
 
 /// Bytes per checksummed block, as a `usize` for slicing.
 pub const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
+/// A process whose flushes come at most this many host writes apart starts
+/// each write's write-back at once ([`Stores::File`]): measured on ext4 over
+/// NBD, +6% at one write per FLUSH and +10–40% for 1 MiB writes with a FLUSH
+/// every 4, against nothing to gain (and two system calls per write to pay)
+/// when flushes are rare.
+const EAGER_WRITEBACK_WRITES: u64 = 4;
 /// How many zero bytes one `pwrite` of [`DiskImage::write_zeroes`] takes from.
 const ZERO_BUFFER_BYTES: usize = 64 * 1024;
 /// Number of lock stripes; block `b` is guarded by stripe
@@ -331,6 +338,11 @@ pub struct DiskImage {
     stores: Stores,
     /// How a flush makes CRC entries durable.
     crc_sync: CrcSync,
+    /// Host writes by this process since its last flush, and whether that
+    /// flush came within [`EAGER_WRITEBACK_WRITES`] of the one before (see
+    /// [`Self::maybe_start_writeback`]).
+    writes_since_flush: AtomicU64,
+    flushes_often: AtomicBool,
     data: SharedMapping,
     crcs: SharedMapping,
     size: u64,
@@ -614,6 +626,8 @@ impl DiskImage {
             crc_file,
             stores,
             crc_sync,
+            writes_since_flush: AtomicU64::new(0),
+            flushes_often: AtomicBool::new(false),
             data,
             crcs,
             size,
@@ -1129,7 +1143,26 @@ impl DiskImage {
         let result = write();
         // Counted even when it failed part-way: some blocks may have changed.
         self.note_write();
+        self.maybe_start_writeback(offset, data.len() as u64);
         result
+    }
+
+    /// When flushes come every few writes (a host syncing each journal commit
+    /// or `fsync`), starts writing back what a write just stored, so that the
+    /// flush the host is about to send finds it on its way to the device
+    /// already. Otherwise pages are left to the flush or the kernel: a write
+    /// that is not followed by a flush soon may be written again before it is
+    /// needed on disk, and starting its write-back costs two system calls.
+    fn maybe_start_writeback(&self, offset: u64, len: u64) {
+        if self.stores != Stores::File || len == 0 {
+            return;
+        }
+        let writes = self.writes_since_flush.fetch_add(1, Ordering::Relaxed);
+        if writes < EAGER_WRITEBACK_WRITES && self.flushes_often.load(Ordering::Relaxed) {
+            let (crc_offset, crc_len) = self.crc_entries(offset, len);
+            let _ = start_writeback(&self.data_file, offset, len);
+            let _ = start_writeback(&self.crc_file, crc_offset, crc_len);
+        }
     }
 
     /// Writes `chunk` at `position`, inside one block and not all of it: the
@@ -1568,6 +1601,9 @@ impl DiskImage {
         if !self.is_writable() {
             return None;
         }
+        let writes = self.writes_since_flush.swap(0, Ordering::Relaxed);
+        self.flushes_often
+            .store(writes <= EAGER_WRITEBACK_WRITES, Ordering::Relaxed);
         let shared = self.block_locks.shared.as_ref();
         let writes = shared.map(CrossLocks::writes);
         if let (Some(shared), Some(writes)) = (shared, writes) {

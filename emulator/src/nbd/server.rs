@@ -383,6 +383,21 @@ impl Read for &Socket {
             Socket::Unix(stream) => (&*stream).read(buf),
         }
     }
+
+    /// Fills `buf` (the rest of a write's payload) with blocking receives that
+    /// wait for all of it (`MSG_WAITALL`): one call per payload instead of a
+    /// poll and a receive per segment that arrives (over TCP, tens per MiB).
+    fn read_exact(&mut self, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match recv(self.as_fd().as_raw_fd(), buf, MsgFlags::MSG_WAITALL) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(count) => buf = &mut buf[count..],
+                Err(Errno::EINTR) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ReplyWriter for Socket {
