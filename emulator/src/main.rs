@@ -692,6 +692,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let listener = Listener::bind(&address).await?;
+        // One line on stdout for people and scripts: with port 0 it names the
+        // port the system chose.
+        println!("listening on {}", listener.local_address());
+        std::io::Write::flush(&mut std::io::stdout())?;
         for export in exports.current().iter() {
             tracing::info!(
                 export = %export.name,

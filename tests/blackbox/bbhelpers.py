@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import selectors
 import signal
 import socket
 import struct
@@ -150,12 +151,6 @@ def stored_crc(path: Path, block: int) -> int:
 # Server processes
 
 
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     image: Path
@@ -190,9 +185,9 @@ class Server:
                 self.socket_path = self.workdir / f"nbd{Server._counter}.sock"
             args += ["--socket", str(self.socket_path)]
         else:
-            if self.port is None:
-                self.port = free_tcp_port()
-            args += ["--listen", f"127.0.0.1:{self.port}"]
+            # Port 0 the first time: the server binds a port the system chose and
+            # names it on stdout (no bind-release-rebind race); a restart reuses it.
+            args += ["--listen", f"127.0.0.1:{self.port or 0}"]
         return args + list(self.extra)
 
     def start(self, wait: bool = True) -> "Server":
@@ -204,7 +199,7 @@ class Server:
             env.update(self.env)
         stderr = self.stderr_fd if self.stderr_fd is not None else open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
+            self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env
         )
         if self.stderr_fd is None:
             stderr.close()
@@ -235,7 +230,36 @@ class Server:
         finally:
             s.close()
 
+    def listening_line(self) -> str:
+        """The server's "listening on ADDRESS" line from its stdout (bounded wait).
+        The pipe stays open: the server may print again."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        line = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    raise AssertionError(f"server printed no listening line in time\n{self.log()}")
+                byte = os.read(self.proc.stdout.fileno(), 1)
+                if not byte:
+                    raise AssertionError(
+                        f"server exited early with {self.proc.wait()}\n{self.log()}"
+                    )
+                line += byte
+        text = line.decode()
+        assert text.startswith("listening on "), text
+        return text[len("listening on "):].strip()
+
+    def learn_address(self):
+        """Reads the listening line; for TCP, the port the server bound."""
+        address = self.listening_line()
+        if self.transport == "tcp":
+            self.port = int(address.rsplit(":", 1)[1])
+
     def wait_ready(self):
+        self.learn_address()
+
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(

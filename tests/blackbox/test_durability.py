@@ -225,6 +225,7 @@ def test_signal_right_after_ready_exits_zero(serve, tmp_path, transport, sig):
 
     drainer = threading.Thread(target=drain, daemon=True)
     try:
+        server.learn_address()
         wait_until(server.connectable, 15, "the server to accept connections")
         server.signal(sig)
         drainer.start()  # now let the server get on with it
