@@ -8,6 +8,8 @@ LISTEN ?= 127.0.0.1:10809
 EMULATOR := $(or $(CARGO_TARGET_DIR),target)/release/emulator
 PYTHON := /usr/bin/python3
 FUZZ_SECONDS ?= 20
+# Seconds any one black-box test may take before pytest-timeout fails it.
+BLACKBOX_TEST_TIMEOUT ?= 300
 
 .PHONY: run build test deps lint unit blackbox linux-host fuzz bench bench-nbd bench-controllers clean
 
@@ -44,7 +46,7 @@ unit:
 	$(CARGO) test --workspace --locked
 
 blackbox: build
-	EMULATOR_BIN=$(abspath $(EMULATOR)) $(PYTHON) -m pytest -q tests/blackbox
+	EMULATOR_BIN=$(abspath $(EMULATOR)) $(PYTHON) -m pytest -q --timeout=$(BLACKBOX_TEST_TIMEOUT) tests/blackbox
 
 linux-host: build
 	EMULATOR=$(abspath $(EMULATOR)) scripts/linux-host-test.sh

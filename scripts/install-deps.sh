@@ -20,6 +20,7 @@ for tool in "${!need[@]}"; do
 done
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
 /usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || missing+=(python3-pytest)
+/usr/bin/python3 -c 'import pytest_timeout' >/dev/null 2>&1 || missing+=(python3-pytest-timeout)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
