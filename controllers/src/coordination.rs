@@ -160,9 +160,10 @@ pub enum PartitionState {
     Complete,
 }
 
-/// Counters a partition's work reports.
+/// The counts of what a partition's work found ([`crate::findings::Findings`]
+/// holds the rest), kept in its slot of the coordination object.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Findings {
+pub struct FindingCounts {
     /// Units checked.
     pub checked: u64,
     /// Errors found.
@@ -193,7 +194,7 @@ pub struct PartitionView {
     /// Bytes done (resume point).
     pub progress_bytes: u64,
     /// What its work found.
-    pub findings: Findings,
+    pub findings: FindingCounts,
 }
 
 /// A controller's hold on a partition. Not `Clone`: one owner, one claim.
@@ -531,7 +532,7 @@ impl TaskFile {
             start,
             length,
             progress_bytes: self.map.load_u64_le(slot + 8).min(length),
-            findings: Findings {
+            findings: FindingCounts {
                 checked: self.map.load_u64_le(slot + 16),
                 errors: self.map.load_u64_le(slot + 24),
                 repaired: self.map.load_u64_le(slot + 32),
@@ -643,7 +644,7 @@ impl TaskFile {
     }
 
     /// Marks the partition COMPLETE with what its work found.
-    pub fn complete(&self, claim: Claim, findings: Findings) -> Result<(), CoordinationError> {
+    pub fn complete(&self, claim: Claim, findings: FindingCounts) -> Result<(), CoordinationError> {
         let slot = self.slot(claim.partition);
         self.check_held(&claim)?;
         self.map.store_u64_le(slot + 8, claim.length);
@@ -747,10 +748,10 @@ impl TaskFile {
     }
 
     /// Sum of every partition's findings.
-    pub fn findings(&self) -> Findings {
+    pub fn findings(&self) -> FindingCounts {
         self.partitions()
             .iter()
-            .fold(Findings::default(), |sum, p| Findings {
+            .fold(FindingCounts::default(), |sum, p| FindingCounts {
                 checked: sum.checked + p.findings.checked,
                 errors: sum.errors + p.findings.errors,
                 repaired: sum.repaired + p.findings.repaired,

@@ -6,16 +6,18 @@
 //! with cross-process stripe locks and crash recovery ([`live`]), and the journal
 //! that closes the RAID-5/6 write hole for a process dying mid-write on a degraded
 //! array ([`journal`]); the task coordination object through which controllers
-//! split rebuild and scrub into partitions and claim them ([`coordination`]); and
-//! the work of one partition ([`work`]).
+//! split rebuild and scrub into partitions and claim them ([`coordination`]); the
+//! work of one partition ([`work`]) and what it finds ([`findings`]).
 //!
 //! This crate sits on `disk-images` and never depends on the emulator's
 //! processes or protocols.
 
 pub mod array;
 pub mod coordination;
+pub mod findings;
 pub mod journal;
 pub mod live;
 pub mod pq;
 pub mod raid;
+pub mod volume;
 pub mod work;

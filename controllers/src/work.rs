@@ -11,8 +11,8 @@
 
 use std::sync::Arc;
 
+use crate::findings::Findings;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
-use serde::Serialize;
 
 use crate::pq::{self, Role};
 use crate::raid::{
@@ -21,21 +21,6 @@ use crate::raid::{
 
 /// Bytes handled between progress reports.
 pub const STEP_BYTES: u64 = 1024 * 1024;
-
-/// What scrubbing a range found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ScrubFindings {
-    /// Block rows checked.
-    pub rows_checked: u64,
-    /// Member blocks whose CRC did not match.
-    pub checksum_errors: u64,
-    /// Rows whose parity (RAID-5) or mirror copies (RAID-1) disagree.
-    pub parity_mismatches: u64,
-    /// Blocks rewritten from redundancy.
-    pub repaired: u64,
-    /// Array byte offsets of data that could not be recovered.
-    pub unrecoverable: Vec<u64>,
-}
 
 /// Why work on a range stopped.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +188,7 @@ impl Units {
         members: &Members,
         offset: u64,
         len: u64,
-        findings: &mut ScrubFindings,
+        findings: &mut Findings,
     ) -> Result<bool, WorkError> {
         if !self.read(members, |i| members.readable[i], offset, len)? {
             return Ok(false);
@@ -384,7 +369,7 @@ struct Reporter<F> {
     progress: F,
 }
 
-impl<F: FnMut(u64, &ScrubFindings) -> bool> Reporter<F> {
+impl<F: FnMut(u64, &Findings) -> bool> Reporter<F> {
     fn new(start: u64, progress: F) -> Self {
         Self {
             start,
@@ -394,7 +379,7 @@ impl<F: FnMut(u64, &ScrubFindings) -> bool> Reporter<F> {
     }
 
     /// Called with no lock held (the callback may sleep to pace the work).
-    fn after(&mut self, offset: u64, so_far: &ScrubFindings) -> Result<(), WorkError> {
+    fn after(&mut self, offset: u64, so_far: &Findings) -> Result<(), WorkError> {
         if offset >= self.next {
             self.next = offset + STEP_BYTES;
             if !(self.progress)(offset - self.start, so_far) {
@@ -418,10 +403,10 @@ pub fn scrub_range(
     start: u64,
     len: u64,
     repair: bool,
-    progress: impl FnMut(u64, &ScrubFindings) -> bool,
-) -> Result<ScrubFindings, WorkError> {
+    progress: impl FnMut(u64, &Findings) -> bool,
+) -> Result<Findings, WorkError> {
     let geometry = engine.geometry();
-    let mut findings = ScrubFindings::default();
+    let mut findings = Findings::default();
     let mut units = Units::new(geometry.disks);
     let mut reporter = Reporter::new(start, progress);
     for (stripe, offset, unit) in pieces(&geometry, start, len) {
@@ -447,7 +432,7 @@ fn scrub_blocks(
     start: u64,
     len: u64,
     repair: bool,
-    findings: &mut ScrubFindings,
+    findings: &mut Findings,
 ) -> Result<(), WorkError> {
     let disks = members.geometry.disks;
     let mut blocks = vec![vec![0u8; BLOCK_BYTES]; disks];
@@ -536,7 +521,7 @@ fn scrub_raid6_row(
     bad: &[usize],
     offset: u64,
     repair: bool,
-    findings: &mut ScrubFindings,
+    findings: &mut Findings,
 ) -> Result<(), WorkError> {
     let g = &members.geometry;
     let stripe = offset / g.chunk_bytes;
@@ -579,20 +564,21 @@ fn scrub_raid6_row(
 /// Rebuilds member `target`'s offsets `[start, start+len)` from the other
 /// members, while hosts keep using the array: each piece under its stripe's
 /// exclusive lock (host writes to the stripe go to the target too, so once a
-/// stripe is rebuilt it stays current). Returns the array offsets that could not
-/// be reconstructed (a source block failed its CRC too); those blocks of the
-/// target are marked unreadable (see `rebuild_blocks`). Stops with [`WorkError::TargetChanged`] if `target` is no
+/// stripe is rebuilt it stays current). Returns the blocks rebuilt and the
+/// array offsets that could not be reconstructed (a source block failed its CRC
+/// too); those blocks of the target are marked unreadable (see
+/// `rebuild_blocks`). Stops with [`WorkError::TargetChanged`] if `target` is no
 /// longer the member being rebuilt.
 pub fn rebuild_range(
     engine: &RaidEngine,
     target: usize,
     start: u64,
     len: u64,
-    progress: impl FnMut(u64, &ScrubFindings) -> bool,
-) -> Result<Vec<u64>, WorkError> {
+    progress: impl FnMut(u64, &Findings) -> bool,
+) -> Result<Findings, WorkError> {
     let geometry = engine.geometry();
     // Only `unrecoverable` is used: what `progress` sees so far.
-    let mut found = ScrubFindings::default();
+    let mut found = Findings::default();
     let mut units = Units::new(geometry.disks);
     let mut reporter = Reporter::new(start, progress);
     // The image being rebuilt, as at the start: if the disk is failed and
@@ -618,7 +604,8 @@ pub fn rebuild_range(
         }
         reporter.after(offset + unit, &found)?;
     }
-    Ok(found.unrecoverable)
+    found.rows_checked = len / BLOCK_BYTES as u64;
+    Ok(found)
 }
 
 /// Block-by-block rebuild: the slow path that finds which blocks cannot be

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use controllers::coordination::{
-    Claim, CoordinationError, Findings, Operation, PartitionState, TaskFile, TaskSpec,
+    Claim, CoordinationError, FindingCounts, Operation, PartitionState, TaskFile, TaskSpec,
 };
 use proptest::prelude::*;
 
@@ -114,7 +114,7 @@ proptest! {
                     if let Some((id, claim)) = held[c as usize].pop() {
                         let partition = claim.partition;
                         let should = current(&model, partition, id);
-                        let result = files[c as usize].complete(claim, Findings { checked: 1, ..Findings::default() });
+                        let result = files[c as usize].complete(claim, FindingCounts { checked: 1, ..FindingCounts::default() });
                         prop_assert_eq!(result.is_ok(), should, "{:?}", result);
                         if should {
                             model[partition as usize] = Model::Complete;
@@ -149,7 +149,7 @@ proptest! {
         while let Some(claim) = files[1].claim_next(1, now, LEASE_MS) {
             prop_assert!(model[claim.partition as usize] != Model::Complete, "completed work handed out again");
             model[claim.partition as usize] = Model::Complete;
-            files[1].complete(claim, Findings { checked: 1, ..Findings::default() }).expect("survivor completes");
+            files[1].complete(claim, FindingCounts { checked: 1, ..FindingCounts::default() }).expect("survivor completes");
         }
         prop_assert!(files[0].all_complete());
         prop_assert_eq!(files[0].findings().checked, 6, "each partition's findings counted once");
@@ -173,7 +173,8 @@ fn threads_racing_on_separate_mappings_complete_each_partition_once() {
                     file.renew(&mut claim, 1, 1_000_000, 60_000)
                         .expect("still ours");
                     completions[claim.partition as usize].fetch_add(1, Ordering::SeqCst);
-                    file.complete(claim, Findings::default()).expect("complete");
+                    file.complete(claim, FindingCounts::default())
+                        .expect("complete");
                     done += 1;
                 }
                 done
@@ -200,7 +201,8 @@ fn a_dead_owners_partition_is_resumed_from_its_progress() {
         .claim_next(1, 1_000_200, LEASE_MS)
         .expect("b claims the other");
     assert_ne!(other.partition, claim.partition);
-    b.complete(other, Findings::default()).expect("b completes");
+    b.complete(other, FindingCounts::default())
+        .expect("b completes");
     // a dies; before its lease runs out b finds nothing to do...
     assert!(b.claim_next(1, 1_000_200, LEASE_MS).is_none());
     // ...after, b takes the partition over where a left it.
@@ -216,10 +218,11 @@ fn a_dead_owners_partition_is_resumed_from_its_progress() {
         Err(CoordinationError::Lost { .. })
     ));
     assert!(matches!(
-        a.complete(claim, Findings::default()),
+        a.complete(claim, FindingCounts::default()),
         Err(CoordinationError::Lost { .. })
     ));
-    b.complete(taken, Findings::default()).expect("b completes");
+    b.complete(taken, FindingCounts::default())
+        .expect("b completes");
     assert!(b.begin_completion(1));
     b.finish_completion();
     assert!(a.completion_done());
@@ -233,9 +236,9 @@ fn a_task_survives_both_controllers_restarting() {
         let claim = file.claim_next(0, 1_000_000, LEASE_MS).expect("claim");
         file.complete(
             claim,
-            Findings {
+            FindingCounts {
                 errors: 2,
-                ..Findings::default()
+                ..FindingCounts::default()
             },
         )
         .expect("complete");

@@ -96,7 +96,8 @@ fn rebuild_restores_a_member_exactly() {
             steps += 1;
             true
         })
-        .expect("rebuild");
+        .expect("rebuild")
+        .unrecoverable;
         assert!(lost.is_empty(), "{lost:?}");
         assert_eq!(steps, 1, "progress once per MiB");
         let mut after = vec![0u8; DISK as usize];
@@ -133,7 +134,9 @@ fn unrecoverable_blocks_are_named_by_array_offset() {
     );
     array.replace(0).expect("replace");
     let engine = array.engine().clone();
-    let lost = rebuild_range(&engine, 0, 0, 4096, |_, _| true).expect("rebuild");
+    let lost = rebuild_range(&engine, 0, 0, 4096, |_, _| true)
+        .expect("rebuild")
+        .unrecoverable;
     assert_eq!(
         lost,
         vec![0, 16 * 1024],
@@ -226,7 +229,8 @@ mod model {
                         SMALL_DISK / 4,
                         |_, _| true,
                     )
-                    .expect("rebuild");
+                    .expect("rebuild")
+                    .unrecoverable;
                     prop_assert!(lost.is_empty());
                     rebuilt_to += SMALL_DISK / 4;
                 }
@@ -289,7 +293,9 @@ fn a_block_a_host_wrote_to_the_disk_being_rebuilt_is_kept_when_its_row_cannot_be
     // Then member 1's block in that row goes bad.
     let path = array.dir().join(&array.metadata().members[1].file);
     poke(&path, 100, b"!!");
-    let lost = rebuild_range(&engine, 0, 0, DISK, |_, _| true).expect("rebuild");
+    let lost = rebuild_range(&engine, 0, 0, DISK, |_, _| true)
+        .expect("rebuild")
+        .unrecoverable;
     assert!(
         lost.is_empty(),
         "the host's block is current, nothing is lost: {lost:?}"
@@ -327,7 +333,9 @@ fn raid6_with_two_members_missing_journals_large_writes_and_rebuilds() {
     for disk in [1, 2] {
         array.replace(disk).expect("replace");
         let engine = array.engine().clone();
-        let lost = rebuild_range(&engine, disk, 0, 4 << 20, |_, _| true).expect("rebuild");
+        let lost = rebuild_range(&engine, disk, 0, 4 << 20, |_, _| true)
+            .expect("rebuild")
+            .unrecoverable;
         assert!(lost.is_empty(), "{lost:?}");
         array.finish_rebuild(disk).expect("finish");
     }

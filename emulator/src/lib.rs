@@ -1,9 +1,11 @@
-//! The emulator: everything above the disks and arrays. Today that is the NBD
-//! server that exports disk images and array volumes to real clients, the
-//! controller processes that split rebuild and scrub ([`tasks`]), and the
-//! command line. The processes of the management plane (driver, agents,
-//! servers), the HTTP API and the scenario runner will live here too (see `ARCHITECTURE.md`).
+//! The emulator: everything above the disks and arrays, one module per role.
+//! Today that is the NBD server that exports disk images and array volumes to
+//! real clients ([`nbd`]), the controller processes that split rebuild and
+//! scrub ([`controller`]), and the command line ([`cli`]). The processes of the
+//! management plane (supervisor, driver, agents, servers), their persistent
+//! data, the HTTP API and the scenario runner will each get a module here too
+//! (see `ARCHITECTURE.md`).
 
+pub mod cli;
+pub mod controller;
 pub mod nbd;
-pub mod tasks;
-pub mod units;

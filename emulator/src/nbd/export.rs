@@ -3,12 +3,11 @@
 //! and the [`Catalog`] a server takes its exports from: fixed, or following an
 //! array whose volumes are created and deleted while it serves.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use controllers::array::{read_metadata, VolumeRecord};
+use controllers::array::VolumeRecord;
 use controllers::raid::{RaidEngine, RaidError};
+use controllers::volume::{Volume, VolumeError, Volumes};
 use disk_images::{DiskImage, Extent, ImageError};
 use parking_lot::Mutex;
 
@@ -184,118 +183,42 @@ impl ExportSet {
     }
 }
 
-/// The volumes of one array as this process knows them, re-read from
-/// `array.json` whenever the array's live generation moves (another process
-/// created or deleted a volume, or changed a member).
+/// The export of volume `record` of the array behind `volumes`.
+pub fn volume_export(volumes: &Arc<Volumes>, record: &VolumeRecord) -> Export {
+    Export {
+        description: format!(
+            "volume {} of array {} ({} bytes)",
+            record.name,
+            volumes.dir().display(),
+            record.size
+        ),
+        name: record.name.clone(),
+        device: Arc::new(ArrayVolume(volumes.volume(record.clone()))),
+        read_only: false,
+    }
+}
+
+/// A volume of a RAID array, served as a block device (see
+/// [`controllers::volume::Volume`] for how its I/O is mapped, and refused once
+/// it is deleted).
 #[derive(Debug)]
-pub struct ArrayVolumes {
-    dir: PathBuf,
-    engine: Arc<RaidEngine>,
-    known: Mutex<(u64, Vec<VolumeRecord>)>,
-}
-
-impl ArrayVolumes {
-    /// The volumes of the array in `dir` served through `engine`, read from
-    /// `array.json` on first use.
-    pub fn new(dir: &Path, engine: Arc<RaidEngine>) -> Arc<Self> {
-        Arc::new(Self {
-            dir: dir.to_path_buf(),
-            engine,
-            // No generation is u64::MAX: the first `current` reads the file.
-            known: Mutex::new((u64::MAX, Vec::new())),
-        })
-    }
-
-    /// The live generation now (one atomic load).
-    fn generation(&self) -> u64 {
-        self.engine.live().map_or(0, |live| live.generation())
-    }
-
-    /// The array's volumes now, and the generation they were read at.
-    pub fn current(&self) -> Result<(u64, Vec<VolumeRecord>), DeviceError> {
-        let generation = self.generation();
-        let mut known = self.known.lock();
-        if known.0 != generation {
-            // Generation first: a change racing with this read bumps it again.
-            let metadata =
-                read_metadata(&self.dir).map_err(|err| DeviceError::Io(err.to_string()))?;
-            *known = (generation, metadata.volumes);
-        }
-        Ok(known.clone())
-    }
-
-    /// The export of `volume`.
-    pub fn export(self: &Arc<Self>, volume: &VolumeRecord) -> Export {
-        Export {
-            description: format!(
-                "volume {} of array {} ({} bytes)",
-                volume.name,
-                self.dir.display(),
-                volume.size
-            ),
-            name: volume.name.clone(),
-            device: Arc::new(ArrayVolume::new(Arc::clone(self), volume.clone())),
-            read_only: false,
-        }
-    }
-}
-
-/// A volume of a RAID array, served as a block device: `size` bytes starting at
-/// `offset` in the array's data space. Before each operation it checks, with one
-/// atomic load, that the array's configuration has not changed since it last
-/// looked; if it has, that the volume still exists as it was. A deleted volume
-/// answers every later operation with an error (its space may already belong to
-/// a new volume); an operation already under way when it is deleted finishes.
-#[derive(Debug)]
-pub struct ArrayVolume {
-    volumes: Arc<ArrayVolumes>,
-    record: VolumeRecord,
-    checked_at: AtomicU64,
-    deleted: AtomicBool,
-}
+pub struct ArrayVolume(Volume);
 
 impl ArrayVolume {
-    /// Volume `record` of the array behind `volumes`.
-    pub fn new(volumes: Arc<ArrayVolumes>, record: VolumeRecord) -> Self {
-        let checked_at = volumes.known.lock().0;
-        Self {
-            volumes,
-            record,
-            checked_at: AtomicU64::new(checked_at),
-            deleted: AtomicBool::new(false),
-        }
-    }
-
     fn engine(&self) -> &RaidEngine {
-        &self.volumes.engine
-    }
-
-    /// Fails once the volume has been deleted (or changed) in `array.json`.
-    fn check_exists(&self) -> Result<(), DeviceError> {
-        let gone = || DeviceError::Io(format!("volume {} was deleted", self.record.name));
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(gone());
-        }
-        if self.checked_at.load(Ordering::Acquire) == self.volumes.generation() {
-            return Ok(());
-        }
-        let (generation, volumes) = self.volumes.current()?;
-        if volumes.contains(&self.record) {
-            self.checked_at.store(generation, Ordering::Release);
-            Ok(())
-        } else {
-            if !self.deleted.swap(true, Ordering::AcqRel) {
-                tracing::warn!(volume = %self.record.name, "volume deleted while served; refusing its I/O");
-            }
-            Err(gone())
-        }
+        self.0.engine()
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<u64, DeviceError> {
-        self.check_exists()?;
-        match offset.checked_add(len) {
-            Some(end) if end <= self.record.size => Ok(self.record.offset + offset),
-            _ => Err(DeviceError::OutOfRange),
+        self.0.map(offset, len).map_err(DeviceError::from)
+    }
+}
+
+impl From<VolumeError> for DeviceError {
+    fn from(err: VolumeError) -> Self {
+        match err {
+            VolumeError::OutOfRange { .. } => Self::OutOfRange,
+            other => Self::Io(other.to_string()),
         }
     }
 }
@@ -319,7 +242,7 @@ impl From<RaidError> for DeviceError {
 
 impl BlockDevice for ArrayVolume {
     fn size(&self) -> u64 {
-        self.record.size
+        self.0.record().size
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let at = self.map(offset, buf.len() as u64)?;
@@ -331,7 +254,7 @@ impl BlockDevice for ArrayVolume {
                     offset: array_offset,
                     message,
                 } => DeviceError::Media {
-                    offset: array_offset.saturating_sub(self.record.offset),
+                    offset: array_offset.saturating_sub(self.0.record().offset),
                     message,
                 },
                 other => other,
@@ -387,7 +310,7 @@ enum Source {
 
 #[derive(Debug)]
 struct ArrayCatalog {
-    volumes: Arc<ArrayVolumes>,
+    volumes: Arc<Volumes>,
     /// The generation the exports were built at, and each volume's export,
     /// reused while the volume does not change.
     last: Mutex<(u64, Vec<Served>)>,
@@ -405,7 +328,7 @@ impl Catalog {
     }
 
     /// The volumes of an array, as they are when each client connects.
-    pub fn array(volumes: Arc<ArrayVolumes>) -> Self {
+    pub fn array(volumes: Arc<Volumes>) -> Self {
         Self {
             source: Source::Array(Arc::new(ArrayCatalog {
                 volumes,
@@ -433,7 +356,7 @@ impl Catalog {
                             .iter()
                             .find(|(known, _)| *known == volume)
                             .map(|(_, export)| Arc::clone(export))
-                            .unwrap_or_else(|| Arc::new(catalog.volumes.export(&volume)));
+                            .unwrap_or_else(|| Arc::new(volume_export(&catalog.volumes, &volume)));
                         (volume, export)
                     })
                     .collect();

@@ -1,4 +1,5 @@
-//! Parsing of human sizes such as `1GiB` or `256MiB` for the command line.
+//! Sizes for people: parsing `1GiB` or `256MiB` from the command line, and
+//! showing byte counts as `1.0 GiB`.
 
 /// Parses a size: a whole number of bytes, optionally followed by a binary unit
 /// (`K`, `KiB`, `M`, `MiB`, `G`, `GiB`, `T`, `TiB`; case-insensitive; `B` alone
@@ -39,9 +40,29 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// `bytes` in the largest binary unit that keeps the number at 1 or more,
+/// with one decimal: `1.5 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{human, parse_size};
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512.0 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(1 << 30), "1.0 GiB");
+    }
 
     #[test]
     fn sizes() {

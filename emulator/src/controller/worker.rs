@@ -1,0 +1,270 @@
+//! One controller's share of a task: claim a partition, work through it in
+//! 1 MiB steps (renewing the claim's lease, saving what it found, obeying the
+//! operator's pause, cancel and rate limit), make what it wrote durable, mark it
+//! COMPLETE, and go on until no partition is left for it. The initiator then
+//! runs the completion actions ([`super::completion`]).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use controllers::array::Array;
+use controllers::coordination::{Control, TaskFile};
+use controllers::findings::Findings;
+use controllers::work::{rebuild_range, scrub_range, WorkError};
+
+use super::completion::complete_task;
+use super::files::{
+    found_before, found_path, now_ms, open_running_lock, partition_findings_path, remove_task,
+    running_path, task_path, write_atomically, FoundSoFar,
+};
+use super::{ControllerError, TaskKind};
+
+/// Paces one controller's work to its share of the task's rate limit, which an
+/// operator may change while the task runs (read from the coordination object
+/// at every step).
+struct Pacer {
+    last: Instant,
+}
+
+impl Pacer {
+    /// Waits until `bytes` more are due at this controller's share of the rate,
+    /// calling `renew` at least every `renew_every` while it waits, so that a
+    /// slow rate never lets the claim's lease run out. Stops early (false) when
+    /// `renew` does.
+    fn step(
+        &mut self,
+        bytes: u64,
+        task: &TaskFile,
+        renew_every: Duration,
+        mut renew: impl FnMut() -> bool,
+    ) -> bool {
+        let now = Instant::now();
+        let Some(rate_kib_s) = task.rate_kib_s() else {
+            self.last = now;
+            return true;
+        };
+        let share = rate_kib_s as f64 * 1024.0 / task.controllers() as f64;
+        let due = self.last + Duration::from_secs_f64(bytes as f64 / share);
+        self.last = due.max(now);
+        loop {
+            let now = Instant::now();
+            if due <= now {
+                return true;
+            }
+            std::thread::sleep((due - now).min(renew_every));
+            if !renew() {
+                return false;
+            }
+        }
+    }
+}
+
+/// How often a paused controller looks at the control word again.
+const PAUSE_POLL: Duration = Duration::from_millis(50);
+
+/// One controller's share of a task: claim, work, renew, complete, until no
+/// partition is left for it. Controller 0 (the initiator) then waits for the
+/// others and runs the completion actions.
+pub fn run_controller(
+    dir: &Path,
+    kind: TaskKind,
+    id: u8,
+    lease_ms: u64,
+) -> Result<(), ControllerError> {
+    // Started by `array rebuild|scrub`, this process inherited the lock (held
+    // exclusively by that start); started some other way, it takes it shared.
+    let running = open_running_lock(dir, kind)?;
+    match running.try_lock_shared() {
+        Ok(()) | Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(err)) => {
+            return Err(ControllerError::io(running_path(dir, kind), "lock")(err))
+        }
+    }
+    let path = task_path(dir, kind);
+    let task = TaskFile::open(&path)?;
+    let array = Array::open(dir)?;
+    let engine = array.engine();
+    let spec = task.spec().clone();
+    let mut pacer = Pacer {
+        last: Instant::now(),
+    };
+    loop {
+        if task.control() == Control::Cancel {
+            tracing::info!(controller = id, "task cancelled");
+            return Ok(());
+        }
+        if let Some(target) = spec.target_disk {
+            let view = engine.view()?;
+            let file = view.images[target as usize]
+                .path()
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned());
+            if file.as_deref() != Some(spec.data_set.as_str()) {
+                return Err(ControllerError::Refused(format!(
+                    "disk {target} is no longer {} (it was failed and replaced while the \
+                     rebuild ran): run `emulator array rebuild` again",
+                    spec.data_set
+                )));
+            }
+        }
+        let Some(mut claim) = task.claim_next(id, now_ms(), lease_ms) else {
+            if id != spec.initiator || task.all_complete() {
+                break;
+            }
+            // The initiator waits for partitions others hold: they complete, or
+            // their leases run out and come back to it. Looking is a read of
+            // shared memory, so look often: the task's end is seen at once.
+            std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(1, 10)));
+            continue;
+        };
+        tracing::info!(
+            controller = id,
+            partition = claim.partition,
+            resume_from = claim.resume_from,
+            took_over = claim.took_over,
+            "claimed"
+        );
+        let start = claim.start + claim.resume_from;
+        let length = claim.length - claim.resume_from;
+        let claim_length = claim.length;
+        let mut lost = false;
+        let mut last = 0;
+        let resume_from = claim.resume_from;
+        let mut cancelled = false;
+        let base = found_before(dir, kind, claim.partition, resume_from);
+        let found_file = found_path(dir, kind, claim.partition, claim.generation());
+        let mut saved = FoundSoFar::default();
+        let progress = |done: u64, so_far: &Findings| {
+            // Rows are counted from positions, not saved: a point is saved
+            // only when something is found.
+            let found = Findings {
+                rows_checked: 0,
+                ..base.plus(so_far)
+            };
+            if saved
+                .points
+                .last()
+                .map_or(base != found, |(_, last)| *last != found)
+            {
+                saved.points.push((resume_from + done, found));
+                if let Err(err) = serde_json::to_vec(&saved)
+                    .map_err(std::io::Error::other)
+                    .and_then(|bytes| write_atomically(&found_file, &bytes))
+                {
+                    tracing::warn!(%err, file = %found_file.display(), "cannot save findings so far");
+                }
+            }
+            let mut renew = || {
+                task.renew(&mut claim, resume_from + done, now_ms(), lease_ms)
+                    .is_ok()
+            };
+            // Renewed a few times per lease while the rate limit holds us back.
+            let renew_every = Duration::from_millis((lease_ms / 4).max(1));
+            let paced = pacer.step(done - last, &task, renew_every, &mut renew);
+            lost |= !paced;
+            last = done;
+            if !paced {
+                return false;
+            }
+            loop {
+                let ok = renew();
+                lost |= !ok;
+                match task.control() {
+                    _ if !ok => return false,
+                    Control::Run => return true,
+                    Control::Cancel => {
+                        cancelled = true;
+                        return false;
+                    }
+                    // Paused: keep the lease, hold no lock, look again shortly.
+                    Control::Pause => std::thread::sleep(PAUSE_POLL),
+                }
+            }
+        };
+        let outcome = match (kind, spec.target_disk) {
+            (TaskKind::Scrub, _) => {
+                scrub_range(engine, start, length, spec.repair, progress).map(|found| Findings {
+                    // Rows before the resume point were checked by earlier claims.
+                    rows_checked: resume_from / disk_images::BLOCK_BYTES as u64
+                        + found.rows_checked,
+                    ..base.plus(&found)
+                })
+            }
+            (TaskKind::Rebuild, Some(target)) => {
+                rebuild_range(engine, target as usize, start, length, progress).map(|found| {
+                    Findings {
+                        rows_checked: claim_length / disk_images::BLOCK_BYTES as u64,
+                        ..base.plus(&found)
+                    }
+                })
+            }
+            (TaskKind::Rebuild, None) => {
+                return Err(ControllerError::Refused(
+                    "the rebuild's coordination file names no disk".into(),
+                ))
+            }
+        };
+        let found = match outcome {
+            Ok(found) => found,
+            Err(WorkError::Stopped) if lost => {
+                tracing::warn!(
+                    controller = id,
+                    partition = claim.partition,
+                    "lease lost; another controller has the partition"
+                );
+                continue;
+            }
+            Err(WorkError::Stopped) if cancelled => {
+                let done = task.partition(claim.partition).progress_bytes;
+                let _ = task.release(claim, done);
+                tracing::info!(controller = id, "task cancelled; partition released");
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(ControllerError::Work {
+                    partition: claim.partition,
+                    source,
+                })
+            }
+        };
+        // Make durable what this partition wrote before calling it COMPLETE: the
+        // rebuilt disk, or every member a repairing scrub may have rewritten.
+        let written: Vec<usize> = match (kind, spec.target_disk) {
+            (TaskKind::Rebuild, Some(target)) => vec![target as usize],
+            (TaskKind::Scrub, _) if spec.repair => (0..engine.geometry().disks).collect(),
+            _ => Vec::new(),
+        };
+        let view = engine.view()?;
+        for index in written {
+            view.images[index].flush_range(start, length)?;
+        }
+        let findings_file = partition_findings_path(dir, kind, claim.partition, claim.generation());
+        let bytes = serde_json::to_vec(&found).map_err(|source| ControllerError::Json {
+            path: findings_file.clone(),
+            source,
+        })?;
+        std::fs::write(&findings_file, bytes)
+            .map_err(ControllerError::io(findings_file, "write"))?;
+        let partition = claim.partition;
+        match task.complete(claim, found.counts()) {
+            Ok(()) => tracing::info!(controller = id, partition, "completed"),
+            Err(err) => tracing::warn!(controller = id, partition, %err, "could not complete"),
+        }
+    }
+    if id == spec.initiator && task.begin_completion_leased(id, now_ms(), lease_ms) {
+        if let Err(err) = complete_task(dir, kind, &task) {
+            // Let the next run of the same command try again.
+            task.abort_completion();
+            return Err(err);
+        }
+        task.finish_completion();
+        drop(task);
+        remove_task(dir, kind)?;
+        tracing::info!(
+            controller = id,
+            task = kind.name(),
+            "completion actions done"
+        );
+    }
+    Ok(())
+}
