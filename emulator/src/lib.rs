@@ -8,4 +8,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod domain;
+pub mod link;
 pub mod nbd;
+pub mod persist;
