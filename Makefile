@@ -2,9 +2,6 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 RUN_DIR ?= run
-IMAGE ?= $(RUN_DIR)/disk0.img
-IMAGE_SIZE ?= 1GiB
-LISTEN ?= 127.0.0.1:10809
 EMULATOR := $(or $(CARGO_TARGET_DIR),target)/release/emulator
 PYTHON := /usr/bin/python3
 FUZZ_SECONDS ?= 20
@@ -16,19 +13,12 @@ BLACKBOX_TEST_TIMEOUT ?= 300
 build:
 	$(CARGO) build --release --locked
 
-## Build, create a 1 GiB image in run/ (once) and serve it over NBD.
+## Build and start the default domain in run/: one server system of two
+## clusters (driver, agents A and B each), domain servers A and B with their
+## web consoles, a RAID-5 volume served over NBD. Ctrl-C stops it.
 run: build
 	@mkdir -p $(RUN_DIR)
-	@[ -f $(IMAGE) ] || $(EMULATOR) image create $(IMAGE) --size $(IMAGE_SIZE)
-	@name=$$(basename $(IMAGE) .img); listen=$(LISTEN); host=$${listen%:*}; port=$${listen##*:}; \
-	echo; \
-	echo "Serving $(IMAGE) as NBD export '$$name' on $(LISTEN) (Ctrl-C stops it)."; \
-	echo "Attach it from another terminal:"; \
-	echo "  sudo modprobe nbd && sudo nbd-client $$host $$port /dev/nbd0 -N $$name"; \
-	echo "  qemu-img info nbd://$(LISTEN)/$$name"; \
-	echo "  nbdinfo nbd://$(LISTEN)/$$name"; \
-	echo; \
-	exec $(EMULATOR) serve --image $(IMAGE) --listen $(LISTEN)
+	$(EMULATOR) up --run-dir $(RUN_DIR)
 
 ## Everything CI runs: lint, unit and property tests, black-box tests with real
 ## clients, a real Linux kernel attaching with nbd-client (QEMU TCG guest), and a

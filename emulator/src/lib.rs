@@ -6,9 +6,16 @@
 //! data, the HTTP API and the scenario runner will each get a module here too
 //! (see `ARCHITECTURE.md`).
 
+pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod controller;
 pub mod domain;
+pub mod driver;
 pub mod link;
 pub mod nbd;
 pub mod persist;
+pub mod rundir;
+pub mod server;
+pub mod supervisor;
+pub mod task;

@@ -9,6 +9,7 @@
 //! line on stderr naming what was wrong).
 
 mod array;
+mod domain;
 mod image;
 mod serve;
 pub mod units;
@@ -30,6 +31,35 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a whole domain: server systems of two clusters each, every
+    /// cluster with a driver and agents A and B, and domain servers A and B
+    /// with their web consoles (the embedded default, or --config).
+    Up(domain::UpArgs),
+    /// Stop the domain running in a run directory, in order.
+    Down {
+        #[command(flatten)]
+        run: domain::RunDirArg,
+    },
+    /// Show the domain as a server sees it: systems, clusters, processes,
+    /// disks, volumes, registered agents.
+    Status {
+        #[command(flatten)]
+        server: domain::ServerArg,
+        /// Print JSON (the API's /api/v1/domain).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit, show and list tasks through a domain server.
+    #[command(subcommand)]
+    Task(domain::TaskCommand),
+    /// Start a process of the domain again after it was killed, e.g.
+    /// s0/c1/agent-a, s0/c0/driver, s0/c0/server-a.
+    Restart {
+        #[command(flatten)]
+        run: domain::RunDirArg,
+        /// The process.
+        name: String,
+    },
     /// Create, inspect and verify disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -39,6 +69,9 @@ enum Command {
     Array(array::ArrayCommand),
     /// Serve a disk image, or the volumes of an array, over NBD.
     Serve(serve::ServeArgs),
+    /// The processes of a running domain (started by `up`).
+    #[command(flatten)]
+    Process(domain::ProcessCommand),
     /// One controller's share of an array task (started by `array rebuild|scrub`).
     #[command(hide = true)]
     Controller {
@@ -68,6 +101,12 @@ pub fn run(cli: Cli) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let outcome = match cli.command {
+        Command::Up(args) => domain::up(args),
+        Command::Down { run } => domain::down(run),
+        Command::Status { server, json } => domain::status(server, json),
+        Command::Task(command) => domain::task(command),
+        Command::Restart { run, name } => domain::restart(run, name),
+        Command::Process(command) => domain::process(command),
         Command::Image(command) => image::run(command),
         Command::Array(command) => array::run(command),
         Command::Serve(args) => serve::run(args),

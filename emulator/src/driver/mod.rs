@@ -1,0 +1,360 @@
+//! A cluster's driver process (its controller, seed 002): it owns the
+//! cluster's view of the server system's disks (the array both clusters
+//! share), serves the volumes over NBD, executes the tasks its agents bring,
+//! and notices every change of configuration and state: it stores it in the
+//! cluster's persistent data and broadcasts it to the active agents (FIG. 3).
+//!
+//! - Start-up (FIG. 2A): collect the configuration and state, store them, then
+//!   listen for agents and NBD clients.
+//! - Changes: every [`WATCH_INTERVAL`] the driver collects again (the array's
+//!   metadata, re-read when its live generation moves, and any rebuild or scrub
+//!   under way); a new revision in persistent data is broadcast as `Changed`.
+//! - Tasks (FIG. 4): an agent records a task with its own identity and sends
+//!   `Execute`; the driver runs it ([`tasks`]), stores its end (with failure
+//!   information) and notifies the agent that persistent data names.
+
+mod tasks;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use controllers::array::Array;
+use controllers::raid::MemberState;
+use controllers::volume::Volumes;
+use futures_util::SinkExt;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use crate::domain::{ClusterName, Domain, ProcessName, Role};
+use crate::link::{self, Link, ToAgentFromDriver, ToDriver, HEARTBEAT, PROTOCOL_VERSION};
+use crate::nbd::export::Catalog;
+use crate::nbd::server::{self, ListenAddress, Listener, ServerConfig};
+use crate::persist::{
+    ArraySummary, ClusterState, Device, DeviceRole, DeviceState, Operation, Persist, PersistError,
+    VolumeInfo,
+};
+use crate::rundir::RunDir;
+
+/// How often the driver looks for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// Messages queued for one agent before the driver stops waiting for it.
+const AGENT_QUEUE: usize = 64;
+
+/// Why a driver could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The array.
+    #[error(transparent)]
+    Array(#[from] controllers::array::ArrayError),
+    /// Persistent data.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// The NBD listener.
+    #[error("NBD listener: {0}")]
+    Nbd(#[from] server::BindError),
+    /// A socket or file.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+    let what = what.into();
+    move |source| DriverError::Io { what, source }
+}
+
+/// The running driver, shared by its tasks.
+struct Driver {
+    cluster: ClusterName,
+    disks: PathBuf,
+    nbd_address: String,
+    array: Mutex<Array>,
+    persist: Mutex<Persist>,
+    /// The agents connected now, by name.
+    agents: tokio::sync::Mutex<HashMap<ProcessName, mpsc::Sender<ToAgentFromDriver>>>,
+    /// The revision of the configuration and state last stored.
+    revision: AtomicU64,
+}
+
+/// Runs the driver of `cluster` until SIGTERM or SIGINT.
+pub fn run(run: &RunDir, domain: &Domain, cluster: ClusterName) -> Result<(), DriverError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io("start the runtime"))?;
+    runtime.block_on(serve(run.clone(), domain.clone(), cluster))
+}
+
+async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), DriverError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    let disks = run.disks(cluster.system);
+    let array = Array::open(&disks)?;
+    let volumes = Volumes::new(&disks, Arc::clone(array.engine()));
+    std::fs::create_dir_all(run.cluster(cluster)).map_err(io("create the cluster directory"))?;
+    let persist = Persist::open(&run.persist(cluster))?;
+    let nbd = Listener::bind(&ListenAddress::Tcp(format!(
+        "127.0.0.1:{}",
+        domain.nbd_port(cluster)
+    )))
+    .await?;
+    let driver = Arc::new(Driver {
+        cluster,
+        disks,
+        nbd_address: nbd.local_address(),
+        array: Mutex::new(array),
+        persist: Mutex::new(persist),
+        agents: tokio::sync::Mutex::new(HashMap::new()),
+        revision: AtomicU64::new(0),
+    });
+    // FIG. 2A: collect and store before anyone asks.
+    let revision = Arc::clone(&driver)
+        .collect_and_store()
+        .await?
+        .unwrap_or_default();
+    tracing::info!(cluster = %cluster, revision, nbd = %driver.nbd_address, "configuration and state stored");
+    let socket = run.driver_socket(cluster);
+    let _ = std::fs::remove_file(&socket);
+    let agents =
+        UnixListener::bind(&socket).map_err(io(format!("listen on {}", socket.display())))?;
+    let (stop_nbd, nbd_stopped) = tokio::sync::oneshot::channel::<()>();
+    let nbd_task = tokio::spawn(server::run(
+        nbd,
+        Catalog::array(volumes),
+        ServerConfig::default(),
+        async move {
+            let _ = nbd_stopped.await;
+        },
+    ));
+    let accept = tokio::spawn(accept_agents(Arc::clone(&driver), agents));
+    let watch = tokio::spawn(watch(Arc::clone(&driver)));
+    tokio::select! {
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+    accept.abort();
+    watch.abort();
+    let _ = stop_nbd.send(());
+    let _ = nbd_task.await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+impl Driver {
+    /// Collects the configuration and state, stores them, and returns the new
+    /// revision when it moved (None: unchanged).
+    async fn collect_and_store(self: Arc<Self>) -> Result<Option<u64>, DriverError> {
+        let driver = Arc::clone(&self);
+        let stored = tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
+            let state = driver.collect()?;
+            let revision = driver
+                .persist
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .store_state(&state)?;
+            Ok(revision)
+        })
+        .await
+        .map_err(|err| io("collect the state")(std::io::Error::other(err)))??;
+        let before = self.revision.swap(stored, Ordering::AcqRel);
+        Ok((before != stored).then_some(stored))
+    }
+
+    /// The cluster's configuration and state now.
+    fn collect(&self) -> Result<ClusterState, DriverError> {
+        let status = self
+            .array
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .status()?;
+        let mut devices: Vec<Device> = status
+            .members
+            .iter()
+            .enumerate()
+            .map(|(index, member)| Device {
+                index,
+                file: member.file.clone(),
+                role: DeviceRole::Member,
+                state: match member.state {
+                    MemberState::Active => DeviceState::Available,
+                    MemberState::Failed => DeviceState::Unavailable,
+                    MemberState::Rebuilding => DeviceState::Rebuilding,
+                },
+            })
+            .collect();
+        devices.extend(status.spares.iter().enumerate().map(|(i, file)| Device {
+            index: status.members.len() + i,
+            file: file.clone(),
+            role: DeviceRole::Spare,
+            state: DeviceState::Available,
+        }));
+        let round = |value: f64| (value * 10.0).round() / 10.0;
+        let operations = crate::controller::in_progress(&self.disks)
+            .into_iter()
+            .map(|task| Operation {
+                kind: task.operation.name().to_string(),
+                control: format!("{:?}", task.control).to_lowercase(),
+                percent: round(task.percent.clamp(0.0, 100.0)),
+                mib_per_s: round(task.mib_per_s),
+                eta_s: task.eta_s.map(|eta| eta.max(0.0).round()),
+                rate_limit_mib_s: task.rate_limit_mib_s,
+            })
+            .collect();
+        Ok(ClusterState {
+            cluster: self.cluster.to_string(),
+            driver_pid: std::process::id(),
+            nbd_address: self.nbd_address.clone(),
+            devices,
+            array: ArraySummary {
+                level: status.geometry.level,
+                state: status.state,
+                members: status.members.len(),
+                spares: status.spares.len(),
+                disk_bytes: status.geometry.disk_bytes,
+                chunk_bytes: status.geometry.chunk_bytes,
+                data_bytes: status.data_bytes,
+            },
+            volumes: status
+                .volumes
+                .iter()
+                .map(|volume| VolumeInfo {
+                    name: volume.name.clone(),
+                    size: volume.size,
+                    uri: format!("nbd://{}/{}", self.nbd_address, volume.name),
+                })
+                .collect(),
+            operations,
+        })
+    }
+
+    /// Sends `message` to every active agent (FIG. 3, block 304).
+    async fn broadcast(&self, message: ToAgentFromDriver) {
+        let agents = self.agents.lock().await;
+        for (name, agent) in agents.iter() {
+            if agent.try_send(message.clone()).is_err() {
+                tracing::warn!(agent = %name, "agent not keeping up; a change notice was dropped");
+            }
+        }
+    }
+
+    /// Sends `message` to agent `name`, if it is connected.
+    async fn notify(&self, name: &ProcessName, message: ToAgentFromDriver) -> bool {
+        match self.agents.lock().await.get(name) {
+            Some(agent) => agent.send(message).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Collects, stores and, when something changed, broadcasts.
+    async fn refresh(self: &Arc<Self>) {
+        match Arc::clone(self).collect_and_store().await {
+            Ok(Some(revision)) => {
+                tracing::info!(revision, "configuration or state changed");
+                self.broadcast(ToAgentFromDriver::Changed { revision })
+                    .await;
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(%err, "cannot collect the configuration and state"),
+        }
+    }
+}
+
+/// FIG. 3: notices changes, stores them, broadcasts them.
+async fn watch(driver: Arc<Driver>) {
+    let mut ticks = tokio::time::interval(WATCH_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        driver.refresh().await;
+    }
+}
+
+async fn accept_agents(driver: Arc<Driver>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(agent_link(Arc::clone(&driver), Link::new(stream)));
+            }
+            Err(err) => {
+                tracing::warn!(%err, "accepting an agent failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One agent's link: its hello, then its requests, change notices and
+/// heartbeats, until it goes.
+async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>) {
+    let agent = match link.receive::<ToDriver>().await {
+        Ok(ToDriver::Hello { version, agent }) if version == PROTOCOL_VERSION => agent,
+        Ok(ToDriver::Hello { version, .. }) => {
+            let refused =
+                format!("this driver speaks version {PROTOCOL_VERSION}, the agent {version}");
+            let _ = link
+                .send(&ToAgentFromDriver::Welcome {
+                    refused: Some(refused),
+                })
+                .await;
+            return;
+        }
+        Ok(other) => {
+            tracing::warn!(?other, "an agent spoke before saying hello");
+            return;
+        }
+        Err(err) => {
+            tracing::debug!(%err, "an agent went before saying hello");
+            return;
+        }
+    };
+    let expected = matches!(agent.role, Role::Agent(_)) && agent.cluster == Some(driver.cluster);
+    if !expected {
+        let _ = link
+            .send(&ToAgentFromDriver::Welcome {
+                refused: Some(format!("{agent} is not an agent of {}", driver.cluster)),
+            })
+            .await;
+        return;
+    }
+    if link
+        .send(&ToAgentFromDriver::Welcome { refused: None })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(%agent, "agent connected");
+    let (tx, mut rx) = mpsc::channel(AGENT_QUEUE);
+    driver.agents.lock().await.insert(agent, tx);
+    let (mut sink, mut stream) = link.split();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let outcome: Result<(), link::LinkError> = async {
+        loop {
+            tokio::select! {
+                message = link::receive_from::<_, ToDriver>(&mut stream) => match message? {
+                    ToDriver::Execute { id } => {
+                        tokio::spawn(tasks::execute(Arc::clone(&driver), id));
+                    }
+                    ToDriver::Heartbeat => {}
+                    ToDriver::Hello { .. } => tracing::warn!(%agent, "a second hello ignored"),
+                },
+                Some(message) = rx.recv() => sink.send(link::encode(&message)?).await?,
+                _ = heartbeat.tick() => sink.send(link::encode(&ToAgentFromDriver::Heartbeat)?).await?,
+            }
+        }
+    }
+    .await;
+    if let Err(err) = outcome {
+        tracing::info!(%agent, %err, "agent gone");
+    }
+    driver.agents.lock().await.remove(&agent);
+}
