@@ -300,7 +300,11 @@ def test_scrub_finds_and_repairs_flipped_bytes(tmp_path, serve, rng):
     h.shutdown()
 
 
-def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, serve, rng, need_tools):
+@pytest.mark.parametrize("victim", [1, 0], ids=["controller-1", "initiator"])
+def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, serve, rng, need_tools, victim):
+    """Either controller killed mid-partition: the other takes its partition
+    over, finishes the rebuild and, when the initiator (controller 0) was the
+    one killed, runs the completion actions itself."""
     import os
     import signal
     import subprocess
@@ -318,9 +322,11 @@ def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, 
          "--lease-ms", str(lease_ms), "--wait", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    log1 = array / "controller-1.log"
-    wait_until(lambda: log1.exists() and "claimed" in log1.read_text(), 20, "controller 1 claims a partition")
-    pid = subprocess.run(["pgrep", "-f", f"controller {array} --task rebuild --id 1"],
+    survivor = 1 - victim
+    victim_log = array / f"controller-{victim}.log"
+    wait_until(lambda: victim_log.exists() and "claimed" in victim_log.read_text(), 20,
+               f"controller {victim} claims a partition")
+    pid = subprocess.run(["pgrep", "-f", f"controller {array} --task rebuild --id {victim}"],
                          capture_output=True, text=True).stdout.split()
     assert len(pid) == 1, pid
     killed_at = time.monotonic()
@@ -328,13 +334,17 @@ def test_kill9_of_one_controller_mid_partition_and_the_other_finishes(tmp_path, 
     stdout, stderr = rebuild.communicate(timeout=60)
     elapsed = time.monotonic() - killed_at
     assert rebuild.returncode == 0, stderr
-    # Bound: the lease, plus the remaining work at the survivor's rate (2 MiB/s for
-    # at most the whole 8 MiB disk), plus slack for a loaded machine.
-    assert elapsed < lease_ms / 1000 + 8 / 2 + 10, elapsed
+    # Bound: the lease (twice when the initiator died: its partition's, then
+    # its completion's), plus the remaining work at the survivor's rate (2 MiB/s
+    # for at most the whole 8 MiB disk), plus slack for a loaded machine.
+    assert elapsed < 2 * lease_ms / 1000 + 8 / 2 + 10, elapsed
     report = json.loads(stdout)
     assert report["unrecoverable"] == []
-    log0 = (array / "controller-0.log").read_text()
-    assert "took_over=true" in log0, "controller 0 took the dead controller's partition over\n" + log0
+    survivor_log = (array / f"controller-{survivor}.log").read_text()
+    assert "took_over=true" in survivor_log, (
+        f"controller {survivor} took the dead controller's partition over\n" + survivor_log)
+    if victim == 0:
+        assert "completing it here" in survivor_log, survivor_log
     assert status(array)["state"] == "optimal"
     for member in status(array)["members"]:
         assert emulator("image", "verify", str(array / member["file"])).returncode == 0

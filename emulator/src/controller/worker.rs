@@ -1,8 +1,9 @@
 //! One controller's share of a task: claim a partition, work through it in
 //! 1 MiB steps (renewing the claim's lease, saving what it found, obeying the
 //! operator's pause, cancel and rate limit), make what it wrote durable, mark it
-//! COMPLETE, and go on until no partition is left for it. The initiator then
-//! runs the completion actions ([`super::completion`]).
+//! COMPLETE, and go on until every partition is (taking over those of a
+//! controller that died). The initiator then runs the completion actions
+//! ([`super::completion`]); if it died, another controller does.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,9 +63,10 @@ impl Pacer {
 /// How often a paused controller looks at the control word again.
 const PAUSE_POLL: Duration = Duration::from_millis(50);
 
-/// One controller's share of a task: claim, work, renew, complete, until no
-/// partition is left for it. Controller 0 (the initiator) then waits for the
-/// others and runs the completion actions.
+/// One controller's share of a task: claim, work, renew, complete, until every
+/// partition is COMPLETE (taking over those of a controller that died). The
+/// initiator then runs the completion actions, or, if it does not within a
+/// lease, another controller.
 pub fn run_controller(
     dir: &Path,
     kind: TaskKind,
@@ -108,12 +110,13 @@ pub fn run_controller(
             }
         }
         let Some(mut claim) = task.claim_next(id, now_ms(), lease_ms) else {
-            if id != spec.initiator || task.all_complete() {
+            if task.all_complete() {
                 break;
             }
-            // The initiator waits for partitions others hold: they complete, or
-            // their leases run out and come back to it. Looking is a read of
-            // shared memory, so look often: the task's end is seen at once.
+            // Every controller waits for the partitions others hold: they
+            // complete, or their owner died and their leases run out and come
+            // back to whoever is left. Looking is a read of shared memory, so
+            // look often: the task's end is seen at once.
             std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(1, 10)));
             continue;
         };
@@ -251,20 +254,38 @@ pub fn run_controller(
             Err(err) => tracing::warn!(controller = id, partition, %err, "could not complete"),
         }
     }
-    if id == spec.initiator && task.begin_completion_leased(id, now_ms(), lease_ms) {
-        if let Err(err) = complete_task(dir, kind, &task) {
-            // Let the next run of the same command try again.
-            task.abort_completion();
-            return Err(err);
+    // The initiator runs the completion actions (seed 004). Another controller
+    // does when the initiator has not within a lease: it died (before every
+    // partition was complete, or during its completion, whose lease then
+    // runs out). A task is never left stuck because one controller died.
+    let all_complete_at = Instant::now();
+    let patience = Duration::from_millis(lease_ms);
+    while !task.completion_done() {
+        let my_turn = id == spec.initiator || all_complete_at.elapsed() >= patience;
+        if my_turn && task.begin_completion_leased(id, now_ms(), lease_ms) {
+            if id != spec.initiator {
+                tracing::warn!(
+                    controller = id,
+                    initiator = spec.initiator,
+                    "the initiator did not complete the task; completing it here"
+                );
+            }
+            if let Err(err) = complete_task(dir, kind, &task) {
+                // Let another controller, or the next run of the command, try again.
+                task.abort_completion();
+                return Err(err);
+            }
+            task.finish_completion();
+            drop(task);
+            remove_task(dir, kind)?;
+            tracing::info!(
+                controller = id,
+                task = kind.name(),
+                "completion actions done"
+            );
+            return Ok(());
         }
-        task.finish_completion();
-        drop(task);
-        remove_task(dir, kind)?;
-        tracing::info!(
-            controller = id,
-            task = kind.name(),
-            "completion actions done"
-        );
+        std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(1, 10)));
     }
     Ok(())
 }
