@@ -331,3 +331,29 @@ def test_a_second_up_in_the_same_run_directory_is_refused(domain):
     result = emulator("up", "--config", domain.config, "--run-dir", domain.run_dir, "--detach", timeout=30)
     assert result.returncode == 2, result.describe()
     assert "already running" in result.stderr, result.describe()
+
+
+def test_the_example_with_two_systems_and_a_server_on_the_host_comes_up(tmp_path):
+    """Claims 2 and 4: server A on a cluster of the second system (neither of
+    the first system's clusters is a domain server), server B on the host."""
+    example = (Path(__file__).resolve().parents[2] / "examples" / "two-systems.toml").read_text()
+    config = "\n".join(
+        "nbd = 0" if line.startswith("nbd =") else "http = 0" if line.startswith("http =") else line
+        for line in example.splitlines()
+    )
+    d = Domain(tmp_path, config)
+    d.up()
+    try:
+        assert {p["name"] for p in d.processes().values()} >= {"s1/c0/server-a", "host/server-b"}
+        for pair in "AB":
+            view = d.get(pair, "/api/v1/domain")
+            assert len([a for a in view["agents"] if a["state"] == "registered"]) == 4
+            assert [s["health"] for s in view["systems"]] == ["optimal", "optimal"]
+        view = d.get("B", "/api/v1/domain")
+        assert [p["name"] for p in view["host_processes"]] == ["host/server-b"]
+        assert view["systems"][1]["array"]["level"] == "raid6"
+        status, task = d.submit("B", "c1", "scrub")
+        assert status == 202, task
+        assert d.wait_task("B", task["id"])["state"] == "complete"
+    finally:
+        d.down()

@@ -359,6 +359,14 @@ pub(super) fn status(server: ServerArg, json: bool) -> anyhow::Result<ExitCode> 
             );
         }
     }
+    for process in view["host_processes"].as_array().into_iter().flatten() {
+        println!(
+            "on the host: {} {} ({})",
+            process["name"].as_str().unwrap_or_default(),
+            process["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            process["state"].as_str().unwrap_or_default()
+        );
+    }
     println!("agents registered with this server:");
     for agent in view["agents"].as_array().into_iter().flatten() {
         println!(
