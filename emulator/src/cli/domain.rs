@@ -363,7 +363,10 @@ pub(super) fn status(server: ServerArg, json: bool) -> anyhow::Result<ExitCode> 
         println!(
             "on the host: {} {} ({})",
             process["name"].as_str().unwrap_or_default(),
-            process["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            process["pid"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             process["state"].as_str().unwrap_or_default()
         );
     }
