@@ -8,7 +8,7 @@ FUZZ_SECONDS ?= 20
 # Seconds any one black-box test may take before pytest-timeout fails it.
 BLACKBOX_TEST_TIMEOUT ?= 300
 
-.PHONY: run build test deps lint unit blackbox linux-host fuzz bench bench-nbd bench-controllers clean
+.PHONY: run build test deps lint unit blackbox console linux-host fuzz bench bench-nbd bench-controllers bench-management clean
 
 build:
 	$(CARGO) build --release --locked
@@ -23,7 +23,7 @@ run: build
 ## Everything CI runs: lint, unit and property tests, black-box tests with real
 ## clients, a real Linux kernel attaching with nbd-client (QEMU TCG guest), and a
 ## short fuzz pass.
-test: deps lint unit blackbox linux-host fuzz
+test: deps lint unit blackbox console linux-host fuzz
 
 deps:
 	@scripts/install-deps.sh test
@@ -38,6 +38,10 @@ unit:
 blackbox: build
 	EMULATOR_BIN=$(abspath $(EMULATOR)) $(PYTHON) -m pytest -q --timeout=$(BLACKBOX_TEST_TIMEOUT) tests/blackbox
 
+## The web console in headless Chromium, driven by Playwright.
+console: build
+	EMULATOR=$(abspath $(EMULATOR)) scripts/console-test.sh
+
 linux-host: build
 	EMULATOR=$(abspath $(EMULATOR)) scripts/linux-host-test.sh
 
@@ -45,7 +49,7 @@ fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
 
 ## Benchmarks (not tests): numbers, compared with nbdkit and qemu-nbd in one run.
-bench: bench-nbd bench-controllers
+bench: bench-nbd bench-controllers bench-management
 
 bench-nbd: build
 	@scripts/install-deps.sh bench
@@ -54,6 +58,9 @@ bench-nbd: build
 bench-controllers: build
 	@scripts/install-deps.sh bench
 	EMULATOR=$(abspath $(EMULATOR)) scripts/bench-controllers.sh
+
+bench-management: build
+	$(PYTHON) scripts/bench-management.py $(abspath $(EMULATOR)) $(RUN_DIR)/bench-management.md
 
 clean:
 	$(CARGO) clean

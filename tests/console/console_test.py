@@ -1,0 +1,113 @@
+"""The web console in a real browser: Debian's Chromium, headless, driven by
+Playwright. Starts a small domain with `emulator up --detach`, opens server B's
+login link, checks that the page shows the domain live, submits a scrub of
+s0/c1 through server B with the page's form, watches its progress rise to 100%
+(the page is never reloaded: it follows the server's events), and saves a
+screenshot. Every wait is bounded; a failure says which step.
+
+Usage: console_test.py EMULATOR_BIN WORK_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+CONFIG = """
+[servers]
+a = "s0/c0"
+b = "s0/c1"
+
+[ports]
+nbd = 0
+http = 0
+
+[[systems]]
+disks = 5
+disk_size = "32MiB"
+raid = "raid5"
+spares = 1
+volumes = 1
+"""
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def step(name: str):
+    print(f"console-test: {name}", flush=True)
+
+
+def main() -> int:
+    emulator, work = Path(sys.argv[1]), Path(sys.argv[2])
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = work / "run"
+    config = work / "domain.toml"
+    config.write_text(CONFIG)
+    step("emulator up --detach")
+    subprocess.run([emulator, "up", "--config", config, "--run-dir", run_dir, "--detach"],
+                   check=True, timeout=90, stdout=subprocess.DEVNULL)
+    try:
+        server_b = json.loads((run_dir / "servers" / "b.json").read_text())["http"]
+        token = (run_dir / "token").read_text().strip()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.set_default_timeout(20_000)
+            step("open server B's login link")
+            page.goto(f"{server_b}/login?token={token}")
+            expect(page.locator("#me")).to_contain_text("s0/c1/server-b")
+            expect(page.locator("#live")).to_have_text("live")
+            step("the domain is shown: health, controllers, disks, agents")
+            expect(page.get_by_text("Server system s0")).to_be_visible()
+            expect(page.locator("#systems .badge.optimal").first).to_be_visible()
+            expect(page.locator(".slot")).to_have_count(5)
+            expect(page.locator("#agents")).to_contain_text("s0/c0/agent-b")
+            expect(page.locator("#agents")).to_contain_text("s0/c1/agent-b")
+            step("submit a scrub of s0/c1 through server B")
+            page.select_option("#f-system", "s0")
+            page.select_option("#f-cluster", "c1")
+            page.select_option("#f-kind", "scrub")
+            page.fill("#f-rate", "8")
+            page.click("#submit")
+            expect(page.locator("#message")).to_contain_text("accepted")
+            row = page.locator("#tasks tr").first
+            expect(row).to_contain_text("scrub")
+            expect(row).to_contain_text("s0/c1/agent-b")
+            step("watch its progress rise to 100% without reloading")
+            seen = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                text = row.inner_text()
+                match = re.search(r"(\d+(?:\.\d+)?)%", text)
+                if match:
+                    seen.append(float(match.group(1)))
+                if "complete" in text:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"the scrub did not complete on the page within 60 s; last row: {row.inner_text()!r}")
+            expect(row).to_contain_text("100.0%")
+            assert any(0 < p < 100 for p in seen), f"no progress between 0 and 100% was shown: {seen}"
+            assert seen == sorted(seen), f"progress went backwards: {seen}"
+            expect(page.locator("#log")).to_contain_text("complete")
+            screenshot = work / "console.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            step(f"screenshot saved: {screenshot}")
+            browser.close()
+    finally:
+        subprocess.run([emulator, "down", "--run-dir", run_dir], timeout=90, stdout=subprocess.DEVNULL)
+    print("console-test: PASS", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
