@@ -357,3 +357,66 @@ def test_the_example_with_two_systems_and_a_server_on_the_host_comes_up(tmp_path
         assert d.wait_task("B", task["id"])["state"] == "complete"
     finally:
         d.down()
+
+
+def verify_disks(domain: Domain):
+    disks = domain.run_dir / "s0" / "disks"
+    for image in sorted(disks.glob("*.img")):
+        result = emulator("image", "verify", image)
+        assert result.returncode == 0, result.describe()
+
+
+@pytest.mark.parametrize("victim", ["s0/c0/driver", "s0/c1/driver"], ids=["initiator", "partner"])
+def test_kill9_of_either_driver_during_a_rebuild_the_other_finishes_it(tmp_path, victim):
+    """The two drivers of a server system are its two controllers (seed 004):
+    a rebuild begun through s0/c0 is split across both; either killed, the
+    other takes its partitions over, finishes the rebuild and its completion.
+    Restarted, the killed driver ends the task it was following."""
+    d = Domain(tmp_path, CONFIG.replace("volumes = 1", "volumes = 1\nauto_rebuild = false"))
+    d.up()
+    try:
+        for kind, args in (("fail-disk", {"disk": 1}), ("replace-disk", {"disk": 1})):
+            status, task = d.submit("A", "c0", kind, **args)
+            assert status == 202 and d.wait_task("A", task["id"])["state"] == "complete", task
+        status, task = d.submit("A", "c0", "rebuild", rate_mib_s=6)
+        assert status == 202, task
+        wait_until(lambda: (d.get("A", f"/api/v1/tasks/{task['id']}")["progress"] or {}).get("percent", 0) > 5,
+                   20, "the rebuild to make progress")
+        logs = {c: (d.run_dir / "logs" / f"s0-{c}-driver.log").read_text() for c in ("c0", "c1")}
+        assert all("joining the task" in log for log in logs.values()), "both drivers work on the rebuild"
+        d.kill(victim)
+        survivor_pair = "B" if victim == "s0/c0/driver" else "A"
+        survivor_cluster = "s0/c1" if victim == "s0/c0/driver" else "s0/c0"
+
+        def rebuilt():
+            view = d.get(survivor_pair, "/api/v1/domain")
+            state = next(c for c in view["systems"][0]["clusters"] if c["name"] == survivor_cluster)["state"]
+            return state["array"]["state"] == "optimal" and state["devices"][1]["state"] == "available"
+
+        wait_until(rebuilt, 60, "the surviving driver to finish the rebuild and its completion")
+        survivor_log = (d.run_dir / "logs" / f"{survivor_cluster.replace('/', '-')}-driver.log").read_text()
+        if victim == "s0/c0/driver":
+            assert "completing it here" in survivor_log, survivor_log[-3000:]
+        verify_disks(d)
+        result = emulator("restart", "--run-dir", d.run_dir, victim)
+        assert result.returncode == 0, result.describe()
+        d.killed.discard(victim)
+        ended = d.wait_task("A", task["id"], timeout=30)
+        assert ended["state"] == "complete", ended
+        assert ended["result"]["rebuilt_disk"] == 1
+    finally:
+        d.down()
+
+
+def test_a_hot_spare_replaces_a_failed_disk_and_is_rebuilt_on_its_own(domain):
+    status, task = domain.submit("B", "c1", "fail-disk", disk=2)
+    assert status == 202 and domain.wait_task("B", task["id"])["state"] == "complete", task
+
+    def rebuilt():
+        system = domain.get("A", "/api/v1/domain")["systems"][0]
+        disks = system["disks"]
+        return (system["health"] == "optimal" and disks[2]["file"] == "spare0.img"
+                and disks[2]["state"] == "available" and all(d["role"] == "member" for d in disks))
+
+    wait_until(rebuilt, 60, "the hot spare to be put in place and rebuilt")
+    verify_disks(domain)

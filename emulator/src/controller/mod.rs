@@ -35,9 +35,9 @@ use serde::{Deserialize, Serialize};
 pub use completion::{PartitionReport, TaskReport};
 pub use files::{report_path, task_path};
 pub use operator::{
-    adjust, in_progress, prepare, start, Adjust, StartOptions, Started, TaskProgress,
+    adjust, begin, in_progress, prepare, start, Adjust, StartOptions, Started, TaskProgress,
 };
-pub use worker::run_controller;
+pub use worker::{run_controller, run_partitions};
 
 /// Default lease: a partition whose owner has not renewed for this long goes to
 /// another controller.
@@ -48,7 +48,7 @@ pub const DEFAULT_LEASE_MS: u64 = 5_000;
 pub const MAX_CONTROLLERS: u8 = 4;
 
 /// The tasks the CLI starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
     /// Rebuild the member being rebuilt.

@@ -21,6 +21,17 @@ use super::{ControllerError, TaskKind, MAX_CONTROLLERS};
 /// Creates the coordination object for `kind` on the array in `dir`, or returns
 /// the existing one (a task interrupted earlier is resumed, not restarted).
 pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> Result<TaskFile, ControllerError> {
+    prepare_initiated(dir, kind, repair, 0)
+}
+
+/// [`prepare`], naming controller `initiator` as the one that runs the
+/// completion actions.
+fn prepare_initiated(
+    dir: &Path,
+    kind: TaskKind,
+    repair: bool,
+    initiator: u8,
+) -> Result<TaskFile, ControllerError> {
     let path = task_path(dir, kind);
     let array = Array::open(dir)?;
     let geometry = array.metadata().geometry;
@@ -86,7 +97,7 @@ pub fn prepare(dir: &Path, kind: TaskKind, repair: bool) -> Result<TaskFile, Con
         target_disk,
         data_set_bytes: geometry.disk_bytes,
         partition_bytes,
-        initiator: 0,
+        initiator,
         repair,
     };
     let _ = std::fs::remove_file(report_path(dir, kind));
@@ -309,6 +320,33 @@ pub fn adjust(
         }
     }
     Ok(TaskProgress::of(kind, &task))
+}
+
+/// Starts (or finds under way) a task whose controllers are already running
+/// and watch the array for coordination objects: a server system's drivers.
+/// Controller `initiator` (the driver that received the task) runs the
+/// completion actions. No process is started; the coordination object is
+/// returned, to follow.
+pub fn begin(
+    dir: &Path,
+    kind: TaskKind,
+    repair: bool,
+    rate_mib_s: Option<f64>,
+    controllers: u8,
+    initiator: u8,
+) -> Result<TaskFile, ControllerError> {
+    check_rate(rate_mib_s)?;
+    // Begins at the same time take turns (as `start`), so one task is made.
+    let turn = std::fs::File::open(dir).map_err(ControllerError::io(dir, "open"))?;
+    turn.lock().map_err(ControllerError::io(dir, "lock"))?;
+    let fresh = !task_path(dir, kind).exists();
+    let task = prepare_initiated(dir, kind, repair, initiator)?;
+    if fresh {
+        task.set_controllers(u64::from(controllers));
+        task.set_rate_kib_s(rate_mib_s.map(|r| (r * 1024.0).ceil() as u64));
+        task.set_control(Control::Run);
+    }
+    Ok(task)
 }
 
 /// How `array rebuild|scrub` runs a task.

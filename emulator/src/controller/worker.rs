@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use controllers::array::Array;
 use controllers::coordination::{Control, TaskFile};
 use controllers::findings::Findings;
+use controllers::raid::RaidEngine;
 use controllers::work::{rebuild_range, scrub_range, WorkError};
 
 use super::completion::complete_task;
@@ -73,6 +74,19 @@ pub fn run_controller(
     id: u8,
     lease_ms: u64,
 ) -> Result<(), ControllerError> {
+    let array = Array::open(dir)?;
+    run_partitions(dir, kind, id, lease_ms, array.engine())
+}
+
+/// [`run_controller`] through an engine the caller already has open (a
+/// driver's, whose process is one of the two controllers).
+pub fn run_partitions(
+    dir: &Path,
+    kind: TaskKind,
+    id: u8,
+    lease_ms: u64,
+    engine: &RaidEngine,
+) -> Result<(), ControllerError> {
     // Started by `array rebuild|scrub`, this process inherited the lock (held
     // exclusively by that start); started some other way, it takes it shared.
     let running = open_running_lock(dir, kind)?;
@@ -84,8 +98,6 @@ pub fn run_controller(
     }
     let path = task_path(dir, kind);
     let task = TaskFile::open(&path)?;
-    let array = Array::open(dir)?;
-    let engine = array.engine();
     let spec = task.spec().clone();
     let mut pacer = Pacer {
         last: Instant::now(),

@@ -19,6 +19,7 @@
 //! spares = 1           # of the disks, hot spares
 //! chunk = "64KiB"
 //! volumes = 1          # equal volumes vol0, vol1, … over the array
+//! auto_rebuild = true  # a hot spare replaces a failed disk and is rebuilt
 //! ```
 
 mod names;
@@ -89,6 +90,9 @@ pub struct System {
     pub chunk_bytes: u64,
     /// Equal volumes over the array.
     pub volumes: usize,
+    /// Whether the drivers put a hot spare in place of a failed disk and
+    /// rebuild it on their own.
+    pub auto_rebuild: bool,
 }
 
 /// A configuration file that cannot be used; the message names the field.
@@ -186,6 +190,12 @@ struct SystemSection {
     chunk: String,
     #[serde(default = "default_volumes")]
     volumes: usize,
+    #[serde(default = "default_auto_rebuild")]
+    auto_rebuild: bool,
+}
+
+fn default_auto_rebuild() -> bool {
+    true
 }
 
 fn default_raid() -> String {
@@ -397,6 +407,7 @@ impl System {
             spares: section.spares,
             chunk_bytes,
             volumes: section.volumes,
+            auto_rebuild: section.auto_rebuild,
         })
     }
 

@@ -13,6 +13,7 @@
 //!   `Execute`; the driver runs it ([`tasks`]), stores its end (with failure
 //!   information) and notifies the agent that persistent data names.
 
+mod controller;
 mod tasks;
 
 use std::collections::HashMap;
@@ -99,7 +100,8 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
     let mut terminate = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let disks = run.disks(cluster.system);
     let array = Array::open(&disks)?;
-    let volumes = Volumes::new(&disks, Arc::clone(array.engine()));
+    let engine = Arc::clone(array.engine());
+    let volumes = Volumes::new(&disks, Arc::clone(&engine));
     std::fs::create_dir_all(run.cluster(cluster)).map_err(io("create the cluster directory"))?;
     let persist = Persist::open(&run.persist(cluster))?;
     let nbd = Listener::bind(&ListenAddress::Tcp(format!(
@@ -137,12 +139,28 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
     ));
     let accept = tokio::spawn(accept_agents(Arc::clone(&driver), agents));
     let watch = tokio::spawn(watch(Arc::clone(&driver)));
+    // Seed 004: this driver is controller cM of its system.
+    let stop_controller = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let controller = {
+        let (disks, stop) = (driver.disks.clone(), Arc::clone(&stop_controller));
+        let auto_rebuild = domain.systems[cluster.system].auto_rebuild;
+        std::thread::Builder::new()
+            .name("controller".into())
+            .spawn(move || {
+                controller::run(disks, engine, cluster.cluster as u8, auto_rebuild, stop)
+            })
+            .map_err(io("start the controller thread"))?
+    };
+    // Tasks this driver was executing when it last stopped.
+    tokio::spawn(tasks::resume(Arc::clone(&driver)));
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
     }
     accept.abort();
     watch.abort();
+    stop_controller.store(true, std::sync::atomic::Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || controller.join()).await;
     let _ = stop_nbd.send(());
     let _ = nbd_task.await;
     let _ = std::fs::remove_file(&socket);
@@ -334,7 +352,9 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
     }
     tracing::info!(%agent, "agent connected");
     let (tx, mut rx) = mpsc::channel(AGENT_QUEUE);
-    driver.agents.lock().await.insert(agent, tx);
+    driver.agents.lock().await.insert(agent, tx.clone());
+    // What became of the tasks it issued while it was away.
+    tokio::spawn(tasks::catch_up(Arc::clone(&driver), agent, tx));
     let (mut sink, mut stream) = link.split();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let outcome: Result<(), link::LinkError> = async {

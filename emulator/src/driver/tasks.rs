@@ -2,9 +2,9 @@
 //! from persistent data (where the agent recorded it, with its own identity),
 //! carries it out on the array, records how it ended (with failure information
 //! when it failed), and notifies the agent that persistent data names as its
-//! issuer. A rebuild or scrub runs as the task coordination object's work,
-//! split across [`CONTROLLERS`] controller processes, and records its progress
-//! as it goes.
+//! issuer. A rebuild or scrub is begun on the task coordination object, which
+//! both drivers of the system work on (see `super::controller`), and records
+//! its progress as it goes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::Driver;
-use crate::controller::{self, Adjust, StartOptions, TaskKind, DEFAULT_LEASE_MS};
+use controllers::coordination::{Control, TaskFile};
+
+use crate::controller::{self, Adjust, TaskKind, DEFAULT_LEASE_MS};
 use crate::domain::ProcessName;
 use crate::link::ToAgentFromDriver;
 use crate::persist::{Progress, TaskRecord, TaskState};
@@ -20,6 +22,10 @@ use crate::task::{Task, CONTROLLERS};
 
 /// How often a long task's progress is recorded and announced.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a long task's coordination object is looked at.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(50);
+/// Tasks that ended this recently are told again to an agent that connects.
+const CATCH_UP_MS: u64 = 10 * 60 * 1000;
 
 /// Executes task `id`, recorded in persistent data by the agent that sent it.
 pub(super) async fn execute(driver: Arc<Driver>, id: String) {
@@ -173,60 +179,181 @@ fn run_short(driver: &Driver, task: Task) -> Result<Value, String> {
     }
 }
 
-/// A rebuild or scrub: started on the task coordination object, followed to
-/// its end with its progress recorded every [`PROGRESS_INTERVAL`].
+/// A rebuild or scrub: begun on the task coordination object, with this
+/// driver as its initiator, worked on by both drivers of the system (see
+/// `super::controller`), and followed to its end with its progress recorded
+/// every [`PROGRESS_INTERVAL`]. One of this kind already under way (begun
+/// through the other pair, or by a task whose agent died) is followed rather
+/// than begun again: the task submitted again completes with it (claim 6).
 async fn run_long(driver: &Arc<Driver>, id: &str, task: Task) -> Result<Value, String> {
     let (kind, repair, rate_mib_s) = match task {
         Task::Rebuild { rate_mib_s } => (TaskKind::Rebuild, false, rate_mib_s),
         Task::Scrub { repair, rate_mib_s } => (TaskKind::Scrub, repair, rate_mib_s),
         _ => unreachable!("only rebuild and scrub are long"),
     };
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<Progress>(4);
-    let follower = {
-        let driver = Arc::clone(driver);
-        tokio::task::spawn_blocking(move || -> Result<Value, String> {
-            // One of this kind already running (started through the other
-            // pair, or by a task whose agent died) is followed, not refused:
-            // the task submitted again completes with it (claim 6).
-            let options = StartOptions {
-                controllers: CONTROLLERS,
-                rate_mib_s,
-                lease_ms: DEFAULT_LEASE_MS,
-                wait: true,
-            };
-            let started = controller::start(&driver.disks, kind, repair, &options)
-                .map_err(|err| err.to_string())?;
-            let total = started.total_bytes().max(1);
-            let begun = Instant::now();
-            let mut last = Instant::now();
-            let report = started
-                .wait(|done, _control| {
-                    if last.elapsed() < PROGRESS_INTERVAL {
-                        return;
-                    }
-                    last = Instant::now();
-                    let seconds = begun.elapsed().as_secs_f64().max(1e-3);
-                    let mib_per_s = done as f64 / 1048576.0 / seconds;
-                    let left = total.saturating_sub(done) as f64 / 1048576.0;
-                    let _ = progress_tx.try_send(Progress {
-                        percent: (100.0 * done as f64 / total as f64).clamp(0.0, 100.0),
-                        mib_per_s,
-                        eta_s: (mib_per_s > 0.0).then(|| (left / mib_per_s).max(0.0)),
-                    });
-                })
-                .map_err(|err| err.to_string())?;
-            serde_json::to_value(&report).map_err(|err| err.to_string())
+    let begun = {
+        let (disks, initiator) = (driver.disks.clone(), driver.cluster.cluster as u8);
+        tokio::task::spawn_blocking(move || {
+            controller::begin(&disks, kind, repair, rate_mib_s, CONTROLLERS, initiator)
         })
+        .await
+        .map_err(|err| format!("the task panicked: {err}"))?
+        .map_err(|err| err.to_string())?
     };
-    tokio::pin!(follower);
+    follow(driver, id, kind, begun).await
+}
+
+/// Follows a coordination object to its end, recording progress; the report
+/// it left, or why it ended without one.
+async fn follow(
+    driver: &Arc<Driver>,
+    id: &str,
+    kind: TaskKind,
+    task: TaskFile,
+) -> Result<Value, String> {
+    let total = task.spec().data_set_bytes.max(1);
+    let begun = Instant::now();
+    let start_done = task.bytes_done();
+    let mut last = Instant::now();
+    let path = controller::task_path(&driver.disks, kind);
     loop {
-        tokio::select! {
-            outcome = &mut follower => {
-                return outcome.map_err(|err| format!("the task panicked: {err}"))?;
+        if task.completion_done() || !path.exists() {
+            break;
+        }
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        if last.elapsed() >= PROGRESS_INTERVAL {
+            last = Instant::now();
+            let done = task.bytes_done();
+            let seconds = begun.elapsed().as_secs_f64().max(1e-3);
+            let mib_per_s = done.saturating_sub(start_done) as f64 / 1048576.0 / seconds;
+            let left = total.saturating_sub(done) as f64 / 1048576.0;
+            let progress = Progress {
+                percent: (100.0 * done as f64 / total as f64).clamp(0.0, 100.0),
+                mib_per_s,
+                eta_s: (mib_per_s > 0.0).then(|| (left / mib_per_s).max(0.0)),
+            };
+            store(driver, id, TaskState::Running, Some(progress), None, None).await;
+            notify_issuer(driver, id).await;
+        }
+    }
+    if !task.completion_done() {
+        return Err(match task.control() {
+            Control::Cancel => format!("the {} was cancelled", kind.name()),
+            _ => format!(
+                "the {}'s coordination object went away before it completed",
+                kind.name()
+            ),
+        });
+    }
+    let report = controller::report_path(&driver.disks, kind);
+    let bytes = std::fs::read(&report).map_err(|err| format!("{}: {err}", report.display()))?;
+    serde_json::from_slice(&bytes).map_err(|err| format!("{}: {err}", report.display()))
+}
+
+/// Ends the tasks this driver was executing when it last stopped (it died, or
+/// was stopped), as persistent data holds them: a rebuild or scrub still under
+/// way is followed to its end (the other driver kept working on it); one that
+/// completed meanwhile gets its report; anything else fails with what is
+/// known. Each issuing agent is told.
+pub(super) async fn resume(driver: Arc<Driver>) {
+    let open = {
+        let driver = Arc::clone(&driver);
+        tokio::task::spawn_blocking(move || {
+            driver
+                .persist
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .open_tasks()
+        })
+        .await
+    };
+    let Ok(Ok(open)) = open else {
+        return;
+    };
+    for record in open {
+        let driver = Arc::clone(&driver);
+        tokio::spawn(async move {
+            tracing::info!(task = %record.id, kind = %record.kind, "resuming a task the driver was executing");
+            let outcome = match Task::parse(&record.kind, &record.args) {
+                Ok(task) if task.is_long() => {
+                    let kind = match task {
+                        Task::Rebuild { .. } => TaskKind::Rebuild,
+                        _ => TaskKind::Scrub,
+                    };
+                    let path = controller::task_path(&driver.disks, kind);
+                    let report = controller::report_path(&driver.disks, kind);
+                    match TaskFile::open(&path) {
+                        Ok(task) => follow(&driver, &record.id, kind, task).await,
+                        Err(_) => match std::fs::metadata(&report).and_then(|m| m.modified()) {
+                            Ok(modified) if modified >= std::time::UNIX_EPOCH + Duration::from_millis(record.created_ms) => {
+                                std::fs::read(&report)
+                                    .map_err(|err| err.to_string())
+                                    .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|err| err.to_string()))
+                            }
+                            _ => Err(format!(
+                                "the driver restarted and found no trace of the {}'s work (it was cancelled, or never began)",
+                                kind.name()
+                            )),
+                        },
+                    }
+                }
+                _ => Err("the driver stopped while executing the task; the cluster's state shows whether it took effect".into()),
+            };
+            match &outcome {
+                Ok(result) => {
+                    store(
+                        &driver,
+                        &record.id,
+                        TaskState::Complete,
+                        None,
+                        None,
+                        Some(result),
+                    )
+                    .await
+                }
+                Err(failure) => {
+                    store(
+                        &driver,
+                        &record.id,
+                        TaskState::Failed,
+                        None,
+                        Some(failure),
+                        None,
+                    )
+                    .await
+                }
             }
-            Some(progress) = progress_rx.recv() => {
-                store(driver, id, TaskState::Running, Some(progress), None, None).await;
-                notify_issuer(driver, id).await;
+            driver.refresh().await;
+            notify_issuer(&driver, &record.id).await;
+        });
+    }
+}
+
+/// Tells a newly connected agent about the tasks it issued that are still
+/// open or ended recently (it may have missed their end while it was away).
+pub(super) async fn catch_up(
+    driver: Arc<Driver>,
+    agent: ProcessName,
+    tx: tokio::sync::mpsc::Sender<ToAgentFromDriver>,
+) {
+    let since = crate::persist::now_ms().saturating_sub(CATCH_UP_MS);
+    let name = agent.to_string();
+    let tasks = tokio::task::spawn_blocking(move || {
+        driver
+            .persist
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .tasks_of(&name, since)
+    })
+    .await;
+    if let Ok(Ok(tasks)) = tasks {
+        for task in tasks {
+            if tx
+                .send(ToAgentFromDriver::TaskChanged { id: task.id })
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     }

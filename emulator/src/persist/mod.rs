@@ -456,6 +456,23 @@ impl Persist {
             .map_err(self.sqlite())
     }
 
+    /// Tasks agent `agent` issued that have not ended, or ended since
+    /// `since_ms`.
+    pub fn tasks_of(&self, agent: &str, since_ms: u64) -> Result<Vec<TaskRecord>, PersistError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT id, kind, args, agent, state, progress, failure, result, created_ms, updated_ms
+                 FROM tasks WHERE agent = ?1 AND (state IN ('queued', 'running') OR updated_ms >= ?2)
+                 ORDER BY created_ms",
+            )
+            .map_err(self.sqlite())?;
+        let rows = statement
+            .query_map(params![agent, since_ms as i64], task_from_row)
+            .map_err(self.sqlite())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sqlite())
+    }
+
     /// Tasks not yet ended.
     pub fn open_tasks(&self) -> Result<Vec<TaskRecord>, PersistError> {
         let mut statement = self
