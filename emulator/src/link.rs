@@ -189,6 +189,43 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Link<T> {
     }
 }
 
+/// Watches a peer's silence on a link whose loop also sends heartbeats (so no
+/// single receive waits long enough to time out): every message heard resets
+/// it, and every heartbeat sent first checks it.
+#[derive(Debug)]
+pub struct Silence {
+    last: std::time::Instant,
+}
+
+impl Silence {
+    /// Heard from just now.
+    pub fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// The peer was heard from.
+    pub fn heard(&mut self) {
+        self.last = std::time::Instant::now();
+    }
+
+    /// An error once the peer has been silent for [`PEER_TIMEOUT`].
+    pub fn check(&self) -> Result<(), LinkError> {
+        let silent = self.last.elapsed();
+        if silent > PEER_TIMEOUT {
+            return Err(LinkError::Silent(silent));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Silence {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Encodes a message as a frame's bytes (for a split link's sending half).
 pub fn encode<M: Serialize>(message: &M) -> Result<bytes::Bytes, LinkError> {
     Ok(serde_json::to_vec(message)?.into())

@@ -420,3 +420,20 @@ def test_a_hot_spare_replaces_a_failed_disk_and_is_rebuilt_on_its_own(domain):
 
     wait_until(rebuilt, 60, "the hot spare to be put in place and rebuilt")
     verify_disks(domain)
+
+
+def test_a_hung_agent_is_lost_within_2_s_and_registers_again_when_it_resumes(domain):
+    """kill -STOP: the process is there but silent; its server takes it for
+    gone within 2 s (heartbeats), the other pair carries on, and once resumed
+    the agent finds its link closed and registers again."""
+    pid = domain.kill("s0/c0/agent-b", signal.SIGSTOP)
+    try:
+        wait_until(lambda: domain.agent("B", "s0/c0/agent-b")["state"] == "lost", 2,
+                   "server B to lose the hung agent B of s0/c0")
+        status, task = domain.submit("A", "c0", "report")
+        assert status == 202 and domain.wait_task("A", task["id"])["state"] == "complete", task
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    domain.wait_registered("B", "s0/c0/agent-b")
+    status, task = domain.submit("B", "c0", "report")
+    assert status == 202 and domain.wait_task("B", task["id"])["state"] == "complete", task

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::{ClusterName, Pair, ProcessName, Role};
 use crate::link::{
-    self, Link, LinkError, ToAgent, ToAgentFromDriver, ToDriver, ToServer, HEARTBEAT,
+    self, Link, LinkError, Silence, ToAgent, ToAgentFromDriver, ToDriver, ToServer, HEARTBEAT,
     PROTOCOL_VERSION,
 };
 use crate::persist::{now_ms, Persist, PersistError, TaskRecord, TaskState};
@@ -160,16 +160,20 @@ async fn driver_side(
         let _ = notices.send(FromDriver::Changed).await;
         let (mut sink, mut stream) = link.split();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut silence = Silence::new();
         let outcome: Result<(), LinkError> = async {
             loop {
                 tokio::select! {
-                    message = link::receive_from::<_, ToAgentFromDriver>(&mut stream) => match message? {
+                    message = link::receive_from::<_, ToAgentFromDriver>(&mut stream) => match { silence.heard(); message? } {
                         ToAgentFromDriver::Changed { .. } => { let _ = notices.send(FromDriver::Changed).await; }
                         ToAgentFromDriver::TaskChanged { id } => { let _ = notices.send(FromDriver::TaskChanged(id)).await; }
                         ToAgentFromDriver::Heartbeat | ToAgentFromDriver::Welcome { .. } => {}
                     },
                     Some(request) = requests.recv() => sink.send(link::encode(&request)?).await?,
-                    _ = heartbeat.tick() => sink.send(link::encode(&ToDriver::Heartbeat)?).await?,
+                    _ = heartbeat.tick() => {
+                        silence.check()?;
+                        sink.send(link::encode(&ToDriver::Heartbeat)?).await?
+                    }
                 }
             }
         }
@@ -212,6 +216,7 @@ async fn server_side(
         tracing::info!(server = %agent.pair, "registered");
         let (mut sink, mut stream) = link.split();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut silence = Silence::new();
         let outcome: Result<(), LinkError> = async {
             // FIG. 2C: the configuration and state, as persistent data holds them.
             if let Some(report) = report(&agent).await {
@@ -228,7 +233,7 @@ async fn server_side(
             }
             loop {
                 tokio::select! {
-                    message = link::receive_from::<_, ToAgent>(&mut stream) => match message? {
+                    message = link::receive_from::<_, ToAgent>(&mut stream) => match { silence.heard(); message? } {
                         ToAgent::RunTask { id, kind, args } => {
                             let update = accept_task(&agent, &requests, id, kind, args).await;
                             sink.send(link::encode(&update)?).await?;
@@ -248,7 +253,10 @@ async fn server_side(
                             }
                         }
                     },
-                    _ = heartbeat.tick() => sink.send(link::encode(&ToServer::Heartbeat)?).await?,
+                    _ = heartbeat.tick() => {
+                        silence.check()?;
+                        sink.send(link::encode(&ToServer::Heartbeat)?).await?
+                    }
                 }
             }
         }

@@ -83,6 +83,80 @@ struct Driver {
     agents: tokio::sync::Mutex<HashMap<ProcessName, mpsc::Sender<ToAgentFromDriver>>>,
     /// The revision of the configuration and state last stored.
     revision: AtomicU64,
+    /// The moving-average rate of each rebuild or scrub under way.
+    rates: Mutex<HashMap<String, Rate>>,
+}
+
+/// A moving average of a task's rate, sampled at each collection: what ETAs
+/// are computed from (an average since the start would lag every change of
+/// pace, a single sample would jump).
+pub(crate) struct Rate {
+    at: std::time::Instant,
+    bytes: u64,
+    mib_per_s: f64,
+}
+
+impl Rate {
+    /// How much each sample weighs.
+    const WEIGHT: f64 = 0.3;
+
+    /// Starts at `bytes` done, with `mib_per_s` as the first estimate.
+    pub(crate) fn new(bytes: u64, mib_per_s: f64) -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            bytes,
+            mib_per_s: mib_per_s.max(0.0),
+        }
+    }
+
+    /// Takes a sample (`bytes` done now); the average, MiB/s.
+    pub(crate) fn sample(&mut self, bytes: u64) -> f64 {
+        self.sample_at(bytes, std::time::Instant::now())
+    }
+
+    fn sample_at(&mut self, bytes: u64, at: std::time::Instant) -> f64 {
+        let seconds = at.saturating_duration_since(self.at).as_secs_f64();
+        if seconds >= 0.05 {
+            let now = bytes.saturating_sub(self.bytes) as f64 / 1048576.0 / seconds;
+            self.mib_per_s = Self::WEIGHT * now + (1.0 - Self::WEIGHT) * self.mib_per_s;
+            self.at = at;
+            self.bytes = bytes;
+        }
+        self.mib_per_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rate;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_rate_follows_changes_of_pace_and_never_goes_negative() {
+        let start = Instant::now();
+        let mut rate = Rate::new(0, 0.0);
+        rate.at = start;
+        let mib = 1u64 << 20;
+        let mut bytes = 0;
+        let mut at = start;
+        for _ in 0..20 {
+            at += Duration::from_millis(200);
+            bytes += 20 * mib; // 100 MiB/s
+            rate.sample_at(bytes, at);
+        }
+        let steady = rate.sample_at(bytes, at);
+        assert!((steady - 100.0).abs() < 1.0, "{steady}");
+        for _ in 0..20 {
+            at += Duration::from_millis(200);
+            bytes += 2 * mib; // slowed to 10 MiB/s
+            rate.sample_at(bytes, at);
+        }
+        let slowed = rate.sample_at(bytes, at);
+        assert!((slowed - 10.0).abs() < 1.0, "{slowed}");
+        // A counter that went back (a new task) never makes it negative.
+        at += Duration::from_millis(200);
+        assert!(rate.sample_at(0, at) >= 0.0);
+    }
 }
 
 /// Runs the driver of `cluster` until SIGTERM or SIGINT.
@@ -117,6 +191,7 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
         persist: Mutex::new(persist),
         agents: tokio::sync::Mutex::new(HashMap::new()),
         revision: AtomicU64::new(0),
+        rates: Mutex::new(HashMap::new()),
     });
     // FIG. 2A: collect and store before anyone asks.
     let revision = Arc::clone(&driver)
@@ -216,17 +291,33 @@ impl Driver {
             state: DeviceState::Available,
         }));
         let round = |value: f64| (value * 10.0).round() / 10.0;
-        let operations = crate::controller::in_progress(&self.disks)
+        let mut rates = self
+            .rates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let operations: Vec<Operation> = crate::controller::in_progress(&self.disks)
             .into_iter()
-            .map(|task| Operation {
-                kind: task.operation.name().to_string(),
-                control: format!("{:?}", task.control).to_lowercase(),
-                percent: round(task.percent.clamp(0.0, 100.0)),
-                mib_per_s: round(task.mib_per_s),
-                eta_s: task.eta_s.map(|eta| eta.max(0.0).round()),
-                rate_limit_mib_s: task.rate_limit_mib_s,
+            .map(|task| {
+                let kind = task.operation.name().to_string();
+                let rate = rates
+                    .entry(kind.clone())
+                    .or_insert_with(|| Rate::new(task.bytes_done, task.mib_per_s));
+                let mib_per_s = rate.sample(task.bytes_done);
+                let running = task.control == controllers::coordination::Control::Run;
+                let left_mib = task.bytes_total.saturating_sub(task.bytes_done) as f64 / 1048576.0;
+                Operation {
+                    kind,
+                    control: format!("{:?}", task.control).to_lowercase(),
+                    percent: round(task.percent.clamp(0.0, 100.0)),
+                    mib_per_s: round(mib_per_s),
+                    eta_s: (running && mib_per_s > 0.0)
+                        .then(|| (left_mib / mib_per_s).max(0.0).round()),
+                    rate_limit_mib_s: task.rate_limit_mib_s,
+                }
             })
             .collect();
+        rates.retain(|kind, _| operations.iter().any(|o| &o.kind == kind));
+        drop(rates);
         Ok(ClusterState {
             cluster: self.cluster.to_string(),
             driver_pid: std::process::id(),
@@ -357,10 +448,11 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
     tokio::spawn(tasks::catch_up(Arc::clone(&driver), agent, tx));
     let (mut sink, mut stream) = link.split();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut silence = link::Silence::new();
     let outcome: Result<(), link::LinkError> = async {
         loop {
             tokio::select! {
-                message = link::receive_from::<_, ToDriver>(&mut stream) => match message? {
+                message = link::receive_from::<_, ToDriver>(&mut stream) => match { silence.heard(); message? } {
                     ToDriver::Execute { id } => {
                         tokio::spawn(tasks::execute(Arc::clone(&driver), id));
                     }
@@ -368,7 +460,10 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
                     ToDriver::Hello { .. } => tracing::warn!(%agent, "a second hello ignored"),
                 },
                 Some(message) = rx.recv() => sink.send(link::encode(&message)?).await?,
-                _ = heartbeat.tick() => sink.send(link::encode(&ToAgentFromDriver::Heartbeat)?).await?,
+                _ = heartbeat.tick() => {
+                    silence.check()?;
+                    sink.send(link::encode(&ToAgentFromDriver::Heartbeat)?).await?
+                }
             }
         }
     }

@@ -212,8 +212,7 @@ async fn follow(
     task: TaskFile,
 ) -> Result<Value, String> {
     let total = task.spec().data_set_bytes.max(1);
-    let begun = Instant::now();
-    let start_done = task.bytes_done();
+    let mut rate = super::Rate::new(task.bytes_done(), 0.0);
     let mut last = Instant::now();
     let path = controller::task_path(&driver.disks, kind);
     loop {
@@ -224,8 +223,7 @@ async fn follow(
         if last.elapsed() >= PROGRESS_INTERVAL {
             last = Instant::now();
             let done = task.bytes_done();
-            let seconds = begun.elapsed().as_secs_f64().max(1e-3);
-            let mib_per_s = done.saturating_sub(start_done) as f64 / 1048576.0 / seconds;
+            let mib_per_s = rate.sample(done);
             let left = total.saturating_sub(done) as f64 / 1048576.0;
             let progress = Progress {
                 percent: (100.0 * done as f64 / total as f64).clamp(0.0, 100.0),

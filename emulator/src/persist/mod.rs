@@ -397,8 +397,8 @@ impl Persist {
     /// what it has (a retry of the same id).
     pub fn record_task(&mut self, task: &TaskRecord) -> Result<(), PersistError> {
         let args = task.args.to_string();
-        self.connection
-            .execute(
+        self.write(|transaction| {
+            transaction.execute(
                 "INSERT INTO tasks (id, kind, args, agent, state, created_ms, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT (id) DO NOTHING",
                 params![
@@ -410,8 +410,27 @@ impl Persist {
                     task.created_ms as i64
                 ],
             )
-            .map_err(self.sqlite())?;
-        Ok(())
+        })
+    }
+
+    /// Runs `work` in a `BEGIN IMMEDIATE` transaction: it takes the write lock
+    /// at once (waiting up to the busy timeout for another writer), so it never
+    /// fails half-way on a lock upgrade.
+    fn write(
+        &mut self,
+        work: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<usize>,
+    ) -> Result<(), PersistError> {
+        let path = self.path.clone();
+        let sqlite = |source| PersistError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sqlite)?;
+        work(&transaction).map_err(sqlite)?;
+        transaction.commit().map_err(sqlite)
     }
 
     /// Records where a task is: its state, progress, and when it failed, why
@@ -426,8 +445,8 @@ impl Persist {
     ) -> Result<(), PersistError> {
         let progress = progress.map(|p| serde_json::to_string(p).unwrap_or_default());
         let result = result.map(|r| r.to_string());
-        self.connection
-            .execute(
+        self.write(|transaction| {
+            transaction.execute(
                 "UPDATE tasks SET state = ?2, progress = COALESCE(?3, progress), failure = ?4,
                  result = COALESCE(?5, result), updated_ms = ?6 WHERE id = ?1",
                 params![
@@ -439,8 +458,7 @@ impl Persist {
                     now_ms() as i64
                 ],
             )
-            .map_err(self.sqlite())?;
-        Ok(())
+        })
     }
 
     /// One task.

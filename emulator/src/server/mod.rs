@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::domain::{Domain, Pair, ProcessName, Role};
-use crate::link::{self, Link, LinkError, ToAgent, ToServer, HEARTBEAT, PROTOCOL_VERSION};
+use crate::link::{self, Link, LinkError, Silence, ToAgent, ToServer, HEARTBEAT, PROTOCOL_VERSION};
 use crate::rundir::{RunDir, ServerAddress};
 
 use registry::Registry;
@@ -178,17 +178,21 @@ async fn agent_link(server: Arc<Server>, stream: UnixStream) {
     tracing::info!(%agent, pid, "agent registered");
     let (mut sink, mut stream) = link.split();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut silence = Silence::new();
     let outcome: Result<(), LinkError> = async {
         loop {
             tokio::select! {
-                message = link::receive_from::<_, ToServer>(&mut stream) => match message? {
+                message = link::receive_from::<_, ToServer>(&mut stream) => match { silence.heard(); message? } {
                     ToServer::Report { revision, state } => server.registry.report(&agent, revision, *state),
                     ToServer::TaskUpdate { task } => server.registry.task_update(&agent, *task),
                     ToServer::Heartbeat => server.registry.seen(&agent),
                     ToServer::Register { .. } => tracing::warn!(%agent, "a second registration ignored"),
                 },
                 Some(message) = rx.recv() => sink.send(link::encode(&message)?).await?,
-                _ = heartbeat.tick() => sink.send(link::encode(&ToAgent::Heartbeat)?).await?,
+                _ = heartbeat.tick() => {
+                    silence.check()?;
+                    sink.send(link::encode(&ToAgent::Heartbeat)?).await?
+                }
             }
         }
     }
