@@ -205,9 +205,10 @@ impl Silence {
         }
     }
 
-    /// The peer was heard from.
-    pub fn heard(&mut self) {
+    /// The peer was heard from (whatever it said, passed through).
+    pub fn hear<M>(&mut self, message: Result<M, LinkError>) -> Result<M, LinkError> {
         self.last = std::time::Instant::now();
+        message
     }
 
     /// An error once the peer has been silent for [`PEER_TIMEOUT`].

@@ -164,7 +164,7 @@ async fn driver_side(
         let outcome: Result<(), LinkError> = async {
             loop {
                 tokio::select! {
-                    message = link::receive_from::<_, ToAgentFromDriver>(&mut stream) => match { silence.heard(); message? } {
+                    message = link::receive_from::<_, ToAgentFromDriver>(&mut stream) => match silence.hear(message)? {
                         ToAgentFromDriver::Changed { .. } => { let _ = notices.send(FromDriver::Changed).await; }
                         ToAgentFromDriver::TaskChanged { id } => { let _ = notices.send(FromDriver::TaskChanged(id)).await; }
                         ToAgentFromDriver::Heartbeat | ToAgentFromDriver::Welcome { .. } => {}
@@ -233,7 +233,7 @@ async fn server_side(
             }
             loop {
                 tokio::select! {
-                    message = link::receive_from::<_, ToAgent>(&mut stream) => match { silence.heard(); message? } {
+                    message = link::receive_from::<_, ToAgent>(&mut stream) => match silence.hear(message)? {
                         ToAgent::RunTask { id, kind, args } => {
                             let update = accept_task(&agent, &requests, id, kind, args).await;
                             sink.send(link::encode(&update)?).await?;

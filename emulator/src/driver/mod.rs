@@ -126,39 +126,6 @@ impl Rate {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Rate;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn the_rate_follows_changes_of_pace_and_never_goes_negative() {
-        let start = Instant::now();
-        let mut rate = Rate::new(0, 0.0);
-        rate.at = start;
-        let mib = 1u64 << 20;
-        let mut bytes = 0;
-        let mut at = start;
-        for _ in 0..20 {
-            at += Duration::from_millis(200);
-            bytes += 20 * mib; // 100 MiB/s
-            rate.sample_at(bytes, at);
-        }
-        let steady = rate.sample_at(bytes, at);
-        assert!((steady - 100.0).abs() < 1.0, "{steady}");
-        for _ in 0..20 {
-            at += Duration::from_millis(200);
-            bytes += 2 * mib; // slowed to 10 MiB/s
-            rate.sample_at(bytes, at);
-        }
-        let slowed = rate.sample_at(bytes, at);
-        assert!((slowed - 10.0).abs() < 1.0, "{slowed}");
-        // A counter that went back (a new task) never makes it negative.
-        at += Duration::from_millis(200);
-        assert!(rate.sample_at(0, at) >= 0.0);
-    }
-}
-
 /// Runs the driver of `cluster` until SIGTERM or SIGINT.
 pub fn run(run: &RunDir, domain: &Domain, cluster: ClusterName) -> Result<(), DriverError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -452,7 +419,7 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
     let outcome: Result<(), link::LinkError> = async {
         loop {
             tokio::select! {
-                message = link::receive_from::<_, ToDriver>(&mut stream) => match { silence.heard(); message? } {
+                message = link::receive_from::<_, ToDriver>(&mut stream) => match silence.hear(message)? {
                     ToDriver::Execute { id } => {
                         tokio::spawn(tasks::execute(Arc::clone(&driver), id));
                     }
@@ -472,4 +439,37 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
         tracing::info!(%agent, %err, "agent gone");
     }
     driver.agents.lock().await.remove(&agent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rate;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_rate_follows_changes_of_pace_and_never_goes_negative() {
+        let start = Instant::now();
+        let mut rate = Rate::new(0, 0.0);
+        rate.at = start;
+        let mib = 1u64 << 20;
+        let mut bytes = 0;
+        let mut at = start;
+        for _ in 0..20 {
+            at += Duration::from_millis(200);
+            bytes += 20 * mib; // 100 MiB/s
+            rate.sample_at(bytes, at);
+        }
+        let steady = rate.sample_at(bytes, at);
+        assert!((steady - 100.0).abs() < 1.0, "{steady}");
+        for _ in 0..20 {
+            at += Duration::from_millis(200);
+            bytes += 2 * mib; // slowed to 10 MiB/s
+            rate.sample_at(bytes, at);
+        }
+        let slowed = rate.sample_at(bytes, at);
+        assert!((slowed - 10.0).abs() < 1.0, "{slowed}");
+        // A counter that went back (a new task) never makes it negative.
+        at += Duration::from_millis(200);
+        assert!(rate.sample_at(0, at) >= 0.0);
+    }
 }

@@ -182,7 +182,7 @@ async fn agent_link(server: Arc<Server>, stream: UnixStream) {
     let outcome: Result<(), LinkError> = async {
         loop {
             tokio::select! {
-                message = link::receive_from::<_, ToServer>(&mut stream) => match { silence.heard(); message? } {
+                message = link::receive_from::<_, ToServer>(&mut stream) => match silence.hear(message)? {
                     ToServer::Report { revision, state } => server.registry.report(&agent, revision, *state),
                     ToServer::TaskUpdate { task } => server.registry.task_update(&agent, *task),
                     ToServer::Heartbeat => server.registry.seen(&agent),
