@@ -232,6 +232,20 @@ pub struct TaskRecord {
     pub updated_ms: u64,
 }
 
+/// Why a transaction's work stopped.
+enum Abort {
+    /// An SQLite call failed.
+    Sqlite(rusqlite::Error),
+    /// Something else, said as it should be.
+    With(PersistError),
+}
+
+impl From<rusqlite::Error> for Abort {
+    fn from(err: rusqlite::Error) -> Self {
+        Self::Sqlite(err)
+    }
+}
+
 /// One cluster's persistent data, open.
 #[derive(Debug)]
 pub struct Persist {
@@ -280,6 +294,33 @@ impl Persist {
 
     fn migrate(&mut self) -> Result<(), PersistError> {
         let path = self.path.clone();
+        self.immediate(|transaction| {
+            let version: i64 =
+                transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+            if version < 0 || version as usize > MIGRATIONS.len() {
+                return Err(Abort::With(PersistError::TooNew {
+                    path,
+                    found: version,
+                    known: MIGRATIONS.len(),
+                }));
+            }
+            for migration in &MIGRATIONS[version as usize..] {
+                transaction.execute_batch(migration)?;
+            }
+            transaction.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+            Ok(())
+        })
+    }
+
+    /// Runs `work` in a `BEGIN IMMEDIATE` transaction, committed when it
+    /// succeeds: it takes the write lock at once (waiting up to the busy
+    /// timeout for another writer), so it never fails half-way on a lock
+    /// upgrade.
+    fn immediate<T>(
+        &mut self,
+        work: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, Abort>,
+    ) -> Result<T, PersistError> {
+        let path = self.path.clone();
         let sqlite = |source| PersistError::Sqlite {
             path: path.clone(),
             source,
@@ -288,23 +329,12 @@ impl Persist {
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sqlite)?;
-        let version: i64 = transaction
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(sqlite)?;
-        if version < 0 || version as usize > MIGRATIONS.len() {
-            return Err(PersistError::TooNew {
-                path: path.clone(),
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
-        for migration in &MIGRATIONS[version as usize..] {
-            transaction.execute_batch(migration).map_err(sqlite)?;
-        }
-        transaction
-            .pragma_update(None, "user_version", MIGRATIONS.len() as i64)
-            .map_err(sqlite)?;
-        transaction.commit().map_err(sqlite)
+        let value = work(&transaction).map_err(|abort| match abort {
+            Abort::Sqlite(source) => sqlite(source),
+            Abort::With(err) => err,
+        })?;
+        transaction.commit().map_err(sqlite)?;
+        Ok(value)
     }
 
     /// Stores the cluster's configuration and state; returns its revision,
@@ -315,57 +345,42 @@ impl Persist {
             what: "cluster state",
             source,
         })?;
-        let path = self.path.clone();
-        let sqlite = |source| PersistError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sqlite)?;
-        let current: Option<(i64, String)> = transaction
-            .query_row(
-                "SELECT revision, document FROM cluster_state WHERE id = 1",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()
-            .map_err(sqlite)?;
-        let revision = match current {
-            Some((revision, old)) if old == document => return Ok(revision as u64),
-            Some((revision, _)) => revision + 1,
-            None => 1,
-        };
-        transaction
-            .execute(
+        self.immediate(|transaction| {
+            let current: Option<(i64, String)> = transaction
+                .query_row(
+                    "SELECT revision, document FROM cluster_state WHERE id = 1",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            let revision = match current {
+                Some((revision, old)) if old == document => return Ok(revision as u64),
+                Some((revision, _)) => revision + 1,
+                None => 1,
+            };
+            transaction.execute(
                 "INSERT INTO cluster_state (id, revision, document, updated_ms) VALUES (1, ?1, ?2, ?3)
                  ON CONFLICT (id) DO UPDATE SET revision = ?1, document = ?2, updated_ms = ?3",
                 params![revision, document, now_ms() as i64],
-            )
-            .map_err(sqlite)?;
-        transaction
-            .execute("DELETE FROM devices", [])
-            .map_err(sqlite)?;
-        for device in &state.devices {
-            let role = match device.role {
-                DeviceRole::Member => "member",
-                DeviceRole::Spare => "spare",
-            };
-            let status = match device.state {
-                DeviceState::Available => "available",
-                DeviceState::Unavailable => "unavailable",
-                DeviceState::Rebuilding => "rebuilding",
-            };
-            transaction
-                .execute(
+            )?;
+            transaction.execute("DELETE FROM devices", [])?;
+            for device in &state.devices {
+                let role = match device.role {
+                    DeviceRole::Member => "member",
+                    DeviceRole::Spare => "spare",
+                };
+                let status = match device.state {
+                    DeviceState::Available => "available",
+                    DeviceState::Unavailable => "unavailable",
+                    DeviceState::Rebuilding => "rebuilding",
+                };
+                transaction.execute(
                     "INSERT INTO devices (idx, file, role, state) VALUES (?1, ?2, ?3, ?4)",
                     params![device.index as i64, device.file, role, status],
-                )
-                .map_err(sqlite)?;
-        }
-        transaction.commit().map_err(sqlite)?;
-        Ok(revision as u64)
+                )?;
+            }
+            Ok(revision as u64)
+        })
     }
 
     /// The stored configuration and state and their revision (None before
@@ -397,7 +412,7 @@ impl Persist {
     /// what it has (a retry of the same id).
     pub fn record_task(&mut self, task: &TaskRecord) -> Result<(), PersistError> {
         let args = task.args.to_string();
-        self.write(|transaction| {
+        self.immediate(|transaction| {
             transaction.execute(
                 "INSERT INTO tasks (id, kind, args, agent, state, created_ms, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT (id) DO NOTHING",
@@ -409,28 +424,9 @@ impl Persist {
                     task.state.as_str(),
                     task.created_ms as i64
                 ],
-            )
+            )?;
+            Ok(())
         })
-    }
-
-    /// Runs `work` in a `BEGIN IMMEDIATE` transaction: it takes the write lock
-    /// at once (waiting up to the busy timeout for another writer), so it never
-    /// fails half-way on a lock upgrade.
-    fn write(
-        &mut self,
-        work: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<usize>,
-    ) -> Result<(), PersistError> {
-        let path = self.path.clone();
-        let sqlite = |source| PersistError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sqlite)?;
-        work(&transaction).map_err(sqlite)?;
-        transaction.commit().map_err(sqlite)
     }
 
     /// Records where a task is: its state, progress, and when it failed, why
@@ -445,7 +441,7 @@ impl Persist {
     ) -> Result<(), PersistError> {
         let progress = progress.map(|p| serde_json::to_string(p).unwrap_or_default());
         let result = result.map(|r| r.to_string());
-        self.write(|transaction| {
+        self.immediate(|transaction| {
             transaction.execute(
                 "UPDATE tasks SET state = ?2, progress = COALESCE(?3, progress), failure = ?4,
                  result = COALESCE(?5, result), updated_ms = ?6 WHERE id = ?1",
@@ -457,7 +453,8 @@ impl Persist {
                     result,
                     now_ms() as i64
                 ],
-            )
+            )?;
+            Ok(())
         })
     }
 
