@@ -11,6 +11,7 @@
 //! RUN/sN/disks/               system sN's disks: the array both its clusters share
 //! RUN/sN/cM/persist.db        cluster sN/cM's persistent data
 //! RUN/sN/cM/driver.sock       where the cluster's agents reach its driver
+//! RUN/sN/cM/notice-KIND.sock  where its driver, as initiator, hears a task is complete
 //! RUN/servers/a.sock          where agents register with server A (b.sock: B)
 //! RUN/servers/a.json          server A's pid and HTTP address, once it listens
 //! ```
@@ -140,6 +141,12 @@ impl RunDir {
     /// Where cluster `cluster`'s agents reach its driver.
     pub fn driver_socket(&self, cluster: ClusterName) -> PathBuf {
         self.cluster(cluster).join("driver.sock")
+    }
+
+    /// Where cluster `cluster`'s driver, as a controller, hears that every
+    /// partition of a `kind` task it initiated is COMPLETE.
+    pub fn notice_socket(&self, cluster: ClusterName, kind: &str) -> PathBuf {
+        self.cluster(cluster).join(format!("notice-{kind}.sock"))
     }
 
     /// Where agents register with server `pair`.

@@ -37,7 +37,7 @@ pub use files::{report_path, task_path};
 pub use operator::{
     adjust, begin, in_progress, prepare, start, Adjust, StartOptions, Started, TaskProgress,
 };
-pub use worker::{run_controller, run_partitions};
+pub use worker::{run_controller, run_partitions, CompletionNotice};
 
 /// Default lease: a partition whose owner has not renewed for this long goes to
 /// another controller.

@@ -75,7 +75,20 @@ pub fn run_controller(
     lease_ms: u64,
 ) -> Result<(), ControllerError> {
     let array = Array::open(dir)?;
-    run_partitions(dir, kind, id, lease_ms, array.engine())
+    run_partitions(dir, kind, id, lease_ms, array.engine(), None)
+}
+
+/// How the controllers of a task tell its initiator that every partition is
+/// COMPLETE (seed 004, claim 10), when they have a way to: the drivers of a
+/// server system do (see `crate::driver`); controller processes started by
+/// `array rebuild|scrub` do not, and their initiator looks at the
+/// coordination object instead.
+pub trait CompletionNotice: Send + Sync {
+    /// Tells controller `initiator` that every partition of its `kind` task is
+    /// COMPLETE.
+    fn notify(&self, initiator: u8, kind: TaskKind);
+    /// Waits up to `timeout` for such a notice about a `kind` task.
+    fn wait(&self, kind: TaskKind, timeout: Duration);
 }
 
 /// [`run_controller`] through an engine the caller already has open (a
@@ -86,6 +99,7 @@ pub fn run_partitions(
     id: u8,
     lease_ms: u64,
     engine: &RaidEngine,
+    notice: Option<&dyn CompletionNotice>,
 ) -> Result<(), ControllerError> {
     // Started by `array rebuild|scrub`, this process inherited the lock (held
     // exclusively by that start); started some other way, it takes it shared.
@@ -127,9 +141,16 @@ pub fn run_partitions(
             }
             // Every controller waits for the partitions others hold: they
             // complete, or their owner died and their leases run out and come
-            // back to whoever is left. Looking is a read of shared memory, so
-            // look often: the task's end is seen at once.
-            std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(1, 10)));
+            // back to whoever is left. An initiator with a notice channel is
+            // told when the last one completes (claim 10), and looks again a
+            // few times per lease for expired ones; otherwise looking is a read
+            // of shared memory, so look often: the task's end is seen at once.
+            match notice {
+                Some(notice) if id == spec.initiator => {
+                    notice.wait(kind, Duration::from_millis((lease_ms / 4).max(1)));
+                }
+                _ => std::thread::sleep(Duration::from_millis((lease_ms / 10).clamp(1, 10))),
+            }
             continue;
         };
         tracing::info!(
@@ -264,6 +285,12 @@ pub fn run_partitions(
         match task.complete(claim, found.counts()) {
             Ok(()) => tracing::info!(controller = id, partition, "completed"),
             Err(err) => tracing::warn!(controller = id, partition, %err, "could not complete"),
+        }
+        if task.all_complete() && id != spec.initiator {
+            // The last partition: the initiator is told (seed 004, claim 10).
+            if let Some(notice) = notice {
+                notice.notify(spec.initiator, kind);
+            }
         }
     }
     // The initiator runs the completion actions (seed 004). Another controller

@@ -6,6 +6,10 @@
 //! not within a lease. A task initiated by one driver is thus split across both
 //! drivers, and finished by either.
 //!
+//! The controller that completes a task's last partition tells the initiator
+//! at once, over a Unix datagram socket ([`Notices`]); the initiator also
+//! looks a few times per lease, for partitions of a controller that died.
+//!
 //! It also keeps hot spares hot: when a member has failed, a spare is there and
 //! nothing is being rebuilt, it puts the spare in place and starts a rebuild
 //! (cluster c0 at once; cluster c1 if the condition still holds a lease later,
@@ -30,6 +34,60 @@ const LOOK_INTERVAL: Duration = Duration::from_millis(100);
 /// How long after a failed attempt the driver tries a task again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// The drivers' notice channel: a Unix datagram socket per controller and task
+/// kind (`RUN/sN/cM/notice-KIND.sock`), on which the controller that completes
+/// a task's last partition tells the initiator.
+pub(super) struct Notices {
+    /// This controller's sockets, by kind.
+    own: HashMap<TaskKind, std::os::unix::net::UnixDatagram>,
+    /// Where controller N of the system listens for notices of a kind.
+    peer: Box<dyn Fn(u8, TaskKind) -> PathBuf + Send + Sync>,
+}
+
+impl Notices {
+    /// Binds this controller's sockets, `path(kind)` each.
+    pub(super) fn bind(
+        path: impl Fn(TaskKind) -> PathBuf,
+        peer: impl Fn(u8, TaskKind) -> PathBuf + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        let mut own = HashMap::new();
+        for kind in [TaskKind::Rebuild, TaskKind::Scrub] {
+            let path = path(kind);
+            let _ = std::fs::remove_file(&path);
+            own.insert(kind, std::os::unix::net::UnixDatagram::bind(&path)?);
+        }
+        Ok(Self {
+            own,
+            peer: Box::new(peer),
+        })
+    }
+}
+
+impl controller::CompletionNotice for Notices {
+    fn notify(&self, initiator: u8, kind: TaskKind) {
+        let target = (self.peer)(initiator, kind);
+        if let Some(socket) = self.own.get(&kind) {
+            match socket.send_to(kind.name().as_bytes(), &target) {
+                Ok(_) => tracing::info!(
+                    initiator,
+                    task = kind.name(),
+                    "told the initiator every partition is COMPLETE"
+                ),
+                // Gone: it will be taken over (see the worker's completion).
+                Err(err) => tracing::info!(initiator, %err, "cannot tell the initiator"),
+            }
+        }
+    }
+
+    fn wait(&self, kind: TaskKind, timeout: Duration) {
+        if let Some(socket) = self.own.get(&kind) {
+            let mut buf = [0u8; 16];
+            let _ = socket.set_read_timeout(Some(timeout));
+            let _ = socket.recv(&mut buf);
+        }
+    }
+}
+
 /// Works on every coordination object of the array in `disks` as controller
 /// `id`, until `stop`.
 pub(super) fn run(
@@ -37,6 +95,7 @@ pub(super) fn run(
     engine: Arc<RaidEngine>,
     id: u8,
     auto_rebuild: bool,
+    notices: Arc<Notices>,
     stop: Arc<AtomicBool>,
 ) {
     let mut workers: HashMap<TaskKind, JoinHandle<bool>> = HashMap::new();
@@ -73,12 +132,14 @@ pub(super) fn run(
                 continue;
             }
             handled.insert(kind, (instance, None));
-            let (disks, engine) = (disks.clone(), Arc::clone(&engine));
+            let (disks, engine, notices) =
+                (disks.clone(), Arc::clone(&engine), Arc::clone(&notices));
             let spawned = std::thread::Builder::new()
                 .name(format!("controller-{}", kind.name()))
                 .spawn(move || {
                     tracing::info!(controller = id, task = kind.name(), "joining the task");
-                    match controller::run_partitions(&disks, kind, id, DEFAULT_LEASE_MS, &engine) {
+                    let notice: &dyn controller::CompletionNotice = notices.as_ref();
+                    match controller::run_partitions(&disks, kind, id, DEFAULT_LEASE_MS, &engine, Some(notice)) {
                         Ok(()) => true,
                         Err(err) => {
                             tracing::warn!(controller = id, task = kind.name(), %err, "working on the task failed");
@@ -145,4 +206,33 @@ fn keep_spares_hot(disks: &std::path::Path, id: u8, failed_since: &mut Option<In
         }
     }
     *failed_since = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::CompletionNotice;
+
+    #[test]
+    fn the_initiator_hears_the_notice_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |id: u8, kind: TaskKind| dir.path().join(format!("c{id}-{}.sock", kind.name()));
+        let root = dir.path().to_path_buf();
+        let peer = move |id: u8, kind: TaskKind| root.join(format!("c{id}-{}.sock", kind.name()));
+        let initiator = Notices::bind(|kind| path(0, kind), peer.clone()).expect("bind c0");
+        let partner = Notices::bind(|kind| path(1, kind), peer).expect("bind c1");
+        let waiter = std::thread::spawn(move || {
+            let started = Instant::now();
+            initiator.wait(TaskKind::Scrub, Duration::from_secs(30));
+            started.elapsed()
+        });
+        // Sent once; a datagram sent before the waiter blocks is queued, not
+        // lost. Without it the wait would last its whole 30 s.
+        partner.notify(0, TaskKind::Scrub);
+        let waited = waiter.join().expect("waiter");
+        assert!(
+            waited < Duration::from_secs(5),
+            "waited {waited:?} for the notice"
+        );
+    }
 }

@@ -183,13 +183,38 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
     let watch = tokio::spawn(watch(Arc::clone(&driver)));
     // Seed 004: this driver is controller cM of its system.
     let stop_controller = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let notices = {
+        let (own, peers) = (run.clone(), run.clone());
+        let system = cluster.system;
+        controller::Notices::bind(
+            move |kind| own.notice_socket(cluster, kind.name()),
+            move |id, kind| {
+                peers.notice_socket(
+                    ClusterName {
+                        system,
+                        cluster: usize::from(id),
+                    },
+                    kind.name(),
+                )
+            },
+        )
+        .map_err(io("bind the notice sockets"))?
+    };
     let controller = {
         let (disks, stop) = (driver.disks.clone(), Arc::clone(&stop_controller));
         let auto_rebuild = domain.systems[cluster.system].auto_rebuild;
+        let notices = Arc::new(notices);
         std::thread::Builder::new()
             .name("controller".into())
             .spawn(move || {
-                controller::run(disks, engine, cluster.cluster as u8, auto_rebuild, stop)
+                controller::run(
+                    disks,
+                    engine,
+                    cluster.cluster as u8,
+                    auto_rebuild,
+                    notices,
+                    stop,
+                )
             })
             .map_err(io("start the controller thread"))?
     };
