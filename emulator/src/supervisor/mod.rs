@@ -218,6 +218,25 @@ pub fn wait_ready(
                     .join("\n")
             )));
         }
+        // A process that ended during start-up will not register: say which
+        // and why (its log's last lines), rather than waiting out the timeout.
+        if let Some(ended) = run.read_processes().into_iter().find(|p| p.ended.is_some()) {
+            let log = std::fs::read_to_string(&ended.log).unwrap_or_default();
+            return Err(SupervisorError::Refused(format!(
+                "{} {} during start-up; the end of its log ({}):\n{}",
+                ended.name,
+                ended.ended.as_deref().unwrap_or("ended"),
+                ended.log.display(),
+                log.lines()
+                    .rev()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )));
+        }
         let mut views = Vec::new();
         for pair in domain.pairs() {
             let Ok(client) = Client::new(run, pair) else {
