@@ -139,6 +139,7 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    let started_ms = crate::persist::now_ms();
     let disks = run.disks(cluster.system);
     let array = Array::open(&disks)?;
     let engine = Arc::clone(array.engine());
@@ -219,7 +220,7 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
             .map_err(io("start the controller thread"))?
     };
     // Tasks this driver was executing when it last stopped.
-    tokio::spawn(tasks::resume(Arc::clone(&driver)));
+    tokio::spawn(tasks::resume(Arc::clone(&driver), started_ms));
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
         _ = terminate.recv() => tracing::info!("SIGTERM received"),

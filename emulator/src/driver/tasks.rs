@@ -253,7 +253,7 @@ async fn follow(
 /// way is followed to its end (the other driver kept working on it); one that
 /// completed meanwhile gets its report; anything else fails with what is
 /// known. Each issuing agent is told.
-pub(super) async fn resume(driver: Arc<Driver>) {
+pub(super) async fn resume(driver: Arc<Driver>, started_ms: u64) {
     let open = {
         let driver = Arc::clone(&driver);
         tokio::task::spawn_blocking(move || {
@@ -268,7 +268,9 @@ pub(super) async fn resume(driver: Arc<Driver>) {
     let Ok(Ok(open)) = open else {
         return;
     };
-    for record in open {
+    // Only what an earlier run of this driver had: an agent that connected
+    // since may already have handed this run a new task.
+    for record in open.into_iter().filter(|r| r.created_ms < started_ms) {
         let driver = Arc::clone(&driver);
         tokio::spawn(async move {
             tracing::info!(task = %record.id, kind = %record.kind, "resuming a task the driver was executing");
