@@ -57,6 +57,10 @@ pub struct VolumeRecord {
     /// in creation order (0 in arrays made before it existed).
     #[serde(default)]
     pub id: u64,
+    /// The controller that owns the volume while both run (its home, see
+    /// [`crate::ownership`]): it serves the volume at its host-facing address.
+    #[serde(default)]
+    pub owner: u8,
 }
 
 /// Everything `array.json` records.
@@ -255,6 +259,8 @@ impl Array {
                         each
                     },
                     id: i as u64 + 1,
+                    // Alternate, so both controllers serve some.
+                    owner: (i % 2) as u8,
                 })
                 .collect(),
             volumes_created: volumes as u64,
@@ -446,9 +452,20 @@ impl Array {
     /// Carves volume `name` of `size` bytes (a multiple of 4 KiB) from the
     /// first free space big enough, starting on a stripe boundary (RAID-5: a
     /// whole row of data chunks; RAID-1: a chunk) so two volumes never share a
-    /// stripe. Running servers offer it to their next client.
-    pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeRecord, ArrayError> {
+    /// stripe. Controller `owner` owns it (see [`crate::ownership`]). Running
+    /// servers offer it to their next client.
+    pub fn create_volume(
+        &mut self,
+        name: &str,
+        size: u64,
+        owner: u8,
+    ) -> Result<VolumeRecord, ArrayError> {
         check_volume_name(name).map_err(ArrayError::Invalid)?;
+        if owner >= crate::ownership::CONTROLLERS {
+            return Err(ArrayError::Invalid(format!(
+                "owner {owner}: a server system has controllers 0 and 1"
+            )));
+        }
         if size == 0 || !size.is_multiple_of(4096) {
             return Err(ArrayError::Invalid(format!(
                 "volume size {size} must be a positive multiple of 4096 bytes"
@@ -478,6 +495,7 @@ impl Array {
                         offset: candidate,
                         size,
                         id: metadata.volumes_created,
+                        owner,
                     };
                     metadata.volumes.push(volume.clone());
                     return Ok(volume);

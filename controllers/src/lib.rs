@@ -17,6 +17,7 @@ pub mod coordination;
 pub mod findings;
 pub mod journal;
 pub mod live;
+pub mod ownership;
 pub mod pq;
 pub mod raid;
 pub mod volume;

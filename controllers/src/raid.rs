@@ -586,6 +586,17 @@ impl RaidEngine {
         self.shared.as_ref().map(|s| &s.live)
     }
 
+    /// Recovers every process that died with the array open (resyncing the
+    /// stripes it was writing), waiting for a recovery another process runs:
+    /// on return no dead process holds a stripe. What a controller taking over
+    /// a dead partner's volumes does before it serves them. Nothing for an
+    /// engine not shared with other processes.
+    pub fn recover_dead_processes(&self) {
+        if let Some(live) = self.live() {
+            live.recover_all_dead(&|stripe| self.resync_stripe(stripe));
+        }
+    }
+
     /// Marks member `index` failed in this engine's view: it is no longer read or
     /// written. (For an array on disk, `Array::fail` records it for every process.)
     pub fn fail_member(&self, index: usize) -> Result<(), RaidError> {

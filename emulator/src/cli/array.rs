@@ -50,6 +50,10 @@ pub(super) enum ArrayCommand {
         /// Size, e.g. 64MiB (a multiple of 4 KiB).
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// The controller (0 or 1) that owns it in a running domain (`emulator
+        /// up`); `emulator serve` serves every volume whatever its owner.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+        owner: u8,
     },
     /// Delete a volume (its data stays on the disks until overwritten; running
     /// servers refuse its I/O from then on).
@@ -203,8 +207,13 @@ pub(super) fn run(command: ArrayCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        ArrayCommand::VolumeCreate { dir, name, size } => {
-            let volume = Array::open(&dir)?.create_volume(&name, size)?;
+        ArrayCommand::VolumeCreate {
+            dir,
+            name,
+            size,
+            owner,
+        } => {
+            let volume = Array::open(&dir)?.create_volume(&name, size, owner)?;
             println!(
                 "volume {} created: {} bytes at array offset {} (servers started from now on export it)",
                 volume.name, volume.size, volume.offset

@@ -234,24 +234,26 @@ fn print_up(
         run.token().display()
     );
     println!();
-    println!("Volumes (attach from a Linux host; every cluster's driver serves them):");
+    println!("Volumes (attach from a Linux host at the owning controller's address; if that");
+    println!("controller fails, its partner takes the address over):");
     if let Some((_, view)) = views.first() {
         for system in view["systems"].as_array().into_iter().flatten() {
-            for cluster in system["clusters"].as_array().into_iter().flatten() {
-                let state = &cluster["state"];
-                let address = state["nbd_address"].as_str().unwrap_or_default();
+            for volume in system["volumes"].as_array().into_iter().flatten() {
+                let name = volume["name"].as_str().unwrap_or_default();
+                let uri = volume["uri"].as_str().unwrap_or_default();
+                let address = uri
+                    .trim_start_matches("nbd://")
+                    .rsplit_once('/')
+                    .map_or("", |(address, _)| address);
                 let (host, port) = address.rsplit_once(':').unwrap_or((address, ""));
-                for volume in state["volumes"].as_array().into_iter().flatten() {
-                    let name = volume["name"].as_str().unwrap_or_default();
-                    println!(
-                        "  {} {name} ({} MiB) via {}:",
-                        system["name"].as_str().unwrap_or_default(),
-                        volume["size"].as_u64().unwrap_or_default() >> 20,
-                        cluster["name"].as_str().unwrap_or_default()
-                    );
-                    println!("      sudo modprobe nbd && sudo nbd-client {host} {port} /dev/nbd0 -N {name}");
-                    println!("      nbdinfo nbd://{address}/{name}");
-                }
+                println!(
+                    "  {} {name} ({} MiB), owned by {}:",
+                    system["name"].as_str().unwrap_or_default(),
+                    volume["size"].as_u64().unwrap_or_default() >> 20,
+                    volume["home"].as_str().unwrap_or("?")
+                );
+                println!("      sudo modprobe nbd && sudo nbd-client {host} {port} /dev/nbd0 -N {name} -persist");
+                println!("      nbdinfo {uri}");
             }
         }
     }
@@ -352,10 +354,13 @@ pub(super) fn status(server: ServerArg, json: bool) -> anyhow::Result<ExitCode> 
         }
         for volume in system["volumes"].as_array().into_iter().flatten() {
             println!(
-                "  volume {} ({} MiB): {}",
+                "  volume {} ({} MiB): {}  owner {} (home {}), path {}",
                 volume["name"].as_str().unwrap_or_default(),
                 volume["size"].as_u64().unwrap_or_default() >> 20,
-                volume["uri"].as_str().unwrap_or_default()
+                volume["uri"].as_str().unwrap_or_default(),
+                volume["owner"].as_str().unwrap_or("none"),
+                volume["home"].as_str().unwrap_or("?"),
+                volume["path"].as_str().unwrap_or("?"),
             );
         }
     }

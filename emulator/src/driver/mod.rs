@@ -14,6 +14,7 @@
 //!   information) and notifies the agent that persistent data names.
 
 mod controller;
+mod paths;
 mod tasks;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use controllers::array::Array;
+use controllers::ownership::{Ownership, OwnershipError};
 use controllers::raid::MemberState;
 use controllers::volume::Volumes;
 use futures_util::SinkExt;
@@ -31,8 +33,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::{ClusterName, Domain, ProcessName, Role};
 use crate::link::{self, Link, ToAgentFromDriver, ToDriver, HEARTBEAT, PROTOCOL_VERSION};
-use crate::nbd::export::Catalog;
-use crate::nbd::server::{self, ListenAddress, Listener, ServerConfig};
+use crate::nbd::server;
 use crate::persist::{
     ArraySummary, ClusterState, Device, DeviceRole, DeviceState, Operation, Persist, PersistError,
     VolumeInfo,
@@ -56,6 +57,9 @@ pub enum DriverError {
     /// The NBD listener.
     #[error("NBD listener: {0}")]
     Nbd(#[from] server::BindError),
+    /// The ownership file.
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
     /// A socket or file.
     #[error("{what}: {source}")]
     Io {
@@ -76,7 +80,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
 struct Driver {
     cluster: ClusterName,
     disks: PathBuf,
-    nbd_address: String,
+    /// Volume ownership between this system's two controllers.
+    ownership: Arc<Ownership>,
     array: Mutex<Array>,
     persist: Mutex<Persist>,
     /// The agents connected now, by name.
@@ -146,15 +151,30 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
     let volumes = Volumes::new(&disks, Arc::clone(&engine));
     std::fs::create_dir_all(run.cluster(cluster)).map_err(io("create the cluster directory"))?;
     let persist = Persist::open(&run.persist(cluster))?;
-    let nbd = Listener::bind(&ListenAddress::Tcp(format!(
-        "127.0.0.1:{}",
-        domain.nbd_port(cluster)
-    )))
-    .await?;
+    // Join as controller cM of the system and take this controller's volumes
+    // (their address is bound by the first step, unless the partner holds
+    // them since a failover and has to hand them back first).
+    let ownership = Arc::new(Ownership::open(&disks)?);
+    ownership.join(cluster.cluster as u8)?;
+    let stop_heartbeat = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heartbeat = {
+        let (ownership, stop) = (Arc::clone(&ownership), Arc::clone(&stop_heartbeat));
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || paths::heartbeat(ownership, cluster, stop))
+            .map_err(io("start the heartbeat thread"))?
+    };
+    let mut paths = paths::Paths::new(
+        cluster,
+        Arc::clone(&ownership),
+        Arc::clone(&volumes),
+        format!("127.0.0.1:{}", domain.nbd_port(cluster)),
+    );
+    paths.step().await;
     let driver = Arc::new(Driver {
         cluster,
         disks,
-        nbd_address: nbd.local_address(),
+        ownership: Arc::clone(&ownership),
         array: Mutex::new(array),
         persist: Mutex::new(persist),
         agents: tokio::sync::Mutex::new(HashMap::new()),
@@ -166,20 +186,23 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
         .collect_and_store()
         .await?
         .unwrap_or_default();
-    tracing::info!(cluster = %cluster, revision, nbd = %driver.nbd_address, "configuration and state stored");
+    tracing::info!(cluster = %cluster, revision, nbd = %driver.nbd_address(), "configuration and state stored");
     let socket = run.driver_socket(cluster);
     let _ = std::fs::remove_file(&socket);
     let agents =
         UnixListener::bind(&socket).map_err(io(format!("listen on {}", socket.display())))?;
-    let (stop_nbd, nbd_stopped) = tokio::sync::oneshot::channel::<()>();
-    let nbd_task = tokio::spawn(server::run(
-        nbd,
-        Catalog::array(volumes),
-        ServerConfig::default(),
-        async move {
-            let _ = nbd_stopped.await;
-        },
-    ));
+    let (stop_nbd, mut nbd_stopped) = tokio::sync::oneshot::channel::<()>();
+    let nbd_task = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(paths::TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => paths.step().await,
+                _ = &mut nbd_stopped => break,
+            }
+        }
+        paths.stop_all().await;
+    });
     let accept = tokio::spawn(accept_agents(Arc::clone(&driver), agents));
     let watch = tokio::spawn(watch(Arc::clone(&driver)));
     // Seed 004: this driver is controller cM of its system.
@@ -231,11 +254,24 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
     let _ = tokio::task::spawn_blocking(move || controller.join()).await;
     let _ = stop_nbd.send(());
     let _ = nbd_task.await;
+    // A clean stop: the partner may take this controller's volumes at once.
+    stop_heartbeat.store(true, std::sync::atomic::Ordering::Release);
+    let _ = heartbeat.join();
+    ownership.leave(cluster.cluster as u8)?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 
 impl Driver {
+    /// This controller's host-facing NBD address (empty until bound once).
+    fn nbd_address(&self) -> String {
+        self.ownership
+            .record(self.cluster.cluster as u8)
+            .ok()
+            .and_then(|record| record.address)
+            .unwrap_or_default()
+    }
+
     /// Collects the configuration and state, stores them, and returns the new
     /// revision when it moved (None: unchanged).
     async fn collect_and_store(self: Arc<Self>) -> Result<Option<u64>, DriverError> {
@@ -314,7 +350,7 @@ impl Driver {
         Ok(ClusterState {
             cluster: self.cluster.to_string(),
             driver_pid: std::process::id(),
-            nbd_address: self.nbd_address.clone(),
+            nbd_address: self.nbd_address(),
             devices,
             array: ArraySummary {
                 level: status.geometry.level,
@@ -328,14 +364,38 @@ impl Driver {
             volumes: status
                 .volumes
                 .iter()
-                .map(|volume| VolumeInfo {
-                    name: volume.name.clone(),
-                    size: volume.size,
-                    uri: format!("nbd://{}/{}", self.nbd_address, volume.name),
-                })
+                .map(|volume| self.volume_info(volume))
                 .collect(),
             operations,
         })
+    }
+
+    /// A volume as hosts see it: its home address, who serves it now, and the
+    /// state of its path.
+    fn volume_info(&self, volume: &controllers::array::VolumeRecord) -> VolumeInfo {
+        let name = |controller: u8| {
+            ClusterName {
+                system: self.cluster.system,
+                cluster: usize::from(controller),
+            }
+            .to_string()
+        };
+        let (address, serving, state) = match self.ownership.record(volume.owner) {
+            Ok(record) => (
+                record.address.unwrap_or_default(),
+                record.serving,
+                paths::path_state(record.health, record.serving, volume.owner),
+            ),
+            Err(_) => (String::new(), None, "offline"),
+        };
+        VolumeInfo {
+            name: volume.name.clone(),
+            size: volume.size,
+            uri: format!("nbd://{address}/{}", volume.name),
+            home: Some(name(volume.owner)),
+            owner: serving.map(name),
+            path: Some(state.to_string()),
+        }
     }
 
     /// Sends `message` to every active agent (FIG. 3, block 304).

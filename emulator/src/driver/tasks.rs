@@ -162,8 +162,8 @@ fn run_short(driver: &Driver, task: Task) -> Result<Value, String> {
             .map(|file| json!({ "disk": disk, "file": file }))
             .map_err(|err| err.to_string()),
         Task::VolumeCreate { name, size } => array
-            .create_volume(&name, size)
-            .map(|volume| json!({ "name": volume.name, "size": volume.size, "offset": volume.offset }))
+            .create_volume(&name, size, driver.cluster.cluster as u8)
+            .map(|volume| json!({ "name": volume.name, "size": volume.size, "offset": volume.offset, "owner": driver.cluster.to_string() }))
             .map_err(|err| err.to_string()),
         Task::VolumeDelete { name } => array
             .delete_volume(&name)

@@ -146,6 +146,9 @@ pub struct Export {
 #[derive(Debug, Clone)]
 pub struct ExportSet {
     exports: Vec<Arc<Export>>,
+    /// Names this server knows but does not serve, each with the reason a
+    /// client gets (a volume another controller owns, and where it is served).
+    refused: Vec<(String, String)>,
 }
 
 impl ExportSet {
@@ -161,12 +164,21 @@ impl ExportSet {
         }
         Ok(Self {
             exports: exports.into_iter().map(Arc::new).collect(),
+            refused: Vec::new(),
         })
     }
 
     /// A set that may be empty, for a catalog whose array has no volumes left.
-    fn from_shared(exports: Vec<Arc<Export>>) -> Self {
-        Self { exports }
+    fn from_shared(exports: Vec<Arc<Export>>, refused: Vec<(String, String)>) -> Self {
+        Self { exports, refused }
+    }
+
+    /// Why export `name` is not served here, if this server knows it.
+    pub fn refusal(&self, name: &str) -> Option<&str> {
+        self.refused
+            .iter()
+            .find(|(refused, _)| refused == name)
+            .map(|(_, why)| why.as_str())
     }
 
     /// Looks up an export; the empty name means the default export.
@@ -308,12 +320,26 @@ enum Source {
     Array(Arc<ArrayCatalog>),
 }
 
-#[derive(Debug)]
 struct ArrayCatalog {
     volumes: Arc<Volumes>,
+    /// Only the volumes this controller owns, and what to tell a client
+    /// asking for another's (None: every volume, as `emulator serve` does).
+    owner: Option<(u8, Refusal)>,
     /// The generation the exports were built at, and each volume's export,
     /// reused while the volume does not change.
     last: Mutex<(u64, Vec<Served>)>,
+}
+
+/// What a client asking for a volume another controller owns is told.
+pub type Refusal = Arc<dyn Fn(&VolumeRecord) -> String + Send + Sync>;
+
+impl std::fmt::Debug for ArrayCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArrayCatalog")
+            .field("volumes", &self.volumes)
+            .field("owner", &self.owner.as_ref().map(|(owner, _)| owner))
+            .finish_non_exhaustive()
+    }
 }
 
 /// A volume and the export serving it.
@@ -329,9 +355,20 @@ impl Catalog {
 
     /// The volumes of an array, as they are when each client connects.
     pub fn array(volumes: Arc<Volumes>) -> Self {
+        Self::array_catalog(volumes, None)
+    }
+
+    /// The volumes of an array that controller `owner` owns (their home
+    /// address); a client asking for another volume gets `refusal`'s text.
+    pub fn owned(volumes: Arc<Volumes>, owner: u8, refusal: Refusal) -> Self {
+        Self::array_catalog(volumes, Some((owner, refusal)))
+    }
+
+    fn array_catalog(volumes: Arc<Volumes>, owner: Option<(u8, Refusal)>) -> Self {
         Self {
             source: Source::Array(Arc::new(ArrayCatalog {
                 volumes,
+                owner,
                 // No generation matches u64::MAX: the first `current` builds.
                 last: Mutex::new((u64::MAX, Vec::new())),
             })),
@@ -367,11 +404,24 @@ impl Catalog {
                 tracing::error!(%err, "cannot re-read the array's volumes; offering the last known ones");
             }
         }
+        let (served, refused): (Vec<&Served>, Vec<&Served>) =
+            last.1.iter().partition(|(volume, _)| match &catalog.owner {
+                Some((owner, _)) => volume.owner == *owner,
+                None => true,
+            });
+        let refused = match &catalog.owner {
+            Some((_, refusal)) => refused
+                .into_iter()
+                .map(|(volume, _)| (volume.name.clone(), refusal(volume)))
+                .collect(),
+            None => Vec::new(),
+        };
         ExportSet::from_shared(
-            last.1
-                .iter()
+            served
+                .into_iter()
                 .map(|(_, export)| Arc::clone(export))
                 .collect(),
+            refused,
         )
     }
 }

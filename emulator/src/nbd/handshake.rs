@@ -233,7 +233,7 @@ fn handle_option(
                 Err(problem) => return error(out, reply::ERR_INVALID, &format!("{problem:?}")),
             };
             let Some(export) = exports.find(&request.name) else {
-                return unknown_export(out, opt, &request.name);
+                return unknown_export(out, opt, exports, &request.name);
             };
             let flags = transmission_flags(export, state.structured_replies);
             let mut data = Vec::with_capacity(64);
@@ -298,7 +298,7 @@ fn handle_option(
                 Err(problem) => return error(out, reply::ERR_INVALID, &format!("{problem:?}")),
             };
             let Some(export) = exports.find(&request.name) else {
-                return unknown_export(out, opt, &request.name);
+                return unknown_export(out, opt, exports, &request.name);
             };
             let matches = if is_set {
                 request.queries.iter().any(|q| q == proto::BASE_ALLOCATION)
@@ -329,9 +329,17 @@ fn handle_option(
     }
 }
 
-fn unknown_export(out: &mut Vec<u8>, opt: u32, name: &str) -> Step {
-    let message = format!("no export named {name:?}");
-    proto::encode_option_reply(out, opt, reply::ERR_UNKNOWN, message.as_bytes());
+/// An export this server does not serve: `NBD_REP_ERR_POLICY` with the reason
+/// when it knows the name (a volume another controller owns: the reply names
+/// it and where it is served), else `NBD_REP_ERR_UNKNOWN`.
+fn unknown_export(out: &mut Vec<u8>, opt: u32, exports: &ExportSet, name: &str) -> Step {
+    match exports.refusal(name) {
+        Some(why) => proto::encode_option_reply(out, opt, reply::ERR_POLICY, why.as_bytes()),
+        None => {
+            let message = format!("no export named {name:?}");
+            proto::encode_option_reply(out, opt, reply::ERR_UNKNOWN, message.as_bytes());
+        }
+    }
     Step::Continue
 }
 

@@ -116,8 +116,20 @@ pub struct VolumeInfo {
     pub name: String,
     /// Bytes.
     pub size: u64,
-    /// Its URI at this cluster's driver.
+    /// Its URI: its home controller's address, which a partner that took
+    /// the volume over serves too (address takeover).
     pub uri: String,
+    /// The controller that owns it while both run (`s0/c0`).
+    #[serde(default)]
+    pub home: Option<String>,
+    /// The controller serving it now (None: nobody).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Its path: `optimized` (the home controller serves it), `failed-over`
+    /// (the partner does), `transitioning` (its controller is gone, nobody
+    /// took over yet), `offline`.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// A rebuild or scrub under way, as its coordination object tells.

@@ -230,7 +230,9 @@ async fn domain(State(server): State<Arc<Server>>) -> Json<Value> {
                 })
                 .collect();
             // The system's disks, array and volumes: as the freshest report
-            // of either cluster tells (both share them).
+            // of either cluster tells (both share them), from a cluster whose
+            // driver still runs if there is one (a dead driver's last report
+            // knows nothing of the failover that followed).
             let freshest: Option<ClusterState> = [0, 1]
                 .into_iter()
                 .filter_map(|c| {
@@ -242,7 +244,7 @@ async fn domain(State(server): State<Arc<Server>>) -> Json<Value> {
                         })
                         .and_then(|(agent, state)| state.map(|s| (agent.last_seen_ms, s)))
                 })
-                .max_by_key(|(seen, _)| *seen)
+                .max_by_key(|(seen, state)| (liveness(state.driver_pid) == "running", *seen))
                 .map(|(_, state)| state);
             let health = freshest
                 .as_ref()
@@ -254,7 +256,8 @@ async fn domain(State(server): State<Arc<Server>>) -> Json<Value> {
                 "disks": freshest.as_ref().map(|s| &s.devices),
                 "array": freshest.as_ref().map(|s| &s.array),
                 "volumes": freshest.as_ref().map(|s| s.volumes.iter().map(|v| json!({
-                    "name": v.name, "size": v.size, "uri": v.uri
+                    "name": v.name, "size": v.size, "uri": v.uri,
+                    "home": v.home, "owner": v.owner, "path": v.path,
                 })).collect::<Vec<_>>()),
                 "operations": freshest.as_ref().map(|s| &s.operations),
                 "clusters": clusters,

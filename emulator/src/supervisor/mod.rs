@@ -141,6 +141,14 @@ pub fn prepare(run: &RunDir, config_text: &str) -> Result<Domain, SupervisorErro
         } else {
             Array::create(&dir, geometry, system.spares, system.volumes).map_err(disks)?;
         }
+        // Ownership starts afresh with the domain: every volume at its home
+        // controller, addresses as this configuration says.
+        match std::fs::remove_file(dir.join(controllers::ownership::OWNERSHIP_FILE)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("reset the ownership file")(err))
+            }
+            _ => {}
+        }
         for cluster in 0..2 {
             let dir = run.cluster(crate::domain::ClusterName {
                 system: index,
