@@ -19,3 +19,4 @@ pub mod rundir;
 pub mod server;
 pub mod supervisor;
 pub mod task;
+pub mod workload;
