@@ -47,6 +47,10 @@ pub(super) enum WorkloadCommand {
         /// connection dies) before giving up.
         #[arg(long, value_parser = parse_duration, default_value = "30s")]
         reconnect_timeout: Duration,
+        /// How long a request may wait for its reply before the connection is
+        /// taken for dead (and reconnected).
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        request_timeout: Duration,
         /// The record file to create (JSON lines; must not exist).
         #[arg(long)]
         record: PathBuf,
@@ -109,6 +113,7 @@ pub(super) fn run(command: WorkloadCommand) -> anyhow::Result<ExitCode> {
             block_size,
             max_blocks,
             reconnect_timeout,
+            request_timeout,
             record,
             json,
         } => {
@@ -122,6 +127,7 @@ pub(super) fn run(command: WorkloadCommand) -> anyhow::Result<ExitCode> {
                 block_size,
                 max_blocks,
                 reconnect_timeout,
+                request_timeout,
                 record,
             };
             let summary = runtime.block_on(workload::run(config))?;
@@ -226,6 +232,12 @@ fn print_verify(report: &VerifyReport) {
         report.blocks_holding_durable,
         report.blocks_with_later_undurable_content
     );
+    if report.blocks_torn_by_undurable_writes > 0 {
+        println!(
+            "torn blocks:     {} (durable bytes mixed with a later write's, cut short)",
+            report.blocks_torn_by_undurable_writes
+        );
+    }
     println!(
         "no durable write: {} blocks (anything allowed)",
         report.blocks_without_durable_write

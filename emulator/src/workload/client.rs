@@ -493,6 +493,12 @@ impl Client {
         lock(&self.state).lost.is_some()
     }
 
+    /// Gives the connection up (e.g. a reply took too long): every request in
+    /// flight, and every later one, fails with [`RequestError::ConnectionLost`].
+    pub fn abandon(&self, why: String) {
+        lock(&self.state).lose(why);
+    }
+
     /// Reads `length` bytes at `offset`.
     pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>, RequestError> {
         self.request(cmd::READ, 0, offset, length, &[]).await

@@ -54,6 +54,9 @@ pub struct RunConfig {
     pub max_blocks: u32,
     /// How long to keep trying to connect after the connection dies.
     pub reconnect_timeout: Duration,
+    /// How long a request may wait for its reply before the connection is
+    /// given up as dead.
+    pub request_timeout: Duration,
     /// The record file to create.
     pub record: PathBuf,
 }
@@ -125,6 +128,23 @@ pub struct RunSummary {
     pub final_flush_acked: bool,
 }
 
+/// Waits for `request` for at most `timeout`; past it, gives the connection up
+/// (which fails every other request in flight on it too).
+pub(super) async fn bounded<T>(
+    client: &Client,
+    timeout: Duration,
+    request: impl std::future::Future<Output = Result<T, RequestError>>,
+) -> Result<T, RequestError> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(result) => result,
+        Err(_) => {
+            let why = format!("no reply within {} ms", timeout.as_millis());
+            client.abandon(why.clone());
+            Err(RequestError::ConnectionLost(why))
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Expect {
     /// The block's last write was acknowledged: it must hold it.
@@ -188,6 +208,8 @@ struct Runner {
     tasks: JoinSet<Completion>,
     next_seq: u64,
     next_flush_id: u64,
+    /// The id of the final FLUSH, once sent.
+    final_flush_id: Option<u64>,
     writes_since_flush: u64,
     /// The connection died and no new one was made yet.
     connection_lost: bool,
@@ -277,6 +299,7 @@ pub async fn run(config: RunConfig) -> Result<RunSummary, WorkloadError> {
         tasks: JoinSet::new(),
         next_seq: 1,
         next_flush_id: 1,
+        final_flush_id: None,
         writes_since_flush: 0,
         connection_lost: false,
         stall_started: None,
@@ -410,6 +433,9 @@ impl Runner {
                 self.reconnect().await?;
             }
             let op = self.flush_op()?;
+            if let Op::Flush { id } = op {
+                self.final_flush_id = Some(id);
+            }
             self.record.flush()?;
             self.spawn(op);
             self.drain().await?;
@@ -510,6 +536,7 @@ impl Runner {
         let generation = self.generation;
         let seed = self.config.seed;
         let block_size = self.block_size;
+        let timeout = self.config.request_timeout;
         self.tasks.spawn(async move {
             let mut mismatches = Vec::new();
             let result = match &op {
@@ -523,16 +550,16 @@ impl Runner {
                     for (index, chunk) in data.chunks_exact_mut(block_size as usize).enumerate() {
                         fill_block(seed, *seq, first + index as u64, chunk);
                     }
-                    client.write(first * block_size, &data, *fua).await
+                    let write = client.write(first * block_size, &data, *fua);
+                    bounded(&client, timeout, write).await
                 }
                 Op::Read {
                     first,
                     count,
                     expected,
                 } => {
-                    let read = client
-                        .read(first * block_size, (count * block_size) as u32)
-                        .await;
+                    let read = client.read(first * block_size, (count * block_size) as u32);
+                    let read = bounded(&client, timeout, read).await;
                     read.map(|data| {
                         let blocks = data.chunks_exact(block_size as usize);
                         for ((index, found), expected) in blocks.enumerate().zip(expected) {
@@ -552,7 +579,7 @@ impl Runner {
                         }
                     })
                 }
-                Op::Flush { .. } => client.flush().await,
+                Op::Flush { .. } => bounded(&client, timeout, client.flush()).await,
             };
             Completion {
                 op,
@@ -627,7 +654,9 @@ impl Runner {
             (Op::Flush { id }, Ok(())) => {
                 self.record.line(&Line::FlushAcked { flush_acked: *id })?;
                 self.summary.flushes_acked += 1;
-                self.summary.final_flush_acked = *id + 1 == self.next_flush_id;
+                if self.final_flush_id == Some(*id) {
+                    self.summary.final_flush_acked = true;
+                }
             }
             (Op::Flush { id }, Err(err)) => {
                 self.record.line(&Line::FlushFailed {

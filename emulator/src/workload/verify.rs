@@ -7,7 +7,10 @@
 //! because a run never has two overlapping writes in flight). The block may
 //! hold D's content or that of any write of the block with a larger sequence
 //! number, acknowledged or not (it may have landed). Without a durable write
-//! anything goes. Anything else is LOST.
+//! anything goes. A block whose every byte is that of one of those writes is
+//! allowed too: a write not yet durable when the server died may have been cut
+//! short part-way through the block (the emulator promises each byte old or
+//! new). Anything else is LOST.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +26,8 @@ use super::WorkloadError;
 const VERIFY_READ_BLOCKS: u64 = 256;
 /// READ requests `verify` keeps in flight.
 const VERIFY_READS_IN_FLIGHT: usize = 8;
+/// How long one READ of `verify` may take.
+const VERIFY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Lost blocks described per range (the rest are counted).
 const DETAILS_PER_RANGE: usize = 16;
 /// Bytes of expected and found content shown for unknown content.
@@ -153,6 +158,12 @@ pub enum Verdict {
     },
     /// No durable write covers it: anything is allowed.
     NoDurableWrite,
+    /// Each byte is that of its last durable write or of a later one (a later
+    /// write cut short): allowed.
+    Torn {
+        /// The later writes whose bytes are there.
+        seqs: Vec<u64>,
+    },
     /// Durable data is gone.
     Lost(Box<LostBlock>),
 }
@@ -221,6 +232,9 @@ impl Oracle {
         if holds(durable.seq) {
             return Verdict::Durable;
         }
+        if let Some(seqs) = self.torn(block, durable.seq, &history.later, found) {
+            return Verdict::Torn { seqs };
+        }
         Verdict::Lost(Box::new(LostBlock {
             block,
             offset: block * self.block_size,
@@ -228,6 +242,44 @@ impl Oracle {
             later_writes: history.later.iter().map(|write| write.seq).collect(),
             found: identify(self.seed, block, found, durable.seq),
         }))
+    }
+}
+
+impl Oracle {
+    /// The later writes whose bytes make up `found` together with the
+    /// durable write's, if every byte is one of theirs.
+    fn torn(&self, block: u64, durable: u64, later: &[WriteRef], found: &[u8]) -> Option<Vec<u64>> {
+        if later.is_empty() {
+            return None;
+        }
+        let durable_content = block_content(self.seed, durable, block, found.len());
+        let later_contents: Vec<(u64, Vec<u8>)> = later
+            .iter()
+            .map(|write| {
+                (
+                    write.seq,
+                    block_content(self.seed, write.seq, block, found.len()),
+                )
+            })
+            .collect();
+        let mut used = vec![false; later_contents.len()];
+        for (index, byte) in found.iter().enumerate() {
+            if durable_content[index] == *byte {
+                continue;
+            }
+            let from_later = later_contents
+                .iter()
+                .position(|(_, content)| content[index] == *byte)?;
+            used[from_later] = true;
+        }
+        Some(
+            later_contents
+                .iter()
+                .zip(used)
+                .filter(|(_, used)| *used)
+                .map(|((seq, _), _)| *seq)
+                .collect(),
+        )
     }
 }
 
@@ -298,6 +350,9 @@ pub struct VerifyReport {
     pub blocks_holding_durable: u64,
     /// Blocks holding a later, not durable write.
     pub blocks_with_later_undurable_content: u64,
+    /// Blocks mixing their last durable write's bytes with a later write's (a
+    /// write cut short).
+    pub blocks_torn_by_undurable_writes: u64,
     /// Blocks no durable write covers (anything allowed).
     pub blocks_without_durable_write: u64,
     /// Blocks that lost durable data.
@@ -345,6 +400,7 @@ pub async fn verify(record: &Record, uri_text: &str) -> Result<VerifyReport, Wor
         durable_blocks: 0,
         blocks_holding_durable: 0,
         blocks_with_later_undurable_content: 0,
+        blocks_torn_by_undurable_writes: 0,
         blocks_without_durable_write: 0,
         lost_blocks: 0,
         lost_ranges: Vec::new(),
@@ -359,9 +415,8 @@ pub async fn verify(record: &Record, uri_text: &str) -> Result<VerifyReport, Wor
             };
             let client = client.clone();
             in_flight.spawn(async move {
-                let result = client
-                    .read(first * block_size, (count * block_size) as u32)
-                    .await;
+                let read = client.read(first * block_size, (count * block_size) as u32);
+                let result = super::run::bounded(&client, VERIFY_READ_TIMEOUT, read).await;
                 (first, count, result)
             });
         }
@@ -386,6 +441,7 @@ pub async fn verify(record: &Record, uri_text: &str) -> Result<VerifyReport, Wor
             match oracle.judge(block, found) {
                 Verdict::Durable => report.blocks_holding_durable += 1,
                 Verdict::Later { .. } => report.blocks_with_later_undurable_content += 1,
+                Verdict::Torn { .. } => report.blocks_torn_by_undurable_writes += 1,
                 Verdict::NoDurableWrite => report.blocks_without_durable_write += 1,
                 Verdict::Lost(block) => lost.push(*block),
             }
@@ -462,6 +518,24 @@ mod tests {
         assert_eq!(lost.expected.seq, 2);
         assert_eq!(lost.expected.durable, Some(Durability::Flush(1)));
         assert_eq!(lost.found, Found::Write { seq: 1 });
+    }
+
+    #[test]
+    fn block_cut_short_by_a_later_write_is_torn_not_lost() {
+        let oracle = three_writes();
+        // Block 3: durable write 2, then write 3 (never acknowledged) landed
+        // only in the block's second half.
+        let mut found = content(2, 3);
+        found[BS / 2..].copy_from_slice(&content(3, 3)[BS / 2..]);
+        assert_eq!(oracle.judge(3, &found), Verdict::Torn { seqs: vec![3] });
+        // Mixed with an older write instead: lost.
+        let mut found = content(2, 3);
+        found[BS / 2..].copy_from_slice(&content(1, 3)[BS / 2..]);
+        assert!(matches!(oracle.judge(3, &found), Verdict::Lost(_)));
+        // Block 2 has no write after its durable one: half old is lost.
+        let mut found = content(2, 2);
+        found[BS / 2..].copy_from_slice(&content(1, 2)[BS / 2..]);
+        assert!(matches!(oracle.judge(2, &found), Verdict::Lost(_)));
     }
 
     #[test]
