@@ -152,6 +152,42 @@ def test_failover_to_second_server_on_same_image(serve, image, tmp_path, seed):
     assert report["lost_blocks"] == 0
 
 
+def test_stopped_server_times_out_and_fails_over(serve, image, tmp_path, seed):
+    """A server that stops answering (SIGSTOP) is given up after
+    --request-timeout; the run fails over to the second server. The stopped one
+    is then killed without running again, so its stale writes never land."""
+    first = serve(image, "unix")
+    second = serve(image, "unix")
+    record = tmp_path / "run.jsonl"
+    args = [str(emulator_bin()), *map(str, run_args(
+        [first.uri(), second.uri()], seed, record, "5s", ["--request-timeout", "1s"]))]
+    log = open(tmp_path / "workload.log", "wb")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        wait_until(lambda: acked_lines(record) > 200, 20, "the run to acknowledge writes")
+        first.signal(signal.SIGSTOP)
+        wait_until(lambda: record.read_text().count('"connected"') >= 2, 20,
+                   "the run to fail over")
+        first.kill9()
+        stdout, _ = proc.communicate(timeout=CMD_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=EXIT_TIMEOUT)
+        log.close()
+    stderr = (tmp_path / "workload.log").read_text(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    summary = json.loads(stdout)
+    assert summary["reconnects"] == 1, summary
+    # The stall counts from the first failed request: the timeout, 1 s after
+    # the request was sent, not the request itself.
+    assert 0 < summary["stall_ms_max"] < 10000, summary
+    assert "no reply within 1000 ms" in record.read_text()
+    result, report = verify(second.uri(), record)
+    assert result.returncode == 0, result.describe()
+    assert report["lost_blocks"] == 0
+
+
 def test_writer_killed_mid_run_record_still_verifies(serve, image, tmp_path, seed):
     server = serve(image, "unix")
     record = tmp_path / "run.jsonl"
