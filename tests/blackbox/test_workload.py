@@ -57,8 +57,8 @@ def acked_lines(path):
         return 0
 
 
-def test_clean_run_verifies_and_overwritten_durable_range_is_lost(serve, image, tmp_path, seed):
-    server = serve(image, "unix")
+def test_clean_run_verifies_and_overwritten_durable_range_is_lost(server, tmp_path, seed):
+    # `server`: the image over a Unix socket and over TCP (nbd://127.0.0.1:PORT/disk).
     record = tmp_path / "run.jsonl"
     result = emulator(*run_args([server.uri()], seed, record))
     assert result.returncode == 0, result.describe()

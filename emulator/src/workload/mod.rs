@@ -123,6 +123,9 @@ pub enum WorkloadError {
         /// The last attempt's error.
         last_error: String,
     },
+    /// The final FLUSH was not acknowledged.
+    #[error("the final FLUSH was not acknowledged in {0} attempts")]
+    FinalFlush(u32),
     /// A request task panicked or was cancelled.
     #[error("request task: {0}")]
     Task(String),

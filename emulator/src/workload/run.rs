@@ -443,6 +443,9 @@ impl Runner {
                 break;
             }
         }
+        if !self.summary.final_flush_acked {
+            return Err(WorkloadError::FinalFlush(FINAL_FLUSH_ATTEMPTS));
+        }
         Ok(())
     }
 
