@@ -671,8 +671,10 @@ impl Runner {
         }
         if let Err(err) = &result {
             tracing::debug!(?op, error = %err, "request failed");
-            if matches!(err, RequestError::ConnectionLost(_)) && generation == self.generation {
-                self.lose(err.to_string())?;
+            if let RequestError::ConnectionLost(why) = err {
+                if generation == self.generation {
+                    self.lose(why.clone())?;
+                }
             }
         }
         Ok(())
