@@ -1,7 +1,8 @@
 //! The emulator: everything above the disks and arrays, one module per role.
 //! Today that is the NBD server that exports disk images and array volumes to
 //! real clients ([`nbd`]), the controller processes that split rebuild and
-//! scrub ([`controller`]), and the command line ([`cli`]). The processes of the
+//! scrub ([`controller`]), the write oracle that checks what survives a crash
+//! ([`workload`]), and the command line ([`cli`]). The processes of the
 //! management plane (supervisor, driver, agents, servers), their persistent
 //! data, the HTTP API and the scenario runner will each get a module here too
 //! (see `ARCHITECTURE.md`).
@@ -19,3 +20,4 @@ pub mod rundir;
 pub mod server;
 pub mod supervisor;
 pub mod task;
+pub mod workload;

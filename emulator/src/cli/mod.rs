@@ -13,6 +13,7 @@ mod domain;
 mod image;
 mod serve;
 pub mod units;
+mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +70,10 @@ enum Command {
     Array(array::ArrayCommand),
     /// Serve a disk image, or the volumes of an array, over NBD.
     Serve(serve::ServeArgs),
+    /// The write oracle: a recorded random workload over NBD, and the check
+    /// that no durable write was lost.
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
     /// The processes of a running domain (started by `up`).
     #[command(flatten)]
     Process(domain::ProcessCommand),
@@ -110,6 +115,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Image(command) => image::run(command),
         Command::Array(command) => array::run(command),
         Command::Serve(args) => serve::run(args),
+        Command::Workload(command) => workload::run(command),
         Command::Controller {
             dir,
             task,
