@@ -8,6 +8,7 @@
 //! (see `ARCHITECTURE.md`).
 
 pub mod agent;
+pub mod attach;
 pub mod cli;
 pub mod client;
 pub mod controller;

@@ -9,6 +9,7 @@
 //! line on stderr naming what was wrong).
 
 mod array;
+mod attach;
 mod domain;
 mod image;
 mod serve;
@@ -74,6 +75,10 @@ enum Command {
     /// that no durable write was lost.
     #[command(subcommand)]
     Workload(workload::WorkloadCommand),
+    /// Attach a volume to this Linux host's /dev/nbdN (kernel netlink) and keep
+    /// it attached across controller failover: reconnects by itself and hands
+    /// the kernel the new connection. Runs until SIGTERM or Ctrl-C.
+    Attach(attach::AttachArgs),
     /// The processes of a running domain (started by `up`).
     #[command(flatten)]
     Process(domain::ProcessCommand),
@@ -116,6 +121,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Array(command) => array::run(command),
         Command::Serve(args) => serve::run(args),
         Command::Workload(command) => workload::run(command),
+        Command::Attach(args) => attach::run(args),
         Command::Controller {
             dir,
             task,

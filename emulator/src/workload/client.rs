@@ -51,6 +51,17 @@ pub enum Address {
     Unix(PathBuf),
 }
 
+impl fmt::Display for NbdUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.address {
+            Address::Tcp { .. } => write!(f, "nbd://{}/{}", self.address, self.export),
+            Address::Unix(path) => {
+                write!(f, "nbd+unix:///{}?socket={}", self.export, path.display())
+            }
+        }
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -328,6 +339,128 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 #[derive(Debug)]
 struct AbortOnDrop(JoinHandle<()>);
 
+/// The handshake alone: reads the greeting, negotiates `export` with
+/// `NBD_OPT_GO`, and returns its size and transmission flags. Reads no byte
+/// past the handshake (the server sends nothing more until asked), so the
+/// stream can be handed to someone else afterwards, e.g. the kernel.
+pub async fn handshake<R, W>(
+    read: &mut R,
+    write: &mut W,
+    export: &str,
+    address: &str,
+) -> Result<(u64, u16), ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let io = |source| ClientError::HandshakeIo {
+        address: address.to_owned(),
+        source,
+    };
+    let protocol = |what: String| ClientError::Protocol {
+        address: address.to_owned(),
+        what,
+    };
+    let magic = read.read_u64().await.map_err(io)?;
+    let option_magic = read.read_u64().await.map_err(io)?;
+    if magic != proto::NBD_MAGIC || option_magic != proto::IHAVEOPT {
+        return Err(protocol(format!(
+            "not a fixed-newstyle NBD server (greeting {magic:#x} {option_magic:#x})"
+        )));
+    }
+    let handshake_flags = read.read_u16().await.map_err(io)?;
+    if handshake_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(protocol("server does not offer fixed newstyle".into()));
+    }
+    let mut client_flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE;
+    if handshake_flags & proto::FLAG_NO_ZEROES != 0 {
+        client_flags |= proto::CLIENT_FLAG_NO_ZEROES;
+    }
+    let mut hello = client_flags.to_be_bytes().to_vec();
+    hello.extend_from_slice(&encode_option(option::GO, &go_payload(export)));
+    write.write_all(&hello).await.map_err(io)?;
+    write.flush().await.map_err(io)?;
+    let mut export_info = None;
+    loop {
+        let reply_magic = read.read_u64().await.map_err(io)?;
+        if reply_magic != proto::OPTION_REPLY_MAGIC {
+            return Err(protocol(format!("bad option reply magic {reply_magic:#x}")));
+        }
+        let replied_option = read.read_u32().await.map_err(io)?;
+        let reply_type = read.read_u32().await.map_err(io)?;
+        let length = read.read_u32().await.map_err(io)?;
+        if replied_option != option::GO {
+            return Err(protocol(format!(
+                "reply to option {replied_option} while negotiating NBD_OPT_GO"
+            )));
+        }
+        if length > MAX_OPTION_REPLY_BYTES {
+            return Err(protocol(format!("option reply of {length} bytes")));
+        }
+        let mut data = vec![0u8; length as usize];
+        read.read_exact(&mut data).await.map_err(io)?;
+        match reply_type {
+            reply::ACK => break,
+            reply::INFO => {
+                let mut reader = proto::Reader::new(&data);
+                if reader.u16() == Ok(proto::info::EXPORT) {
+                    let size = reader.u64();
+                    let flags = reader.u16();
+                    match (size, flags) {
+                        (Ok(size), Ok(flags)) => export_info = Some((size, flags)),
+                        _ => return Err(protocol("short NBD_INFO_EXPORT".into())),
+                    }
+                }
+            }
+            error if error & 0x8000_0000 != 0 => {
+                return Err(ClientError::Refused {
+                    address: address.to_owned(),
+                    export: export.to_owned(),
+                    reply_type: reply_type_name(error),
+                    message: String::from_utf8_lossy(&data).into_owned(),
+                });
+            }
+            // Other replies (e.g. NBD_REP_SERVER) carry nothing we need.
+            _ => {}
+        }
+    }
+    export_info.ok_or_else(|| protocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into()))
+}
+
+/// Connects to `uri`, negotiates its export, and returns the connected socket
+/// (blocking, as the kernel's NBD driver wants one) with the export's size
+/// and transmission flags: what `emulator attach` hands to `/dev/nbdN`.
+pub async fn connect_raw(uri: &NbdUri) -> Result<(std::os::fd::OwnedFd, u64, u16), ClientError> {
+    let address = uri.address.to_string();
+    let connect_error = |source| ClientError::Connect {
+        address: address.clone(),
+        source,
+    };
+    match &uri.address {
+        Address::Tcp { host, port } => {
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(connect_error)?;
+            stream.set_nodelay(true).map_err(connect_error)?;
+            let (mut read, mut write) = stream.split();
+            let (size, flags) = handshake(&mut read, &mut write, &uri.export, &address).await?;
+            let stream = stream.into_std().map_err(connect_error)?;
+            stream.set_nonblocking(false).map_err(connect_error)?;
+            Ok((stream.into(), size, flags))
+        }
+        Address::Unix(path) => {
+            let mut stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(connect_error)?;
+            let (mut read, mut write) = stream.split();
+            let (size, flags) = handshake(&mut read, &mut write, &uri.export, &address).await?;
+            let stream = stream.into_std().map_err(connect_error)?;
+            stream.set_nonblocking(false).map_err(connect_error)?;
+            Ok((stream.into(), size, flags))
+        }
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -390,80 +523,8 @@ impl Client {
         export: &str,
         address: &str,
     ) -> Result<Self, ClientError> {
-        let io = |source| ClientError::HandshakeIo {
-            address: address.to_owned(),
-            source,
-        };
-        let protocol = |what: String| ClientError::Protocol {
-            address: address.to_owned(),
-            what,
-        };
         let mut read = BufReader::with_capacity(256 * 1024, read);
-        let magic = read.read_u64().await.map_err(io)?;
-        let option_magic = read.read_u64().await.map_err(io)?;
-        if magic != proto::NBD_MAGIC || option_magic != proto::IHAVEOPT {
-            return Err(protocol(format!(
-                "not a fixed-newstyle NBD server (greeting {magic:#x} {option_magic:#x})"
-            )));
-        }
-        let handshake_flags = read.read_u16().await.map_err(io)?;
-        if handshake_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(protocol("server does not offer fixed newstyle".into()));
-        }
-        let mut client_flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE;
-        if handshake_flags & proto::FLAG_NO_ZEROES != 0 {
-            client_flags |= proto::CLIENT_FLAG_NO_ZEROES;
-        }
-        let mut hello = client_flags.to_be_bytes().to_vec();
-        hello.extend_from_slice(&encode_option(option::GO, &go_payload(export)));
-        write.write_all(&hello).await.map_err(io)?;
-        write.flush().await.map_err(io)?;
-        let mut export_info = None;
-        loop {
-            let reply_magic = read.read_u64().await.map_err(io)?;
-            if reply_magic != proto::OPTION_REPLY_MAGIC {
-                return Err(protocol(format!("bad option reply magic {reply_magic:#x}")));
-            }
-            let replied_option = read.read_u32().await.map_err(io)?;
-            let reply_type = read.read_u32().await.map_err(io)?;
-            let length = read.read_u32().await.map_err(io)?;
-            if replied_option != option::GO {
-                return Err(protocol(format!(
-                    "reply to option {replied_option} while negotiating NBD_OPT_GO"
-                )));
-            }
-            if length > MAX_OPTION_REPLY_BYTES {
-                return Err(protocol(format!("option reply of {length} bytes")));
-            }
-            let mut data = vec![0u8; length as usize];
-            read.read_exact(&mut data).await.map_err(io)?;
-            match reply_type {
-                reply::ACK => break,
-                reply::INFO => {
-                    let mut reader = proto::Reader::new(&data);
-                    if reader.u16() == Ok(proto::info::EXPORT) {
-                        let size = reader.u64();
-                        let flags = reader.u16();
-                        match (size, flags) {
-                            (Ok(size), Ok(flags)) => export_info = Some((size, flags)),
-                            _ => return Err(protocol("short NBD_INFO_EXPORT".into())),
-                        }
-                    }
-                }
-                error if error & 0x8000_0000 != 0 => {
-                    return Err(ClientError::Refused {
-                        address: address.to_owned(),
-                        export: export.to_owned(),
-                        reply_type: reply_type_name(error),
-                        message: String::from_utf8_lossy(&data).into_owned(),
-                    });
-                }
-                // Other replies (e.g. NBD_REP_SERVER) carry nothing we need.
-                _ => {}
-            }
-        }
-        let (size, transmission_flags) = export_info
-            .ok_or_else(|| protocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into()))?;
+        let (size, transmission_flags) = handshake(&mut read, &mut write, export, address).await?;
         let state = Arc::new(Mutex::new(State {
             next_cookie: 1,
             ..State::default()
