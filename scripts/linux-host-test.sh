@@ -15,6 +15,16 @@
 #     nbd-client -unix with two connections (multi-conn), read-only mount,
 #     every sum from round 1 checked again, detach, SIGTERM (exit 0),
 #     e2fsck -fn and emulator image verify of the image.
+#   round 3, a whole domain and a controller failover:
+#     emulator up (one server system, 4 + 1 spare disks of 24 MiB, RAID-5),
+#     emulator attach of the volume to /dev/nbd0 (kernel netlink, request
+#     timeout 10 s, dead-connection timeout 60 s), mkfs.ext4, mount, write
+#     files with known sums; fail a disk and let the automatic rebuild onto
+#     the hot spare finish while mounted and written to; kill -9 the owning
+#     driver while writing: the partner takes the volume and its address
+#     over, the attach reconnects, the writes complete; restart the driver
+#     (failback while mounted), write more; umount, e2fsck -fn, every sum
+#     checked; a scrub finds nothing; detach; emulator down.
 #
 # Every step prints `PASS <step>` or `FAIL <step>` on the serial console; the
 # script exits 0 only when every expected PASS marker is there and no FAIL.
@@ -53,6 +63,8 @@ IMAGE_MIB=64
 DATA_MIB=8
 PORT=10809
 EXPORT=disk0
+# Round 3: the domain's first NBD port (s0/c0 serves the volume there).
+DOMAIN_PORT=10811
 case $TIMEOUT in '' | *[!0-9]*) echo "linux-host-test: error: LINUX_HOST_TIMEOUT must be whole seconds" >&2; exit 2 ;; esac
 # The guest gives up (printing FAIL watchdog) a little before QEMU is killed.
 GUEST_WATCHDOG=$((TIMEOUT > 60 ? TIMEOUT - 30 : TIMEOUT * 3 / 4 + 1))
@@ -65,6 +77,9 @@ EXPECTED=(
     sigterm-exit-0 image-verify
     serve-unix attach-unix-multiconn verify-after-restart detach-unix
     sigterm-exit-0-unix fsck-image-final image-verify-final kernel-log-clean
+    domain-up attach-domain mkfs-write-domain fail-disk-auto-rebuild
+    kill-owner-ride-over failback fsck-verify-domain scrub-clean detach-domain
+    domain-down kernel-log-no-errors
     all
 )
 
@@ -286,6 +301,7 @@ IMAGE_MIB=$IMAGE_MIB
 DATA_MIB=$DATA_MIB
 PORT=$PORT
 EXPORT=$EXPORT
+DOMAIN_PORT=$DOMAIN_PORT
 MODULES="${MOD_ORDER[*]}"
 WATCHDOG=$GUEST_WATCHDOG
 EOF
@@ -310,6 +326,7 @@ exec </dev/console >/dev/console 2>&1
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o size=256m tmpfs /data
 mount -t tmpfs tmpfs /run
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 . /etc/linux-host-test.conf
 IMAGE=/data/$EXPORT.img
 SOCKET=/run/nbd.sock
@@ -337,6 +354,11 @@ step() {
             echo "  emulator log (tail):"
             tail -n 30 /tmp/emulator.log | sed 's/^/  | /'
         fi
+        for log in /tmp/attach.log /data/domain/logs/s0-c1-driver.log /data/domain/logs/s0-c0-driver.log; do
+            [ -s "$log" ] || continue
+            echo "  $log (tail):"
+            tail -n 15 "$log" | sed 's/^/  | /'
+        done
         echo "  kernel log (tail):"
         dmesg | tail -n 25 | sed 's/^/  | /'
         finish
@@ -518,6 +540,111 @@ kernel_log_clean() {
     ! grep -iE 'I/O error|nbd[0-9]*:.*(error|fail|timed out)|EXT4-fs error|EXT4-fs warning|JBD2:.*error|blk_update_request|Buffer I/O' /tmp/dmesg.out
 }
 
+# ---- Round 3: a whole domain, a disk failure and a controller failover.
+DOMAIN=/data/domain
+domain_up() {
+    cat >/tmp/domain.toml <<EOF
+[servers]
+a = "s0/c0"
+b = "s0/c1"
+[ports]
+nbd = $DOMAIN_PORT
+http = 8080
+[[systems]]
+disks = 5
+disk_size = "24MiB"
+raid = "raid5"
+spares = 1
+chunk = "64KiB"
+volumes = 1
+EOF
+    timeout 150 emulator up --config /tmp/domain.toml --run-dir "$DOMAIN" --detach
+}
+
+status() {
+    emulator status --run-dir "$DOMAIN"
+}
+
+attach_domain() {
+    emulator attach --timeout 10 --dead-conn-timeout 60 "nbd://127.0.0.1:$DOMAIN_PORT/vol0" >/tmp/attach.log 2>&1 &
+    echo $! >/tmp/attach.pid
+    wait_for 'grep -q "^attached" /tmp/attach.log' 300 || { cat /tmp/attach.log; return 1; }
+    cat /tmp/attach.log
+    [ "$(cat /sys/block/nbd0/size)" -gt 0 ] && status | grep -F "owner s0/c0 (home s0/c0), path optimized"
+}
+
+# Writes $2 KiB of random data to /mnt/$1 and records its sum.
+put_file() {
+    dd if=/dev/urandom of="/tmp/$1" bs=1k count="$2" 2>/dev/null &&
+        cp "/tmp/$1" "/mnt/$1" && (cd /tmp && sha256sum "$1") >>/tmp/domain.sums && rm "/tmp/$1"
+}
+
+mkfs_write_domain() {
+    : >/tmp/domain.sums
+    mkfs.ext4 -q -F /dev/nbd0 && mount -t ext4 /dev/nbd0 /mnt && put_file first.bin 4096 &&
+        put_file small.txt 3 && sync
+}
+
+fail_disk_auto_rebuild() {
+    emulator task submit --run-dir "$DOMAIN" --system s0 --cluster c1 fail-disk --disk 1 --wait || return 1
+    # Written while the array is degraded and the spare is being rebuilt.
+    put_file during-rebuild.bin 2048 && sync || return 1
+    wait_for 'status | grep -q "system s0: optimal" && ! status | grep -qE "^  (rebuild|scrub) "' 1200 ||
+        { status; return 1; }
+    status
+}
+
+kill_owner_ride_over() {
+    pid=$(status | sed -n 's/.*cluster s0\/c0 .*driver \([0-9]*\) (running).*/\1/p')
+    [ -n "$pid" ] || { status; return 1; }
+    echo "kill -9 s0/c0/driver (pid $pid) while writing"
+    dd if=/dev/urandom of=/tmp/after-kill.bin bs=64k count=32 2>/dev/null
+    cp /tmp/after-kill.bin /mnt/after-kill.bin &
+    writer=$!
+    kill -9 "$pid"
+    wait "$writer" && sync && (cd /tmp && sha256sum after-kill.bin) >>/tmp/domain.sums || return 1
+    put_file after-failover.bin 1024 && sync || return 1
+    grep reconnected /tmp/attach.log || { cat /tmp/attach.log; return 1; }
+    wait_for 'status | grep -qF "owner s0/c1 (home s0/c0), path failed-over"' 100 || { status; return 1; }
+    status | grep -F vol0
+}
+
+failback() {
+    emulator restart --run-dir "$DOMAIN" s0/c0/driver || return 1
+    wait_for 'status | grep -qF "owner s0/c0 (home s0/c0), path optimized"' 300 || { status; return 1; }
+    put_file after-failback.bin 1024 && sync && status | grep -F vol0
+}
+
+fsck_verify_domain() {
+    umount /mnt && e2fsck -fn /dev/nbd0 && mount -t ext4 -o ro /dev/nbd0 /mnt &&
+        (cd /mnt && sha256sum -c /tmp/domain.sums) && umount /mnt
+}
+
+scrub_clean() {
+    emulator task submit --run-dir "$DOMAIN" --system s0 --cluster c1 scrub --wait --json >/tmp/scrub.json || return 1
+    grep -E '"(checksum_errors|parity_mismatches)"' /tmp/scrub.json &&
+        grep -q '"checksum_errors": 0' /tmp/scrub.json && grep -q '"parity_mismatches": 0' /tmp/scrub.json
+}
+
+detach_domain() {
+    pid=$(cat /tmp/attach.pid)
+    kill -TERM "$pid" && wait "$pid" || { cat /tmp/attach.log; return 1; }
+    cat /tmp/attach.log
+    wait_for '[ "$(cat /sys/block/nbd0/size)" = 0 ]' 100
+}
+
+domain_down() {
+    timeout 60 emulator down --run-dir "$DOMAIN"
+}
+
+# The failover may log the nbd driver's own notices (a dead connection, a
+# request retried); never an I/O error reaching a file system.
+kernel_log_no_errors() {
+    dmesg >/tmp/dmesg.out
+    grep -iE 'nbd' /tmp/dmesg.out | tail -n 20
+    ! grep -iE 'I/O error|EXT4-fs error|EXT4-fs warning|JBD2:.*error|blk_update_request|Buffer I/O' /tmp/dmesg.out
+}
+
 step modules load_modules
 step loopback loopback_up
 step image-create emulator image create "$IMAGE" --size "${IMAGE_MIB}MiB"
@@ -547,6 +674,19 @@ step sigterm-exit-0-unix stop_server
 step fsck-image-final fsck_image
 step image-verify-final image_verify
 step kernel-log-clean kernel_log_clean
+
+# Round 3: a domain, a disk failure and a controller failover under a mount.
+step domain-up domain_up
+step attach-domain attach_domain
+step mkfs-write-domain mkfs_write_domain
+step fail-disk-auto-rebuild fail_disk_auto_rebuild
+step kill-owner-ride-over kill_owner_ride_over
+step failback failback
+step fsck-verify-domain fsck_verify_domain
+step scrub-clean scrub_clean
+step detach-domain detach_domain
+step domain-down domain_down
+step kernel-log-no-errors kernel_log_no_errors
 
 echo "PASS all"
 finish
