@@ -160,7 +160,8 @@ def test_up_starts_every_process_and_every_agent_registers_and_reports(domain):
             assert {p["state"] for p in cluster["processes"]} == {"running"}, cluster["processes"]
             roles = sorted((p["role"], p["pair"]) for p in cluster["processes"])
             assert roles[:3] == [("agent", "A"), ("agent", "B"), ("driver", None)]
-    # Each driver serves the volume over NBD.
+    # Each cluster reports the volume at its owner's address, which serves it
+    # (ownership and failover: test_failover.py).
     for cluster in domain.get("A", "/api/v1/domain")["systems"][0]["clusters"]:
         [volume] = cluster["state"]["volumes"]
         info = run(["nbdinfo", "--json", volume["uri"]], check=True)

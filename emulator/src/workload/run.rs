@@ -116,6 +116,9 @@ pub struct RunSummary {
     pub stalls_ms: Vec<f64>,
     /// The longest stall.
     pub stall_ms_max: f64,
+    /// When each reconnect's first request completed, Unix time in ms (what
+    /// `make bench-failover` measures a kill against).
+    pub resumed_unix_ms: Vec<u64>,
     /// Wall time of the run.
     pub elapsed_ms: f64,
     /// Completed writes and reads per second.
@@ -276,6 +279,7 @@ pub async fn run(config: RunConfig) -> Result<RunSummary, WorkloadError> {
         reconnects: 0,
         stalls_ms: Vec::new(),
         stall_ms_max: 0.0,
+        resumed_unix_ms: Vec::new(),
         elapsed_ms: 0.0,
         iops: 0.0,
         mib_per_s: 0.0,
@@ -608,6 +612,11 @@ impl Runner {
                 let stall_ms = stall_started.elapsed().as_secs_f64() * 1000.0;
                 tracing::info!(stall_ms, "first request completed on the new connection");
                 self.summary.stalls_ms.push(stall_ms);
+                self.summary.resumed_unix_ms.push(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |since| since.as_millis() as u64),
+                );
                 self.summary.stall_ms_max = self.summary.stall_ms_max.max(stall_ms);
             }
         }
