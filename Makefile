@@ -8,7 +8,7 @@ FUZZ_SECONDS ?= 20
 # Seconds any one black-box test may take before pytest-timeout fails it.
 BLACKBOX_TEST_TIMEOUT ?= 300
 
-.PHONY: run build test deps lint unit blackbox console linux-host fuzz bench bench-nbd bench-controllers bench-management clean
+.PHONY: run build test deps lint unit blackbox console linux-host fuzz bench bench-nbd bench-controllers bench-management bench-failover clean
 
 build:
 	$(CARGO) build --release --locked
@@ -49,7 +49,7 @@ fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
 
 ## Benchmarks (not tests): numbers, compared with nbdkit and qemu-nbd in one run.
-bench: bench-nbd bench-controllers bench-management
+bench: bench-nbd bench-controllers bench-management bench-failover
 
 bench-nbd: build
 	@scripts/install-deps.sh bench
@@ -61,6 +61,12 @@ bench-controllers: build
 
 bench-management: build
 	$(PYTHON) scripts/bench-management.py $(abspath $(EMULATOR)) $(RUN_DIR)/bench-management.md
+
+## The I/O stall a host sees when its volume's owning controller is killed
+## (kill -9) or hangs (kill -STOP, fenced), with the write oracle verifying
+## every round.
+bench-failover: build
+	$(PYTHON) scripts/bench-failover.py $(abspath $(EMULATOR)) $(RUN_DIR)/bench-failover.md
 
 clean:
 	$(CARGO) clean
