@@ -11,7 +11,9 @@ Usage: console_test.py EMULATOR_BIN WORK_DIR
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +101,14 @@ def main() -> int:
             assert any(0 < p < 100 for p in seen), f"no progress between 0 and 100% was shown: {seen}"
             assert seen == sorted(seen), f"progress went backwards: {seen}"
             expect(page.locator("#log")).to_contain_text("complete")
+            step("kill -9 the driver that owns vol0: the page shows the failover live")
+            expect(page.locator("#systems")).to_contain_text("owner s0/c0")
+            expect(page.locator("#systems .badge.optimized").first).to_be_visible()
+            processes = json.loads((run_dir / "processes.json").read_text())
+            driver = next(p["pid"] for p in processes if p["name"] == "s0/c0/driver")
+            os.kill(driver, signal.SIGKILL)
+            expect(page.locator("#systems .badge.failed-over").first).to_be_visible()
+            expect(page.locator("#systems")).to_contain_text("owner s0/c1 (home s0/c0)")
             screenshot = work / "console.png"
             page.screenshot(path=str(screenshot), full_page=True)
             step(f"screenshot saved: {screenshot}")
