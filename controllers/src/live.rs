@@ -110,6 +110,31 @@ pub enum LiveError {
 /// so nobody else touches that stripe meanwhile; it must not take stripe locks.
 pub type Resync<'a> = &'a dyn Fn(u64);
 
+/// Creates `path` holding `header` and zeros up to `len` bytes, written and
+/// synced under a temporary name and then linked into place, so a concurrent
+/// opener sees either no file or a whole one. If another process linked its
+/// own first, that one stays (both are fresh files alike).
+pub(crate) fn create_whole(path: &Path, header: &[u8], len: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = File::create(&temporary)?;
+        file.set_len(len)?;
+        file.write_all(header)?;
+        file.sync_all()?;
+        match std::fs::hard_link(&temporary, path) {
+            Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => Err(err),
+            _ => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_file(&temporary);
+    result
+}
+
 /// This process's handle on an array's live state.
 #[derive(Debug)]
 pub struct Live {
@@ -189,28 +214,14 @@ impl Live {
         })
     }
 
-    /// Writes a fresh file under a temporary name and links it into place, so a
-    /// concurrent opener sees either no file or a whole one.
+    /// Writes a fresh file (see [`create_whole`]).
     fn create(path: &Path, disks: usize) -> Result<(), LiveError> {
-        let temporary = path.with_extension(format!("live.tmp-{}", std::process::id()));
         let mut header = vec![0u8; LOCK_TABLE];
         header[0..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
         header[12..16].copy_from_slice(&(disks as u32).to_le_bytes());
         header[16..20].copy_from_slice(&(LOCKS as u32).to_le_bytes());
-        let result = (|| {
-            use std::io::Write;
-            let mut file = File::create(&temporary)?;
-            file.set_len(FILE_BYTES as u64)?;
-            file.write_all(&header)?;
-            file.sync_all()?;
-            match std::fs::hard_link(&temporary, path) {
-                Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => Err(err),
-                _ => Ok(()),
-            }
-        })();
-        let _ = std::fs::remove_file(&temporary);
-        result.map_err(|source| LiveError::Io {
+        create_whole(path, &header, FILE_BYTES as u64).map_err(|source| LiveError::Io {
             path: path.to_path_buf(),
             operation: "create",
             source,

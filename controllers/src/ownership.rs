@@ -177,7 +177,10 @@ impl Ownership {
             }
         };
         if !path.exists() {
-            Self::create(&path).map_err(io("create"))?;
+            let mut header = [0u8; 12];
+            header[0..8].copy_from_slice(&MAGIC);
+            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            crate::live::create_whole(&path, &header, FILE_BYTES as u64).map_err(io("create"))?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -209,27 +212,6 @@ impl Ownership {
             map,
             me,
         })
-    }
-
-    /// Writes a fresh file under a temporary name and links it into place, so
-    /// a concurrent opener sees no file or a whole one.
-    fn create(path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let temporary = path.with_extension(format!("live.tmp-{}", std::process::id()));
-        let result = (|| {
-            let mut header = vec![0u8; FILE_BYTES];
-            header[0..8].copy_from_slice(&MAGIC);
-            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            let mut file = File::create(&temporary)?;
-            file.write_all(&header)?;
-            file.sync_all()?;
-            match std::fs::hard_link(&temporary, path) {
-                Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => Err(err),
-                _ => Ok(()),
-            }
-        })();
-        let _ = std::fs::remove_file(&temporary);
-        result
     }
 
     /// The file.

@@ -44,6 +44,14 @@ def start_writer(uri: str, seed: int, record, duration: str = "8s", extra=()) ->
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def writer_going(uri: str, seed: int, record, duration: str, extra=()) -> subprocess.Popen:
+    """A writer started and seen acknowledging writes."""
+    writer = start_writer(uri, seed, record, duration=duration, extra=extra)
+    wait_until(lambda: acked(record) >= 300 or writer.poll() is not None, 30, "the writer to get going")
+    assert writer.poll() is None, writer.communicate()
+    return writer
+
+
 def acked(record) -> int:
     try:
         return record.read_text().count('{"acked":')
@@ -105,9 +113,7 @@ def test_kill9_of_the_owner_under_load_loses_nothing_and_it_fails_back(tmp_path,
     try:
         uri = volumes(domain)["vol0"]["uri"]
         record = tmp_path / "writes.jsonl"
-        writer = start_writer(uri, seed, record, duration="10s")
-        wait_until(lambda: acked(record) >= 300 or writer.poll() is not None, 30, "the writer to get going")
-        assert writer.poll() is None, writer.communicate()
+        writer = writer_going(uri, seed, record, "10s")
         domain.kill("s0/c0/driver")
         # The partner serves it at the same address; both servers say so.
         failed_over = wait_owner(domain, "vol0", "s0/c1", "failed-over")
@@ -140,9 +146,7 @@ def test_a_hung_owner_is_fenced_and_the_partner_takes_over(tmp_path, seed):
     try:
         uri = volumes(domain)["vol0"]["uri"]
         record = tmp_path / "writes.jsonl"
-        writer = start_writer(uri, seed, record, duration="6s", extra=("--request-timeout", "10s"))
-        wait_until(lambda: acked(record) >= 300 or writer.poll() is not None, 30, "the writer to get going")
-        assert writer.poll() is None, writer.communicate()
+        writer = writer_going(uri, seed, record, "6s", extra=("--request-timeout", "10s"))
         domain.kill("s0/c0/driver", signal.SIGSTOP)
         domain.killed.add("s0/c0/driver")
         # Fenced: the partner killed it once its lease ran out.
