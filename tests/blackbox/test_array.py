@@ -45,7 +45,7 @@ def test_create_and_status(tmp_path, level, disks, usable):
     assert report["data_bytes"] == usable
     assert [m["state"] for m in report["members"]] == ["active"] * disks
     assert report["spares"] == ["spare0.img"]
-    assert report["volumes"] == [{"name": "vol0", "offset": 0, "size": usable, "id": 1}]
+    assert report["volumes"] == [{"name": "vol0", "offset": 0, "size": usable, "id": 1, "owner": 0}]
     for member in report["members"]:
         assert emulator("image", "verify", str(array / member["file"])).returncode == 0
 
