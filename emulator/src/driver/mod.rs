@@ -90,6 +90,12 @@ struct Driver {
     revision: AtomicU64,
     /// The moving-average rate of each rebuild or scrub under way.
     rates: Mutex<HashMap<String, Rate>>,
+    /// Tasks this driver is executing now (an `Execute` repeated, or a queued
+    /// task caught up on, never runs one twice).
+    executing: Mutex<std::collections::HashSet<String>>,
+    /// When this run of the driver started (tasks created before are
+    /// `tasks::resume`'s).
+    started_ms: u64,
 }
 
 /// A moving average of a task's rate, sampled at each collection: what ETAs
@@ -180,6 +186,8 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
         agents: tokio::sync::Mutex::new(HashMap::new()),
         revision: AtomicU64::new(0),
         rates: Mutex::new(HashMap::new()),
+        executing: Mutex::new(std::collections::HashSet::new()),
+        started_ms,
     });
     // FIG. 2A: collect and store before anyone asks.
     let revision = Arc::clone(&driver)

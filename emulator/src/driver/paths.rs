@@ -115,6 +115,7 @@ impl Paths {
                 Decision::Claim { from } => {
                     if self.moved(controller, from) {
                         tracing::info!(volumes_of = %who, "serving this controller's volumes");
+                        self.serve(controller, record.address).await;
                     }
                 }
                 Decision::TakeOver { from } => {

@@ -27,8 +27,28 @@ const FOLLOW_INTERVAL: Duration = Duration::from_millis(50);
 /// Tasks that ended this recently are told again to an agent that connects.
 const CATCH_UP_MS: u64 = 10 * 60 * 1000;
 
-/// Executes task `id`, recorded in persistent data by the agent that sent it.
+/// Executes task `id`, recorded in persistent data by the agent that sent it,
+/// unless this driver is executing it already.
 pub(super) async fn execute(driver: Arc<Driver>, id: String) {
+    let first = driver
+        .executing
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(id.clone());
+    if !first {
+        tracing::debug!(task = %id, "already executing");
+        return;
+    }
+    execute_once(&driver, &id).await;
+    driver
+        .executing
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(&id);
+}
+
+async fn execute_once(driver: &Arc<Driver>, id: &str) {
+    let (driver, id) = (Arc::clone(driver), id.to_string());
     let Some(record) = read_task(&driver, &id).await else {
         tracing::warn!(task = %id, "asked to execute a task persistent data does not hold");
         return;
@@ -338,8 +358,9 @@ pub(super) async fn catch_up(
 ) {
     let since = crate::persist::now_ms().saturating_sub(CATCH_UP_MS);
     let name = agent.to_string();
+    let reader = Arc::clone(&driver);
     let tasks = tokio::task::spawn_blocking(move || {
-        driver
+        reader
             .persist
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -348,6 +369,12 @@ pub(super) async fn catch_up(
     .await;
     if let Ok(Ok(tasks)) = tasks {
         for task in tasks {
+            // Recorded by the agent but never started: its `Execute` went
+            // down with the agent's last link (a hung agent's, say).
+            if task.state == TaskState::Queued && task.created_ms >= driver.started_ms {
+                tracing::info!(task = %task.id, %agent, "a queued task the agent handed over on a link that died: executing it");
+                tokio::spawn(execute(Arc::clone(&driver), task.id.clone()));
+            }
             if tx
                 .send(ToAgentFromDriver::TaskChanged { id: task.id })
                 .await

@@ -262,7 +262,22 @@ pub fn wait_ready(
                         .count()
                 })
                 .unwrap_or(0);
-            if reported < expected {
+            // And every volume is served at its owner's address (an agent
+            // may report before the partner driver has bound its address).
+            let served = view["systems"].as_array().is_some_and(|systems| {
+                systems.iter().all(|system| {
+                    system["volumes"].as_array().is_some_and(|volumes| {
+                        volumes.iter().all(|volume| {
+                            volume["path"] == "optimized"
+                                && !volume["uri"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .starts_with("nbd:///")
+                        })
+                    })
+                })
+            });
+            if reported < expected || !served {
                 break;
             }
             views.push((pair, view));
@@ -272,8 +287,8 @@ pub fn wait_ready(
         }
         if Instant::now() >= deadline {
             return Err(SupervisorError::Refused(format!(
-                "the domain did not come up within {} s (not every agent registered and reported); \
-                 see the logs in {}",
+                "the domain did not come up within {} s (not every agent registered and reported, \
+                 or not every volume served by its owner); see the logs in {}",
                 READY_TIMEOUT.as_secs(),
                 run.root().join("logs").display()
             )));
