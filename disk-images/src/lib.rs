@@ -132,6 +132,16 @@ pub enum ImageError {
         /// Image path.
         path: PathBuf,
     },
+    /// The image's cross-process lock table cannot be set up (see
+    /// [`blocklocks`]): the image is not opened without it.
+    #[error("{image}: {source}", image = image.display())]
+    LockTable {
+        /// Image path.
+        image: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: blocklocks::LockTableError,
+    },
     /// Data failed its checksum.
     #[error(transparent)]
     Media(#[from] MediaError),
