@@ -387,7 +387,7 @@ impl BlockLocks {
             shared: CrossLocks::open(file, LOCK_STRIPES).map_err(|source| {
                 ImageError::LockTable {
                     image: path.to_path_buf(),
-                    source,
+                    source: Box::new(source),
                 }
             })?,
             gates: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),

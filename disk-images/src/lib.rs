@@ -138,9 +138,10 @@ pub enum ImageError {
     LockTable {
         /// Image path.
         image: PathBuf,
-        /// What is wrong.
+        /// What is wrong (boxed: it is rare, and every `Result` carrying an
+        /// `ImageError` stays small).
         #[source]
-        source: blocklocks::LockTableError,
+        source: Box<blocklocks::LockTableError>,
     },
     /// Data failed its checksum.
     #[error(transparent)]
