@@ -96,12 +96,6 @@ pub const BULK_BLOCKS: usize = 64;
 const STREAMING_WRITE_BYTES: usize = 256 * 1024;
 /// How many blocks one zeroing step locks at once.
 const ZERO_BATCH_BLOCKS: u64 = 256;
-/// Without cross-process block locks (see [`DiskImage::shares_locks`]): how many
-/// times a read re-checks a block whose CRC does not match before calling it a
-/// media error. A writer in *another process* updates data and CRC one after the
-/// other, so a reader can catch the pair half-way; a real media error persists
-/// across re-reads. With the locks, one re-read under the block's lock decides.
-const MISMATCH_REREADS: usize = 3;
 
 /// The lock stripe of `block`.
 fn stripe_of(block: u64) -> usize {
@@ -269,9 +263,8 @@ fn journals_data(dev: u64) -> bool {
 #[derive(Debug)]
 #[must_use = "a flush is complete only once finish_flush has run"]
 pub struct FlushStarted {
-    /// The image's write count when the flush started (None: no cross-process
-    /// counters, see [`DiskImage::shares_locks`]).
-    writes: Option<u64>,
+    /// The image's write count when the flush started.
+    writes: u64,
 }
 
 /// One extent reported by [`DiskImage::allocation`].
@@ -368,8 +361,8 @@ struct BlockLocks {
     local: Box<[RwLock<()>]>,
     /// Cross-process block locks, by the same stripes: taken by every writer
     /// (after the in-process lock) and by a reader whose block failed its CRC.
-    /// `None` when the lock table could not be opened.
-    shared: Option<CrossLocks>,
+    /// An image whose table cannot be opened does not open.
+    shared: CrossLocks,
     /// Readers holding a stripe's in-process lock shared take its gate before
     /// its cross-process lock, so one thread of this process at a time does.
     gates: Box<[Mutex<()>]>,
@@ -379,10 +372,10 @@ impl BlockLocks {
     /// This process's block locks for the image open as `file` (by device and
     /// inode, whatever the path), made on first use and dropped with the last
     /// `DiskImage` using them.
-    fn for_file(file: &File) -> io::Result<Arc<Self>> {
+    fn for_file(path: &Path, file: &File) -> Result<Arc<Self>, ImageError> {
         type Registry = Mutex<HashMap<(u64, u64), Weak<BlockLocks>>>;
         static REGISTRY: OnceLock<Registry> = OnceLock::new();
-        let metadata = file.metadata()?;
+        let metadata = file.metadata().map_err(io_error(path, "stat image"))?;
         let key = (metadata.dev(), metadata.ino());
         let mut registry = REGISTRY.get_or_init(Registry::default).lock();
         if let Some(locks) = registry.get(&key).and_then(Weak::upgrade) {
@@ -391,7 +384,12 @@ impl BlockLocks {
         registry.retain(|_, locks| locks.strong_count() > 0);
         let locks = Arc::new(Self {
             local: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
-            shared: CrossLocks::open(file, LOCK_STRIPES).ok(),
+            shared: CrossLocks::open(file, LOCK_STRIPES).map_err(|source| {
+                ImageError::LockTable {
+                    image: path.to_path_buf(),
+                    source: Box::new(source),
+                }
+            })?,
             gates: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         });
         registry.insert(key, Arc::downgrade(&locks));
@@ -438,11 +436,10 @@ impl Drop for SharedLockGuard<'_> {
     }
 }
 
-/// A block stripe locked for writing: in this process and, when the image has
-/// cross-process locks, in every process. Field order: the cross-process lock
-/// is released first.
+/// A block stripe locked for writing: in this process and in every process.
+/// Field order: the cross-process lock is released first.
 struct WriteGuard<'a> {
-    _shared: Option<SharedLockGuard<'a>>,
+    _shared: SharedLockGuard<'a>,
     _local: RwLockWriteGuard<'a, ()>,
 }
 
@@ -619,7 +616,7 @@ impl DiskImage {
             }
             _ => CrcSync::Own,
         };
-        let block_locks = BlockLocks::for_file(&data_file).map_err(io_error(path, "stat image"))?;
+        let block_locks = BlockLocks::for_file(path, &data_file)?;
         Ok(Self {
             path: path.to_path_buf(),
             data_file,
@@ -679,15 +676,6 @@ impl DiskImage {
         }
     }
 
-    /// Whether writers and readers of this image in other processes are
-    /// excluded by cross-process block locks (the lock table in `/dev/shm`
-    /// could be opened). Without them, a read that catches another process's
-    /// write half-way is re-read a few times before it counts as a media error,
-    /// and two processes writing one block at once can leave it failing its CRC.
-    pub fn shares_locks(&self) -> bool {
-        self.block_locks.shared.is_some()
-    }
-
     fn lock(&self, block: u64) -> &RwLock<()> {
         &self.block_locks.local[stripe_of(block)]
     }
@@ -714,11 +702,7 @@ impl DiskImage {
     fn lock_stripe_exclusive(&self, stripe: usize) -> WriteGuard<'_> {
         let local = self.block_locks.local[stripe].write();
         WriteGuard {
-            _shared: self
-                .block_locks
-                .shared
-                .as_ref()
-                .map(|locks| SharedLockGuard::take(locks, stripe)),
+            _shared: SharedLockGuard::take(&self.block_locks.shared, stripe),
             _local: local,
         }
     }
@@ -792,9 +776,7 @@ impl DiskImage {
     /// image nobody wrote (see [`Self::flush`]): after its bytes and CRCs are
     /// stored, before it is acknowledged.
     fn note_write(&self) {
-        if let Some(shared) = &self.block_locks.shared {
-            shared.note_write();
-        }
+        self.block_locks.shared.note_write();
     }
 
     fn pending_offset(&self, block: u64) -> Option<usize> {
@@ -943,9 +925,7 @@ impl DiskImage {
     /// CRC of what it copied) and checks the CRC against the stored one. The
     /// caller holds the block's in-process lock as `held` says; that excludes
     /// writers in this process, not in others. So a mismatch under a shared hold
-    /// is read again under the block's cross-process lock, which settles it; an
-    /// image without cross-process locks re-reads a few times instead (see
-    /// [`MISMATCH_REREADS`]).
+    /// is read again under the block's cross-process lock, which settles it.
     fn reread_until_valid(
         &self,
         block: u64,
@@ -956,27 +936,16 @@ impl DiskImage {
         let mut expected = self.stored_crc(block);
         // A write cut short is settled only under the block's cross-process
         // lock: no live writer is then between its pending word and its CRC.
-        let settled = match (&self.block_locks.shared, held) {
+        let settled = match held {
             _ if expected == actual => false,
-            (Some(_), Held::Exclusive) => self.settle_interrupted_write(block, actual),
-            (Some(locks), Held::Shared) => {
+            Held::Exclusive => self.settle_interrupted_write(block, actual),
+            Held::Shared => {
                 let stripe = stripe_of(block);
                 let _gate = self.block_locks.gates[stripe].lock();
-                let _shared = SharedLockGuard::take(locks, stripe);
+                let _shared = SharedLockGuard::take(&self.block_locks.shared, stripe);
                 actual = read_block();
                 expected = self.stored_crc(block);
                 expected != actual && self.settle_interrupted_write(block, actual)
-            }
-            (None, _) => {
-                for _ in 0..MISMATCH_REREADS {
-                    std::thread::yield_now();
-                    actual = read_block();
-                    expected = self.stored_crc(block);
-                    if expected == actual {
-                        break;
-                    }
-                }
-                false
             }
         };
         if expected == actual || settled {
@@ -1604,12 +1573,10 @@ impl DiskImage {
         let writes = self.writes_since_flush.swap(0, Ordering::Relaxed);
         self.flushes_often
             .store(writes <= EAGER_WRITEBACK_WRITES, Ordering::Relaxed);
-        let shared = self.block_locks.shared.as_ref();
-        let writes = shared.map(CrossLocks::writes);
-        if let (Some(shared), Some(writes)) = (shared, writes) {
-            if shared.synced() >= writes {
-                return None;
-            }
+        let shared = &self.block_locks.shared;
+        let writes = shared.writes();
+        if shared.synced() >= writes {
+            return None;
         }
         // Errors here are only lost overlap: the syncs below report them.
         let (crc_offset, crc_len) = self.crc_entries(0, self.size);
@@ -1630,9 +1597,7 @@ impl DiskImage {
             .sync_data()
             .map_err(io_error(&self.path, "fdatasync image"))?;
         self.sync_crc_entries_after(crc_offset, crc_len)?;
-        if let (Some(shared), Some(writes)) = (&self.block_locks.shared, writes) {
-            shared.mark_synced(writes);
-        }
+        self.block_locks.shared.mark_synced(writes);
         Ok(())
     }
 

@@ -132,6 +132,17 @@ pub enum ImageError {
         /// Image path.
         path: PathBuf,
     },
+    /// The image's cross-process lock table cannot be set up (see
+    /// [`blocklocks`]): the image is not opened without it.
+    #[error("{image}: {source}", image = image.display())]
+    LockTable {
+        /// Image path.
+        image: PathBuf,
+        /// What is wrong (boxed: it is rare, and every `Result` carrying an
+        /// `ImageError` stays small).
+        #[source]
+        source: Box<blocklocks::LockTableError>,
+    },
     /// Data failed its checksum.
     #[error(transparent)]
     Media(#[from] MediaError),

@@ -437,7 +437,6 @@ fn a_reader_never_takes_a_write_in_flight_for_one_cut_short(stores: Stores) {
     // is alive, not dead, and the read must wait for it rather than take the
     // torn block for a write cut short.
     let (dir, path, reader) = temp_image(REWRITE_BLOCKS as u64 * 4096, stores);
-    assert!(reader.shares_locks(), "needs the cross-process lock table");
     let stop = dir.path().join("stop");
     /// Stops the writer however the test ends (a panic included).
     struct Writer(std::process::Child);
@@ -672,7 +671,6 @@ fn damage_after_a_completed_write_is_not_taken_for_a_write_cut_short(stores: Sto
 fn a_flush_skips_an_image_nobody_wrote_since_the_last_one(stores: Stores) {
     // Two openers stand in for two processes serving one image.
     let (_dir, path, a) = temp_image(8 * 4096, stores);
-    assert!(a.shares_locks(), "needs the cross-process lock table");
     let b = DiskImage::open_storing(&path, Access::ReadWrite, Some(stores)).expect("open b");
     assert!(
         b.start_flush().is_some(),

@@ -14,7 +14,9 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
+import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,48 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.005):
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+class Threads:
+    """Client threads whose every failure fails the test.
+
+    `start(target, *args)` runs `target` in a thread; anything it raises (an
+    assertion, an nbd.Error, a failed connect, an error while shutting a handle
+    down) is kept with its traceback. `join(timeout)` waits for all of them and
+    asserts that none hung and none failed, listing every failure.
+    """
+
+    def __init__(self):
+        self.threads: list[threading.Thread] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+
+    def start(self, target, *args, name: str | None = None) -> threading.Thread:
+        label = name or f"{getattr(target, '__name__', 'thread')}#{len(self.threads)}"
+
+        def run():
+            try:
+                target(*args)
+            except BaseException:  # noqa: BLE001 - every failure is reported by join()
+                with self._lock:
+                    self.failures.append(f"{label}: {traceback.format_exc()}")
+
+        thread = threading.Thread(target=run, name=label, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self, timeout: float, threads=None):
+        deadline = time.monotonic() + timeout
+        for thread in threads if threads is not None else self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        hung = [t.name for t in (threads if threads is not None else self.threads) if t.is_alive()]
+        assert not hung, f"client threads hung after {timeout}s: {hung}; failures so far: {self.failures}"
+        if threads is None:
+            self.check()
+
+    def check(self):
+        assert not self.failures, "client threads failed:\n" + "\n".join(self.failures)
 
 
 @dataclass

@@ -91,8 +91,9 @@ def test_data_survives_one_failure_and_the_second_fails_the_array(tmp_path, serv
     with pytest.raises(nbd.Error) as read_error:
         h.pread(4096, 0)
     assert errno_name(read_error.value.errno) == "EIO"
-    with pytest.raises(nbd.Error):
+    with pytest.raises(nbd.Error) as write_error:
         h.pwrite(b"x" * 4096, 0)
+    assert errno_name(write_error.value.errno) == "EIO", "README: a FAILED array's I/O returns EIO"
     h.shutdown()
     server.stop_clean()
     assert snapshot(*survivors) == before
@@ -386,8 +387,9 @@ def test_volumes_carved_from_an_array_are_separate_exports(tmp_path, serve, rng,
     for name in exports:
         h = nbd_connect(server.uri(name))
         assert h.pread(MIB, 0) == patterns[name], f"{name} kept its own data"
-        with pytest.raises(nbd.Error):
+        with pytest.raises(nbd.Error) as past_end:
             h.pread(4096, exports[name])  # past the end of the volume
+        assert errno_name(past_end.value.errno) == "EINVAL", "README: a read past the end is EINVAL"
         h.shutdown()
 
 
@@ -431,16 +433,18 @@ def test_volumes_created_and_deleted_while_serving(tmp_path, serve, rng, need_to
     fresh = nbd_connect(server.uri("db2"))
     pattern = rng.randbytes(MIB)
     fresh.pwrite(pattern, 0)
-    with pytest.raises(nbd.Error):
+    with pytest.raises(nbd.Error) as refused:
         old.pwrite(b"\xee" * 4096, 0)
+    assert errno_name(refused.value.errno) == "EIO", "README: a deleted volume's I/O is refused with EIO"
     assert fresh.pread(MIB, 0) == pattern
 
     # The same name again, same size, same place: a new volume all the same.
     # A connection that met the delete (EIO) does not poison the new volume
     # for new clients...
     assert emulator("array", "volume-delete", str(array), "--name", "db2").returncode == 0
-    with pytest.raises(nbd.Error):
+    with pytest.raises(nbd.Error) as refused:
         fresh.pread(4096, 0)
+    assert errno_name(refused.value.errno) == "EIO", "README: a deleted volume's I/O is refused with EIO"
     made = emulator("array", "volume-create", str(array), "--name", "db2", "--size", "1MiB")
     assert made.returncode == 0, made.describe()
     again = nbd_connect(server.uri("db2"))

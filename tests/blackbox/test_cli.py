@@ -449,3 +449,81 @@ def test_failed_forced_create_keeps_existing_image(tmp_path, rng):
     result = emulator("image", "create", img, "--size", "32TiB", "--force")
     assert result.returncode == 2, result.describe()
     assert snapshot(img, sidecar(img)) == before, "failed create --force destroyed the image"
+
+
+# -- cross-process block locks: where their tables live --------------------------------
+
+
+def _lock_env(lock_dir: Path) -> dict:
+    return {**os.environ, "EMULATOR_LOCK_DIR": str(lock_dir)}
+
+
+def _table(lock_dir: Path, img: Path) -> Path:
+    st = os.stat(img)
+    return lock_dir / f"emulator-{os.geteuid()}" / f"emulator-blocklocks-{st.st_dev:x}-{st.st_ino}"
+
+
+def test_serve_keeps_lock_tables_in_emulator_lock_dir(tmp_path, image, serve):
+    import nbd
+
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    server = serve(image, "unix", env={"EMULATOR_LOCK_DIR": str(lock_dir)})
+    table = _table(lock_dir, image)
+    assert table.is_file(), sorted(lock_dir.rglob("*"))
+    assert table.stat().st_mode & 0o777 == 0o600
+    assert table.parent.stat().st_mode & 0o777 == 0o700
+    h = nbd.NBD()
+    h.connect_uri(server.uri())
+    h.pwrite(b"x" * BLOCK, 0)
+    h.shutdown()
+    server.stop_clean()
+    assert not table.exists(), "the last process to close the image removes its table"
+
+
+def test_serve_refuses_a_lock_dir_that_does_not_exist(tmp_path, image):
+    missing = tmp_path / "no-such-dir"
+    result = run_with_env(_lock_env(missing), "serve", "--image", image, "--socket",
+                          tmp_path / "s.sock")
+    assert result.returncode == 2, result.describe()
+    line = error_line(result)
+    assert f"cross-process block locks cannot use EMULATOR_LOCK_DIR={missing}" in line, line
+    assert not missing.exists()
+
+
+def test_image_commands_refuse_a_symlink_planted_at_the_lock_table(tmp_path, image):
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    table = _table(lock_dir, image)
+    table.parent.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    table.symlink_to(victim)
+    before = snapshot(image)
+    for args in (["image", "verify", image],
+                 ["serve", "--image", image, "--socket", tmp_path / "s.sock"]):
+        result = run_with_env(_lock_env(lock_dir), *args)
+        assert result.returncode == 2, result.describe()
+        line = error_line(result)
+        assert f"{table} is not safe to use for cross-process block locks: is a symlink" in line, line
+    assert victim.read_bytes() == b"precious"
+    assert table.is_symlink(), "a planted symlink is refused, not removed"
+    assert snapshot(image) == before
+
+
+def test_image_commands_refuse_a_lock_table_others_may_read(tmp_path, image):
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    table = _table(lock_dir, image)
+    table.parent.mkdir(mode=0o700)
+    table.write_bytes(bytes(4096 * 8 + 16))
+    table.chmod(0o644)
+    result = run_with_env(_lock_env(lock_dir), "image", "verify", image)
+    assert result.returncode == 2, result.describe()
+    assert "has mode 0644: group or other may access it" in error_line(result)
+
+
+def run_with_env(env: dict, *args):
+    from bbhelpers import emulator_bin, run
+
+    return run([emulator_bin(), *args], timeout=20, env=env)

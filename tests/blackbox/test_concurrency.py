@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import nbd
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from bbhelpers import (
     BLOCK,
     MiB,
+    Threads,
     drain_aio,
     emulator,
     nbd_connect,
@@ -66,32 +66,22 @@ def test_mixed_pipeline_with_fua_and_flush(server, rng):
     h.shutdown()
 
 
-def _writer(uri, region, data, errors):
-    try:
-        h = nbd_connect(uri)
-        chunk = 256 * 1024
-        for pos in range(0, len(data), chunk):
-            h.pwrite(data[pos: pos + chunk], region + pos)
-        h.flush()
-        h.shutdown()
-    except Exception as exc:  # noqa: BLE001 - reported by the test
-        errors.append(exc)
+def _writer(uri, region, data):
+    h = nbd_connect(uri)
+    chunk = 256 * 1024
+    for pos in range(0, len(data), chunk):
+        h.pwrite(data[pos: pos + chunk], region + pos)
+    h.flush()
+    h.shutdown()
 
 
 def test_parallel_connections_each_write_own_region(server, rng):
     n, region = 8, 4 * MiB
     datas = [rng.randbytes(region) for _ in range(n)]
-    errors: list = []
-    threads = [
-        threading.Thread(target=_writer, args=(server.uri(), i * region, datas[i], errors))
-        for i in range(n)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "writer thread hung"
-    assert not errors, errors
+    threads = Threads()
+    for i in range(n):
+        threads.start(_writer, server.uri(), i * region, datas[i], name=f"writer {i}")
+    threads.join(timeout=60)
     h = nbd_connect(server.uri())
     for i in range(n):
         assert h.pread(region, i * region) == datas[i], f"region {i} differs"
@@ -106,8 +96,8 @@ def test_contended_blocks_keep_checksums_consistent(server, rng):
     them: no read may ever see a media error, and the image verifies afterwards."""
     area = 64 * BLOCK
     seeds = [rng.randrange(2**32) for _ in range(6)]
-    errors: list = []
     stop = threading.Event()
+    reads = []
 
     def writer(seed):
         import random
@@ -122,32 +112,30 @@ def test_contended_blocks_keep_checksums_consistent(server, rng):
                 h.pwrite(r.randbytes(r.choice([BLOCK, 100, 2 * BLOCK, 5000])), off)
                 if r.random() < 0.05:
                     h.zero(BLOCK, off - off % BLOCK)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
         finally:
             h.shutdown()
 
     def reader():
         h = nbd_connect(server.uri())
+        count = 0
         try:
-            while not stop.is_set():
+            # At least one read, even if the writers are already done.
+            while count == 0 or not stop.is_set():
                 h.pread(area, 0)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+                count += 1
         finally:
+            reads.append(count)
             h.shutdown()
 
-    writers = [threading.Thread(target=writer, args=(s,)) for s in seeds[:4]]
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    for t in writers + readers:
-        t.start()
-    for t in writers:
-        t.join(timeout=60)
+    threads = Threads()
+    writers = [threads.start(writer, s, name=f"writer {s}") for s in seeds[:4]]
+    readers = [threads.start(reader, name=f"reader {i}") for i in range(2)]
+    # Writers first (each ends after its 300 writes or at its first error),
+    # then the readers are told to stop.
+    threads.join(timeout=60, threads=writers)
     stop.set()
-    for t in readers:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in writers + readers), "client thread hung"
-    assert not errors, errors
+    threads.join(timeout=60)
+    assert len(reads) == 2 and all(reads), reads
     server.stop_clean()
     verify = emulator("image", "verify", server.image)
     assert verify.returncode == 0, verify.describe()
@@ -217,29 +205,36 @@ def test_two_servers_one_image_no_spurious_media_errors(serve, tmp_path, length,
     b = serve(img, "unix")
     stop = threading.Event()
     failures: list = []
+    writes = {}
 
     def writer(server, seed):
         import random
 
         r = random.Random(seed)
-        h = nbd_connect(server.uri())
+        count = 0
         try:
-            while not stop.is_set():
-                h.pwrite(r.randbytes(length), offset)
-        except nbd.Error as exc:
-            failures.append(("write", exc))
-            stop.set()
+            h = nbd_connect(server.uri())
+            try:
+                while not stop.is_set():
+                    h.pwrite(r.randbytes(length), offset)
+                    count += 1
+            finally:
+                h.shutdown()
+        except BaseException:
+            stop.set()  # the reader stops at once: the run has failed
+            raise
         finally:
-            h.shutdown()
+            writes[seed] = count
 
-    threads = [threading.Thread(target=writer, args=(s, i)) for i, s in enumerate((a, b))]
-    for t in threads:
-        t.start()
+    threads = Threads()
+    for i, s in enumerate((a, b)):
+        threads.start(writer, s, i, name=f"writer to server {'ab'[i]}")
     reader = nbd_connect(a.uri())
     # Without cross-process block locks this failed within ~3-4 thousand reads.
+    target = int(os.environ.get("TWO_SERVER_READS", "40000"))
     reads = 0
     try:
-        while not stop.is_set() and reads < int(os.environ.get("TWO_SERVER_READS", "40000")):
+        while not stop.is_set() and reads < target:
             try:
                 reader.pread(BLOCK, 0)
             except nbd.Error as exc:
@@ -248,11 +243,13 @@ def test_two_servers_one_image_no_spurious_media_errors(serve, tmp_path, length,
             reads += 1
     finally:
         stop.set()
-        for t in threads:
-            t.join(timeout=30)
+        threads.join(timeout=30, threads=threads.threads)  # hung ones only
         reader.shutdown()
     a.stop_clean()
     b.stop_clean()
     verify = emulator("image", "verify", img)
+    threads.check()
     assert not failures, failures
+    assert reads == target, f"only {reads} of {target} reads ran"
+    assert all(writes.get(seed, 0) > 0 for seed in (0, 1)), f"a writer wrote nothing: {writes}"
     assert verify.returncode == 0, verify.describe()

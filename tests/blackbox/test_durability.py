@@ -26,6 +26,7 @@ from bbhelpers import (
     RawNBD,
     create_image,
     emulator,
+    errno_of,
     nbd_connect,
     wait_until,
 )
@@ -140,6 +141,9 @@ def test_sigterm_under_load_keeps_every_acknowledged_write(serve, image, transpo
     slots = SIZE // length
     pending = {}
     acked = {}
+    # Writes that failed, with the errno and whether SIGTERM had been sent.
+    failed = []
+    signalled = False
     order = list(range(slots))
     rng.shuffle(order)
     issued = 0
@@ -157,8 +161,9 @@ def test_sigterm_under_load_keeps_every_acknowledged_write(serve, image, transpo
         for cookie in list(pending):
             try:
                 done = h.aio_command_completed(cookie)
-            except nbd.Error:
-                pending.pop(cookie)
+            except nbd.Error as exc:
+                slot, _ = pending.pop(cookie)
+                failed.append((slot, errno_of(exc), signalled, str(exc)))
                 continue
             if done:
                 slot, data = pending.pop(cookie)
@@ -172,18 +177,29 @@ def test_sigterm_under_load_keeps_every_acknowledged_write(serve, image, transpo
         h.poll(1000)
         harvest()
         top_up()
+    assert not failed, f"writes failed before SIGTERM: {failed[:5]}"
     server.signal(signal.SIGTERM)
+    signalled = True
     deadline = time.monotonic() + 30
+    connection_ended = None
     try:
         while h.aio_in_flight() > 0:
             assert time.monotonic() < deadline, "requests neither answered nor failed after SIGTERM"
             h.poll(1000)
             harvest()
             top_up()
-    except nbd.Error:
-        pass  # the connection ends under us: expected
+    except nbd.Error as exc:
+        connection_ended = exc  # the server closed the connection: expected
     harvest()
     assert server.wait_exit() == 0, server.log()
+    # After SIGTERM a write is answered ESHUTDOWN (read after the signal), or
+    # fails because the connection closed under it (libnbd: ENOTCONN); nothing
+    # else. A server failing writes with EIO cannot pass.
+    unexpected = [f for f in failed if f[1] not in (errno.ESHUTDOWN, errno.ENOTCONN)]
+    assert not unexpected, (
+        f"writes failed after SIGTERM with errors other than ESHUTDOWN/ENOTCONN: {unexpected[:5]}"
+        f" (connection ended: {connection_ended!r})"
+    )
     del h
     verify_clean(image)
     with open(image, "rb") as f:

@@ -62,13 +62,6 @@ fn exports_for(args: &ServeArgs) -> anyhow::Result<Catalog> {
         Access::ReadWrite
     };
     let image = DiskImage::open(path, access)?;
-    if !image.shares_locks() {
-        tracing::warn!(
-            image = %path.display(),
-            "no cross-process block locks (is /dev/shm writable?): another process \
-             serving this image at the same time could see spurious media errors"
-        );
-    }
     let name = match &args.export {
         Some(name) => name.clone(),
         None => path
