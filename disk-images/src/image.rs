@@ -329,6 +329,13 @@ pub struct DiskImage {
     crc_file: File,
     /// How writes reach the files.
     stores: Stores,
+    /// With [`Stores::Mapping`]: the image blocks this process knows are
+    /// allocated on the host file system. A store through the mapping into a
+    /// hole of a full tmpfs would kill the process with SIGBUS, so the first
+    /// store into a block allocates it with `fallocate` first, which fails
+    /// cleanly with ENOSPC (see [`Self::ensure_allocated`]). None: not needed
+    /// (`pwrite` reports ENOSPC itself) or not possible.
+    allocated: Option<Allocated>,
     /// How a flush makes CRC entries durable.
     crc_sync: CrcSync,
     /// Host writes by this process since its last flush, and whether that
@@ -617,11 +624,32 @@ impl DiskImage {
             _ => CrcSync::Own,
         };
         let block_locks = BlockLocks::for_file(path, &data_file)?;
+        let allocated = match stores {
+            Stores::Mapping if writable => {
+                // The sidecar is small (4 bytes a block): allocate all of it
+                // now, so its stores through the mapping never meet a hole.
+                match allocate(&crc_file, 0, header.file_len()) {
+                    Ok(()) => Some(Allocated::new(header.block_count)),
+                    Err(nix::errno::Errno::ENOSPC) => {
+                        return Err(ImageError::Io {
+                            path: sidecar.clone(),
+                            operation: "allocate checksum file",
+                            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                        })
+                    }
+                    // A file system without fallocate (or with huge pages'
+                    // alignment rules): stores go on as before.
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
         Ok(Self {
             path: path.to_path_buf(),
             data_file,
             crc_file,
             stores,
+            allocated,
             crc_sync,
             writes_since_flush: AtomicU64::new(0),
             flushes_often: AtomicBool::new(false),
@@ -712,9 +740,39 @@ impl DiskImage {
             .load_u32_le(SidecarHeader::entry_offset(block) as usize)
     }
 
+    /// Makes sure the blocks covering `[position, position + len)` are
+    /// allocated on the host file system before a store through the mapping
+    /// (one `fallocate` the first time this process stores into them; ENOSPC
+    /// comes back as an error instead of a SIGBUS).
+    fn ensure_allocated(&self, position: u64, len: u64) -> Result<(), ImageError> {
+        let Some(allocated) = &self.allocated else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let block = u64::from(BLOCK_SIZE);
+        let (first, end) = (position / block, (position + len).div_ceil(block));
+        if allocated.all(first, end) {
+            return Ok(());
+        }
+        allocate(&self.data_file, first * block, (end - first) * block).map_err(|err| {
+            ImageError::Io {
+                path: self.path.clone(),
+                operation: "allocate image space",
+                source: err.into(),
+            }
+        })?;
+        allocated.set(first, end);
+        Ok(())
+    }
+
     /// Puts `bytes` at image offset `position`, as [`Self::stores`] says;
     /// `streaming` for a large write whose bytes are not read back soon.
     fn store_bytes(&self, position: u64, bytes: &[u8], streaming: bool) -> Result<(), ImageError> {
+        if self.stores == Stores::Mapping {
+            self.ensure_allocated(position, bytes.len() as u64)?;
+        }
         match self.stores {
             Stores::Mapping if streaming => {
                 self.data.write_from_streaming(position as usize, bytes)
@@ -734,7 +792,10 @@ impl DiskImage {
     fn store_zeros(&self, position: u64, len: u64) -> Result<(), ImageError> {
         static ZEROS: [u8; ZERO_BUFFER_BYTES] = [0; ZERO_BUFFER_BYTES];
         match self.stores {
-            Stores::Mapping => self.data.fill_zero(position as usize, len as usize),
+            Stores::Mapping => {
+                self.ensure_allocated(position, len)?;
+                self.data.fill_zero(position as usize, len as usize)
+            }
             Stores::File => {
                 let mut done = 0;
                 while done < len {
@@ -1445,7 +1506,12 @@ impl DiskImage {
                     self.begin_write(b, Some(zero_crc), Trust::OldBytes);
                 }
                 match punch_hole_in(&self.data_file, byte_offset, byte_len) {
-                    Ok(()) => self.end_writes(block, &zero_crcs[..count as usize])?,
+                    Ok(()) => {
+                        if let Some(allocated) = &self.allocated {
+                            allocated.clear(block, block + count);
+                        }
+                        self.end_writes(block, &zero_crcs[..count as usize])?
+                    }
                     Err(err) => {
                         // Nothing was changed: the words go, the CRCs stay.
                         for b in block..block + count {
@@ -1795,6 +1861,53 @@ fn upgrade_sidecar(file: &File, header: &SidecarHeader) -> io::Result<SidecarHea
     file.write_all_at(&upgraded.encode(), 0)?;
     file.sync_all()?;
     Ok(upgraded)
+}
+
+/// `fallocate(KEEP_SIZE)` of a range: allocates its holes without changing
+/// the file's size.
+fn allocate(file: &File, offset: u64, len: u64) -> Result<(), nix::errno::Errno> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    fallocate(
+        file.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+}
+
+/// One bit per block: allocated on the host file system, as far as this
+/// process knows (it allocated it, and has not punched it since). Another
+/// process punching a block this one knows is not seen: such a block is
+/// stored into without a new `fallocate` (a SIGBUS only if the file system is
+/// full at that moment too).
+#[derive(Debug)]
+struct Allocated(Vec<AtomicU64>);
+
+impl Allocated {
+    fn new(blocks: u64) -> Self {
+        Self(
+            (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    fn all(&self, first: u64, end: u64) -> bool {
+        (first..end)
+            .all(|b| self.0[(b / 64) as usize].load(Ordering::Relaxed) & (1 << (b % 64)) != 0)
+    }
+
+    fn set(&self, first: u64, end: u64) {
+        for b in first..end {
+            self.0[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self, first: u64, end: u64) {
+        for b in first..end {
+            self.0[(b / 64) as usize].fetch_and(!(1 << (b % 64)), Ordering::Relaxed);
+        }
+    }
 }
 
 fn punch_hole_in(file: &File, offset: u64, len: u64) -> Result<(), nix::errno::Errno> {

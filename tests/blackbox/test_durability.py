@@ -12,6 +12,7 @@ import fcntl
 import os
 import signal
 import struct
+import subprocess
 import threading
 import time
 
@@ -293,3 +294,38 @@ def test_sigterm_answers_every_request_already_sent(serve, image, transport):
         f"server closed the connection after answering {answered} of {count} requests "
         "it had been sent before SIGTERM"
     )
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs of its own (needs CAP_SYS_ADMIN: skipped, saying so, where
+    mounting is not allowed)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_tmpfs_fails_the_write_with_enospc_and_the_server_keeps_serving(serve, small_tmpfs, rng):
+    """Stores into a sparse image on tmpfs go through the mapping: a hole on a
+    full tmpfs would kill the server with SIGBUS. The write must get ENOSPC,
+    and what was written before must read back."""
+    image = create_image(small_tmpfs / "disk.img", 64 * MiB)
+    server = serve(image)
+    h = nbd_connect(server.uri())
+    first = rng.randbytes(1 * MiB)
+    h.pwrite(first, 0)
+    h.flush()
+    with pytest.raises(nbd.Error) as failed:
+        for offset in range(1 * MiB, 64 * MiB, 1 * MiB):
+            h.pwrite(rng.randbytes(1 * MiB), offset)
+    assert errno_of(failed.value) == errno.ENOSPC, failed.value
+    assert server.proc.poll() is None, "the server died"
+    assert h.pread(len(first), 0) == first
+    h.shutdown()
+    log = server.log()
+    assert "No space left on device" in log, log[-2000:]
