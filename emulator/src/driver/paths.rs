@@ -118,6 +118,9 @@ impl Paths {
                         self.serve(controller, record.address).await;
                     }
                 }
+                // A partner that never recorded an address (it never came up
+                // this run) has no host-facing address to take over.
+                Decision::TakeOver { .. } if record.address.is_none() => {}
                 Decision::TakeOver { from } => {
                     tracing::warn!(controller = %who, health = ?record.health, "partner is gone: taking over its volumes");
                     let engine = Arc::clone(self.volumes.engine());
