@@ -440,18 +440,20 @@ def test_a_hung_agent_is_lost_within_2_s_and_registers_again_when_it_resumes(dom
     assert status == 202 and domain.wait_task("B", task["id"])["state"] == "complete", task
 
 
-def test_up_fails_fast_naming_a_process_that_could_not_start(tmp_path):
-    """A port already taken: the server cannot listen; `up` says which process
-    ended and why, stops what did start, and exits 2."""
+@pytest.mark.parametrize("ports,process", [("http", "s0/c0/server-a"), ("nbd", "s0/c0/driver")])
+def test_up_fails_fast_naming_a_process_that_could_not_start(tmp_path, ports, process):
+    """A port already taken: the server (HTTP) or the driver (NBD) cannot
+    listen; `up` says which process ended and why, stops what did start, and
+    exits 2."""
     import socket
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    d = Domain(tmp_path, CONFIG.replace("http = 0", f"http = {port}"))
+    d = Domain(tmp_path, CONFIG.replace(f"{ports} = 0", f"{ports} = {port}"))
     result = emulator("up", "--config", d.config, "--run-dir", d.run_dir, "--detach", timeout=60)
     taken.close()
     assert result.returncode == 2, result.describe()
-    assert "s0/c0/server-a" in result.stderr and str(port) in result.stderr, result.describe()
+    assert process in result.stderr and str(port) in result.stderr, result.describe()
     assert not (d.run_dir / "supervisor.json").exists(), "what did start was stopped"

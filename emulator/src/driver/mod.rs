@@ -177,6 +177,13 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
         format!("127.0.0.1:{}", domain.nbd_port(cluster)),
     );
     paths.step().await;
+    if let Some(problem) = paths.own_bind_error() {
+        // At start-up that is another program on the port: say so and stop.
+        return Err(DriverError::Io {
+            what: "serve NBD".into(),
+            source: std::io::Error::other(problem.to_string()),
+        });
+    }
     let driver = Arc::new(Driver {
         cluster,
         disks,

@@ -62,6 +62,9 @@ pub(crate) struct Paths {
     running: [Option<Running>; CONTROLLERS as usize],
     /// What was last logged about each controller, to log changes only.
     said: [Option<Decision>; CONTROLLERS as usize],
+    /// Why binding this controller's own address failed last (None: bound,
+    /// or not tried).
+    own_bind_error: Option<String>,
 }
 
 impl Paths {
@@ -79,7 +82,14 @@ impl Paths {
             started: Instant::now(),
             running: [None, None],
             said: [None, None],
+            own_bind_error: None,
         }
+    }
+
+    /// Why this controller's own address could not be bound, if it could not
+    /// (at start-up: another program has the port).
+    pub(crate) fn own_bind_error(&self) -> Option<&str> {
+        self.own_bind_error.as_deref()
     }
 
     fn id(&self) -> u8 {
@@ -184,9 +194,15 @@ impl Paths {
             Err(err) => {
                 // The dead owner's sockets may still be closing: next tick.
                 tracing::debug!(%err, %address, "cannot bind yet");
+                if of == self.id() {
+                    self.own_bind_error = Some(err.to_string());
+                }
                 return;
             }
         };
+        if of == self.id() {
+            self.own_bind_error = None;
+        }
         let bound = listener.local_address();
         if of == self.id() {
             if let Err(err) = self.ownership.set_address(of, &bound) {
