@@ -373,13 +373,25 @@ pub enum Decision {
 }
 
 /// The decision for `me` about `record` (controller `record.id`'s volumes).
-/// `grace_over`: the partner had time to join since this controller started.
-pub fn decide(me: u8, record: &ControllerRecord, grace_over: bool) -> Decision {
+/// `server_health`: the health of the controller serving them now, when that
+/// is neither `me` nor `record.id`. `grace_over`: the partner had time to
+/// join since this controller started.
+pub fn decide(
+    me: u8,
+    record: &ControllerRecord,
+    server_health: Option<Health>,
+    grace_over: bool,
+) -> Decision {
     if record.id == me {
-        return match record.serving {
-            Some(c) if c == me => Decision::Serve,
-            Some(_) => Decision::WaitForHandBack,
-            None => Decision::Claim { from: None },
+        return match (record.serving, server_health) {
+            (Some(c), _) if c == me => Decision::Serve,
+            // The partner that took them over is gone too: nobody will hand
+            // them back.
+            (Some(c), Some(Health::Dead | Health::NeverJoined)) => {
+                Decision::Claim { from: Some(c) }
+            }
+            (Some(_), _) => Decision::WaitForHandBack,
+            (None, _) => Decision::Claim { from: None },
         };
     }
     match (record.serving, record.health) {
@@ -415,41 +427,54 @@ mod tests {
         let hung = Health::Hung { identity: 7 };
         // Our own volumes.
         assert_eq!(
-            decide(0, &record(0, alive, Some(0)), false),
+            decide(0, &record(0, alive, Some(0)), None, false),
             Decision::Serve
         );
         assert_eq!(
-            decide(0, &record(0, alive, None), false),
+            decide(0, &record(0, alive, None), None, false),
             Decision::Claim { from: None }
         );
         assert_eq!(
-            decide(0, &record(0, alive, Some(1)), true),
+            decide(0, &record(0, alive, Some(1)), None, true),
+            Decision::WaitForHandBack
+        );
+        // Taken over by a partner that died since: nobody will hand them
+        // back. One now hung: wait (the partner's own record says fence it).
+        assert_eq!(
+            decide(0, &record(0, alive, Some(1)), Some(Health::Dead), true),
+            Decision::Claim { from: Some(1) }
+        );
+        assert_eq!(
+            decide(0, &record(0, alive, Some(1)), Some(hung), true),
             Decision::WaitForHandBack
         );
         // The partner's.
-        assert_eq!(decide(0, &record(1, alive, Some(1)), true), Decision::Leave);
         assert_eq!(
-            decide(0, &record(1, hung, Some(1)), true),
-            Decision::Fence { identity: 7 }
-        );
-        assert_eq!(
-            decide(0, &record(1, Health::Dead, Some(1)), false),
-            Decision::TakeOver { from: Some(1) }
-        );
-        assert_eq!(
-            decide(0, &record(1, Health::Dead, Some(0)), false),
-            Decision::Serve
-        );
-        assert_eq!(
-            decide(0, &record(1, alive, Some(0)), false),
-            Decision::HandBack
-        );
-        assert_eq!(
-            decide(0, &record(1, Health::NeverJoined, None), false),
+            decide(0, &record(1, alive, Some(1)), None, true),
             Decision::Leave
         );
         assert_eq!(
-            decide(0, &record(1, Health::NeverJoined, None), true),
+            decide(0, &record(1, hung, Some(1)), None, true),
+            Decision::Fence { identity: 7 }
+        );
+        assert_eq!(
+            decide(0, &record(1, Health::Dead, Some(1)), None, false),
+            Decision::TakeOver { from: Some(1) }
+        );
+        assert_eq!(
+            decide(0, &record(1, Health::Dead, Some(0)), None, false),
+            Decision::Serve
+        );
+        assert_eq!(
+            decide(0, &record(1, alive, Some(0)), None, false),
+            Decision::HandBack
+        );
+        assert_eq!(
+            decide(0, &record(1, Health::NeverJoined, None), None, false),
+            Decision::Leave
+        );
+        assert_eq!(
+            decide(0, &record(1, Health::NeverJoined, None), None, true),
             Decision::TakeOver { from: None }
         );
     }

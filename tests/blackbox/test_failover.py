@@ -162,3 +162,23 @@ def test_a_hung_owner_is_fenced_and_the_partner_takes_over(tmp_path, seed):
         if "writer" in locals() and writer.poll() is None:
             writer.kill()
         domain.down()
+
+
+def test_a_driver_restarted_after_both_died_takes_back_its_volumes_and_its_partners(tmp_path):
+    """kill -9 of c0 (c1 takes vol0 over), then of c1 too: nobody will hand vol0
+    back, so c0, restarted, claims it and also takes vol1 over."""
+    domain = Domain(tmp_path, TWO_VOLUMES)
+    domain.up()
+    try:
+        domain.kill("s0/c0/driver")
+        wait_owner(domain, "vol0", "s0/c1", "failed-over")
+        domain.kill("s0/c1/driver")
+        result = emulator("restart", "--run-dir", domain.run_dir, "s0/c0/driver")
+        assert result.returncode == 0, result.describe()
+        wait_owner(domain, "vol0", "s0/c0", "optimized")
+        vol1 = wait_owner(domain, "vol1", "s0/c0", "failed-over")
+        for volume in (volumes(domain)["vol0"], vol1):
+            info = run(["nbdinfo", "--size", volume["uri"]], check=True)
+            assert int(info.stdout) == volume["size"]
+    finally:
+        domain.down()

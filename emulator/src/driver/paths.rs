@@ -113,7 +113,19 @@ impl Paths {
                     return;
                 }
             };
-            let decision = decide(self.id(), &record, self.started.elapsed() >= STARTUP_GRACE);
+            // The health of whoever serves these volumes, if that is a third
+            // party to this decision (our own volumes, held by the partner).
+            let server_health = record
+                .serving
+                .filter(|&c| c != self.id() && c != controller)
+                .and_then(|c| self.ownership.record(c).ok())
+                .map(|server| server.health);
+            let decision = decide(
+                self.id(),
+                &record,
+                server_health,
+                self.started.elapsed() >= STARTUP_GRACE,
+            );
             let who = self.name(controller);
             if self.said[usize::from(controller)] != Some(decision) {
                 tracing::debug!(controller = %who, ?decision, ?record, "ownership");
