@@ -360,6 +360,27 @@ def test_the_example_with_two_systems_and_a_server_on_the_host_comes_up(tmp_path
         d.down()
 
 
+def test_with_only_server_a_configured_no_agent_b_is_launched(tmp_path):
+    """Claim 11: agent A is launched because server A is configured; with no
+    server B there is no agent B (and no server B), and tasks go through A."""
+    d = Domain(tmp_path, CONFIG.replace('b = "s0/c1"\n', ""))
+    d.up()
+    try:
+        assert set(d.processes()) == {
+            "s0/c0/driver", "s0/c0/agent-a", "s0/c0/server-a",
+            "s0/c1/driver", "s0/c1/agent-a",
+        }
+        view = d.get("A", "/api/v1/domain")
+        assert [s["pair"] for s in view["servers"]] == ["A"]
+        assert {a["name"] for a in view["agents"] if a["state"] == "registered"} == {
+            "s0/c0/agent-a", "s0/c1/agent-a",
+        }
+        status, task = d.submit("A", "c1", "report")
+        assert status == 202 and d.wait_task("A", task["id"])["state"] == "complete", task
+    finally:
+        d.down()
+
+
 def verify_disks(domain: Domain):
     disks = domain.run_dir / "s0" / "disks"
     for image in sorted(disks.glob("*.img")):
