@@ -110,6 +110,54 @@ pub enum LiveError {
 /// so nobody else touches that stripe meanwhile; it must not take stripe locks.
 pub type Resync<'a> = &'a dyn Fn(u64);
 
+/// Why a shared state file could not be opened ([`open_mapped`]).
+pub(crate) enum MappedError {
+    /// The OS refused `operation`.
+    Io(&'static str, std::io::Error),
+    /// The file is not what it should be.
+    Corrupt(String),
+}
+
+/// Opens `path`, a state file of exactly `len` bytes that starts with `magic`
+/// and a little-endian u32 `version`, and maps it shared; returns the file,
+/// the mapping and its first `header` bytes for further checks.
+pub(crate) fn open_mapped(
+    path: &Path,
+    len: usize,
+    magic: &[u8; 8],
+    version: u32,
+    header: usize,
+) -> Result<(File, SharedMapping, Vec<u8>), MappedError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|err| MappedError::Io("open", err))?;
+    let actual = file
+        .metadata()
+        .map_err(|err| MappedError::Io("stat", err))?
+        .len();
+    if actual != len as u64 {
+        return Err(MappedError::Corrupt(format!(
+            "{actual} bytes, expected {len}"
+        )));
+    }
+    let map =
+        SharedMapping::map_writable(&file, actual).map_err(|err| MappedError::Io("map", err))?;
+    let mut bytes = vec![0u8; header.max(12)];
+    map.read_into(0, &mut bytes);
+    if bytes[0..8] != magic[..] {
+        return Err(MappedError::Corrupt("bad magic".into()));
+    }
+    let found = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if found != version {
+        return Err(MappedError::Corrupt(format!(
+            "version {found}, expected {version}"
+        )));
+    }
+    Ok((file, map, bytes))
+}
+
 /// Creates `path` holding `header` and zeros up to `len` bytes, written and
 /// synced under a temporary name and then linked into place, so a concurrent
 /// opener sees either no file or a whole one. If another process linked its
@@ -159,39 +207,25 @@ impl Live {
         if !path.exists() {
             Self::create(&path, disks)?;
         }
-        let io = |operation| {
-            let path = path.clone();
-            move |source| LiveError::Io {
-                path,
-                operation,
-                source,
-            }
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io("open"))?;
-        let len = file.metadata().map_err(io("stat"))?.len();
+        let (file, map, header) =
+            open_mapped(&path, FILE_BYTES, &MAGIC, VERSION, 24).map_err(|err| match err {
+                MappedError::Io(operation, source) => LiveError::Io {
+                    path: path.clone(),
+                    operation,
+                    source,
+                },
+                MappedError::Corrupt(problem) => LiveError::Corrupt {
+                    path: path.clone(),
+                    problem,
+                },
+            })?;
         let corrupt = |problem: String| LiveError::Corrupt {
             path: path.clone(),
             problem,
         };
-        if len != FILE_BYTES as u64 {
-            return Err(corrupt(format!("{len} bytes, expected {FILE_BYTES}")));
-        }
-        let map = SharedMapping::map_writable(&file, len).map_err(io("map"))?;
-        let mut header = [0u8; 24];
-        map.read_into(0, &mut header);
-        if header[0..8] != MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
         let field = |at: usize| {
             u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
         };
-        if field(8) != VERSION {
-            return Err(corrupt(format!("version {}, expected {VERSION}", field(8))));
-        }
         if field(12) as usize != disks || field(16) as usize != LOCKS {
             return Err(corrupt(format!(
                 "made for {} disks and {} locks, the array has {disks} disks",

@@ -43,12 +43,14 @@
 //! | +40    | 4    | addr_len | length of `address`                                  |
 //! | +44    | 212  | address  | UTF-8 host-facing address (`host:port`)              |
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use disk_images::mapping::SharedMapping;
 use disk_images::process::{alive, my_identity};
+
+use crate::live::{open_mapped, MappedError};
 
 /// The file in an array directory.
 pub const OWNERSHIP_FILE: &str = "ownership.live";
@@ -182,29 +184,14 @@ impl Ownership {
             header[8..12].copy_from_slice(&VERSION.to_le_bytes());
             crate::live::create_whole(&path, &header, FILE_BYTES as u64).map_err(io("create"))?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io("open"))?;
-        let len = file.metadata().map_err(io("stat"))?.len();
-        let corrupt = |problem: String| OwnershipError::Corrupt {
-            path: path.clone(),
-            problem,
-        };
-        if len != FILE_BYTES as u64 {
-            return Err(corrupt(format!("{len} bytes, expected {FILE_BYTES}")));
-        }
-        let map = SharedMapping::map_writable(&file, len).map_err(io("map"))?;
-        let mut header = [0u8; 12];
-        map.read_into(0, &mut header);
-        if header[0..8] != MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
-        let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        if version != VERSION {
-            return Err(corrupt(format!("version {version}, expected {VERSION}")));
-        }
+        let (file, map, _) =
+            open_mapped(&path, FILE_BYTES, &MAGIC, VERSION, 12).map_err(|err| match err {
+                MappedError::Io(operation, source) => io(operation)(source),
+                MappedError::Corrupt(problem) => OwnershipError::Corrupt {
+                    path: path.clone(),
+                    problem,
+                },
+            })?;
         let me = my_identity().map_err(io("read this process's identity"))?;
         Ok(Self {
             path,
