@@ -84,8 +84,12 @@ struct Driver {
     ownership: Arc<Ownership>,
     array: Mutex<Array>,
     persist: Mutex<Persist>,
-    /// The agents connected now, by name.
-    agents: tokio::sync::Mutex<HashMap<ProcessName, mpsc::Sender<ToAgentFromDriver>>>,
+    /// The agents connected now, by name, each with the number of its link
+    /// (an agent that reconnects before its old link is noticed gone must not
+    /// be dropped when the old one is).
+    agents: tokio::sync::Mutex<HashMap<ProcessName, (u64, mpsc::Sender<ToAgentFromDriver>)>>,
+    /// Numbers the agents' links.
+    links: AtomicU64,
     /// The revision of the configuration and state last stored.
     revision: AtomicU64,
     /// The moving-average rate of each rebuild or scrub under way.
@@ -191,6 +195,7 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
         array: Mutex::new(array),
         persist: Mutex::new(persist),
         agents: tokio::sync::Mutex::new(HashMap::new()),
+        links: AtomicU64::new(0),
         revision: AtomicU64::new(0),
         rates: Mutex::new(HashMap::new()),
         executing: Mutex::new(std::collections::HashSet::new()),
@@ -416,7 +421,7 @@ impl Driver {
     /// Sends `message` to every active agent (FIG. 3, block 304).
     async fn broadcast(&self, message: ToAgentFromDriver) {
         let agents = self.agents.lock().await;
-        for (name, agent) in agents.iter() {
+        for (name, (_, agent)) in agents.iter() {
             if agent.try_send(message.clone()).is_err() {
                 tracing::warn!(agent = %name, "agent not keeping up; a change notice was dropped");
             }
@@ -425,7 +430,8 @@ impl Driver {
 
     /// Sends `message` to agent `name`, if it is connected.
     async fn notify(&self, name: &ProcessName, message: ToAgentFromDriver) -> bool {
-        match self.agents.lock().await.get(name) {
+        let agent = self.agents.lock().await.get(name).map(|(_, tx)| tx.clone());
+        match agent {
             Some(agent) => agent.send(message).await.is_ok(),
             None => false,
         }
@@ -511,7 +517,12 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
     }
     tracing::info!(%agent, "agent connected");
     let (tx, mut rx) = mpsc::channel(AGENT_QUEUE);
-    driver.agents.lock().await.insert(agent, tx.clone());
+    let number = driver.links.fetch_add(1, Ordering::Relaxed);
+    driver
+        .agents
+        .lock()
+        .await
+        .insert(agent, (number, tx.clone()));
     // What became of the tasks it issued while it was away.
     tokio::spawn(tasks::catch_up(Arc::clone(&driver), agent, tx));
     let (mut sink, mut stream) = link.split();
@@ -539,7 +550,10 @@ async fn agent_link(driver: Arc<Driver>, mut link: Link<tokio::net::UnixStream>)
     if let Err(err) = outcome {
         tracing::info!(%agent, %err, "agent gone");
     }
-    driver.agents.lock().await.remove(&agent);
+    let mut agents = driver.agents.lock().await;
+    if agents.get(&agent).is_some_and(|(now, _)| *now == number) {
+        agents.remove(&agent);
+    }
 }
 
 #[cfg(test)]
