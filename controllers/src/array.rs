@@ -277,7 +277,13 @@ impl Array {
         // A change whose process died after writing array.json, before
         // telling the running processes: tell them now.
         live.announce_if_missed(metadata.changes);
-        let engine = RaidEngine::shared(metadata.geometry, live, view_source(dir))?;
+        // Every member is read and written through the fault layer, which
+        // applies the faults `faults.json` describes (none: one atomic load
+        // an I/O).
+        let faults = crate::faults::FaultLayer::open(dir).map_err(|err| {
+            ArrayError::Invalid(format!("the fault book of {}: {err}", dir.display()))
+        })?;
+        let engine = RaidEngine::shared(metadata.geometry, live, view_source(dir, faults))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             metadata,
@@ -607,9 +613,10 @@ fn state_of(metadata: &ArrayMetadata) -> ArrayState {
 
 /// Where a shared engine reloads its members from: `array.json`, opening the
 /// images of members whose file changed (a replacement) and reusing the rest.
-fn view_source(dir: &Path) -> ViewSource {
+fn view_source(dir: &Path, faults: Arc<crate::faults::FaultLayer>) -> ViewSource {
     let dir = dir.to_path_buf();
-    let opened: parking_lot::Mutex<Vec<(String, Arc<DiskImage>)>> = Default::default();
+    let opened: parking_lot::Mutex<Vec<(String, Arc<dyn crate::member::Member>)>> =
+        Default::default();
     Box::new(move || {
         let metadata = read_metadata(&dir).map_err(|err| RaidError::Config(err.to_string()))?;
         let mut opened = opened.lock();
@@ -618,9 +625,12 @@ fn view_source(dir: &Path) -> ViewSource {
             let image = match opened.iter().find(|(file, _)| *file == member.file) {
                 Some((_, image)) => image.clone(),
                 None => {
-                    let image = Arc::new(
-                        DiskImage::open(&dir.join(&member.file), Access::ReadWrite)
-                            .map_err(|err| RaidError::Config(err.to_string()))?,
+                    let image = faults.wrap(
+                        &member.file,
+                        Arc::new(
+                            DiskImage::open(&dir.join(&member.file), Access::ReadWrite)
+                                .map_err(|err| RaidError::Config(err.to_string()))?,
+                        ),
                     );
                     opened.push((member.file.clone(), image.clone()));
                     image

@@ -14,9 +14,11 @@
 
 pub mod array;
 pub mod coordination;
+pub mod faults;
 pub mod findings;
 pub mod journal;
 pub mod live;
+pub mod member;
 pub mod ownership;
 pub mod pq;
 pub mod raid;

@@ -82,6 +82,8 @@ use std::sync::Arc;
 use disk_images::fault::CrashPoint;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 
+use crate::member::Member;
+
 use crate::journal::{Journal, JOURNAL_FILE};
 use crate::live::Live;
 use crate::pq::{self, Role};
@@ -364,8 +366,8 @@ type StepResult<T> = Result<T, Fault>;
 /// stripe lock. Replaced as a whole when the configuration changes.
 #[derive(Debug, Clone)]
 pub struct View {
-    /// Member images, in disk order.
-    pub images: Vec<Arc<DiskImage>>,
+    /// Member disks, in disk order.
+    pub images: Vec<Arc<dyn Member>>,
     /// Member states, in disk order.
     pub states: Vec<MemberState>,
     /// The live-state generation this view was loaded at.
@@ -391,7 +393,7 @@ impl View {
 /// Loads the current member images and states (from the array's metadata) when
 /// another process changed them.
 pub type ViewSource =
-    Box<dyn Fn() -> Result<(Vec<Arc<DiskImage>>, Vec<MemberState>), RaidError> + Send + Sync>;
+    Box<dyn Fn() -> Result<(Vec<Arc<dyn Member>>, Vec<MemberState>), RaidError> + Send + Sync>;
 
 /// The cross-process side: live state shared with the other processes that have
 /// the array open, and where to reload the configuration from.
@@ -496,6 +498,19 @@ impl RaidEngine {
         members: Vec<Arc<DiskImage>>,
         states: Vec<MemberState>,
     ) -> Result<Self, RaidError> {
+        let members = members
+            .into_iter()
+            .map(|image| image as Arc<dyn Member>)
+            .collect();
+        Self::over(geometry, members, states)
+    }
+
+    /// Like [`Self::new`], over any [`Member`]s (fault layers, say).
+    pub fn over(
+        geometry: Geometry,
+        members: Vec<Arc<dyn Member>>,
+        states: Vec<MemberState>,
+    ) -> Result<Self, RaidError> {
         geometry.validate()?;
         Self::check_members(&geometry, &members, &states)?;
         Ok(Self {
@@ -528,7 +543,7 @@ impl RaidEngine {
         Self::check_members(&geometry, &images, &states)?;
         // Recovery runs before this process takes a slot or a lock: the dead
         // holder's locks keep everyone else off the stripes being resynced.
-        let mut engine = Self::new(geometry, images, states)?;
+        let mut engine = Self::over(geometry, images, states)?;
         Arc::make_mut(engine.view.get_mut()).generation = generation;
         let dir = live.path().parent().unwrap_or(Path::new("."));
         engine.journal = Some(Journal::open(dir).map_err(|err| {
@@ -546,7 +561,7 @@ impl RaidEngine {
 
     fn check_members(
         geometry: &Geometry,
-        members: &[Arc<DiskImage>],
+        members: &[Arc<dyn Member>],
         states: &[MemberState],
     ) -> Result<(), RaidError> {
         if members.len() != geometry.disks {
@@ -617,8 +632,38 @@ impl RaidEngine {
     }
 
     /// The current view of the members (reloaded first if the configuration
-    /// changed in another process).
+    /// changed in another process). A member that does not answer (see
+    /// [`Member::present`]) is failed in it, whatever the configuration says.
     pub fn view(&self) -> Result<Arc<View>, RaidError> {
+        loop {
+            let configured = self.configured_view()?;
+            let absent: Vec<usize> = (0..configured.images.len())
+                .filter(|&i| {
+                    configured.states[i] != MemberState::Failed && !configured.images[i].present()
+                })
+                .collect();
+            if absent.is_empty() {
+                return Ok(configured);
+            }
+            // Looked at under this configuration: one that changed meanwhile
+            // (a disk recorded failed before it answers again) is looked at
+            // anew, so a disk that comes back is never taken as it was.
+            if self
+                .shared
+                .as_ref()
+                .is_some_and(|shared| shared.live.generation() != configured.generation)
+            {
+                continue;
+            }
+            let mut view = (*configured).clone();
+            for index in absent {
+                view.states[index] = MemberState::Failed;
+            }
+            return Ok(Arc::new(view));
+        }
+    }
+
+    fn configured_view(&self) -> Result<Arc<View>, RaidError> {
         let current = self.view.read().clone();
         let Some(shared) = &self.shared else {
             return Ok(current);

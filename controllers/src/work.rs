@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use crate::findings::Findings;
-use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
+use disk_images::{ImageError, BLOCK_BYTES};
 
 use crate::pq::{self, Role};
 use crate::raid::{
@@ -55,8 +55,8 @@ pub enum WorkError {
 pub struct Members {
     /// Geometry.
     pub geometry: Geometry,
-    /// Member images, in RAID order.
-    pub images: Vec<Arc<DiskImage>>,
+    /// Member disks, in RAID order.
+    pub images: Vec<Arc<dyn crate::member::Member>>,
     /// Member states.
     pub states: Vec<MemberState>,
     /// Which members may be read (active, not failed or being rebuilt).

@@ -814,7 +814,8 @@ fn a_degraded_write_that_fails_leaves_no_journal_entry_behind() {
                 } else {
                     Access::ReadWrite
                 };
-                DiskImage::open(path, access).map(Arc::new)
+                DiskImage::open(path, access)
+                    .map(|image| Arc::new(image) as Arc<dyn controllers::member::Member>)
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| RaidError::Config(err.to_string()))?;

@@ -1017,6 +1017,7 @@ impl DiskImage {
                 block,
                 expected_crc: expected,
                 actual_crc: actual,
+                injected: None,
             })
         }
     }

@@ -26,9 +26,10 @@ pub use image::{
     Stores, VerifyReport, BLOCK_BYTES, BULK_BLOCKS,
 };
 
-/// A block whose data does not match its checksum: a media error. Never hidden.
+/// A block whose data does not match its checksum, or that cannot be read (an
+/// injected fault): a media error. Never hidden.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("media error in {image}: block {block} (byte offset {offset}) has CRC {actual_crc:#010x}, expected {expected_crc:#010x}", image = image.display(), offset = block * u64::from(sidecar::BLOCK_SIZE))]
+#[error("media error in {image}: block {block} (byte offset {offset}) {what}", image = image.display(), offset = block * u64::from(sidecar::BLOCK_SIZE), what = media_what(*expected_crc, *actual_crc, injected.as_deref()))]
 pub struct MediaError {
     /// The image file.
     pub image: PathBuf,
@@ -38,6 +39,16 @@ pub struct MediaError {
     pub expected_crc: u32,
     /// CRC of the data read.
     pub actual_crc: u32,
+    /// The fault that made the block unreadable, when one was injected (the
+    /// CRCs are then 0).
+    pub injected: Option<String>,
+}
+
+fn media_what(expected: u32, actual: u32, injected: Option<&str>) -> String {
+    match injected {
+        Some(fault) => format!("cannot be read (injected fault {fault})"),
+        None => format!("has CRC {actual:#010x}, expected {expected:#010x}"),
+    }
 }
 
 /// Everything that can go wrong with an image.

@@ -1,0 +1,589 @@
+//! Disk faults as data: an array's fault book and the fault layer that
+//! applies it.
+//!
+//! - **The book** is `faults.json` next to the disks: a list of [`DiskRule`]s,
+//!   each naming a disk by its file (so a fault follows the disk, not the
+//!   slot). Changing it ([`FaultBook::change`]) rewrites the file under a
+//!   lock and then moves a generation counter in `faults.live`, which every
+//!   process with the array open maps.
+//! - **The layer** ([`FaultyMember`]) wraps a member image. On each I/O it
+//!   compares the mapped generation with the one it loaded (one atomic load:
+//!   nothing more is paid while no fault stands), reloads the book when it
+//!   moved, and applies the rules for its disk: the disk does not answer
+//!   ([`Effect::Absent`]), errors, latency, bit flips in what is read, writes
+//!   acknowledged and dropped, writes torn. The RAID engine holds members only
+//!   as [`crate::member::Member`]s; [`crate::array::Array::open`] wraps every
+//!   member in this layer.
+//!
+//! Random choices (which I/O a rule with a rate below 1 hits, which bits flip)
+//! come from the rule's seed and a count of the I/Os the rule has seen in this
+//! process: the same I/O sequence gets the same faults.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use disk_images::mapping::SharedMapping;
+use disk_images::{DiskImage, FlushStarted, ImageError, MediaError};
+use serde::{Deserialize, Serialize};
+
+use crate::member::Member;
+
+/// The rules, next to the disks.
+pub const BOOK_FILE: &str = "faults.json";
+/// The generation counter every process maps.
+pub const GENERATION_FILE: &str = "faults.live";
+
+const MAGIC: [u8; 8] = *b"EMUFAULT";
+const VERSION: u32 = 1;
+const GENERATION_BYTES: usize = 4096;
+/// Where the generation counter sits in `faults.live`.
+const GENERATION_AT: usize = 16;
+/// Bytes in a sector, the unit of LBA ranges.
+pub const SECTOR: u64 = 512;
+
+/// What a rule does to the I/Os it hits.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "effect", rename_all = "kebab-case")]
+pub enum Effect {
+    /// The disk does not answer: every I/O fails with `errno`, and the engine
+    /// treats the member as failed at once.
+    Absent {
+        /// ENXIO (pulled) or EIO (dead).
+        errno: i32,
+    },
+    /// The I/O fails with `errno`. A read error is a medium error (the block
+    /// cannot be read): a redundant array reconstructs the block and writes it
+    /// back.
+    Error {
+        /// The error number.
+        errno: i32,
+    },
+    /// The I/O takes `ms` longer.
+    Delay {
+        /// Added latency.
+        ms: u64,
+    },
+    /// A read returns `bits` flipped bits, after the checksum was checked.
+    Corrupt {
+        /// Bits flipped per hit read.
+        bits: u32,
+    },
+    /// A write is acknowledged and not stored.
+    LostWrites,
+    /// Of a write of several blocks, only the first half is stored; it is
+    /// acknowledged whole.
+    TornWrites,
+}
+
+/// The operations a rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpSet {
+    /// Reads.
+    pub read: bool,
+    /// Writes.
+    pub write: bool,
+    /// Flushes.
+    pub flush: bool,
+}
+
+impl OpSet {
+    /// Every operation.
+    pub const ALL: Self = Self {
+        read: true,
+        write: true,
+        flush: true,
+    };
+}
+
+/// One standing disk fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskRule {
+    /// The fault's id (`f3`), for clearing it.
+    pub id: String,
+    /// The disk: its file in the array's directory (`disk2.img`).
+    pub file: String,
+    /// What it does.
+    #[serde(flatten)]
+    pub effect: Effect,
+    /// Which operations.
+    pub ops: OpSet,
+    /// First byte of the range on the disk.
+    pub start: u64,
+    /// End of the range (exclusive; `u64::MAX`: the end of the disk).
+    pub end: u64,
+    /// The chance that one I/O on the range is hit (1: all).
+    pub rate: f64,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
+impl DiskRule {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        offset < self.end && offset.saturating_add(len.max(1)) > self.start
+    }
+}
+
+/// Why the fault book could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultBookError {
+    /// The OS refused.
+    #[error("{operation} {path}: {source}", path = path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        operation: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a fault book (or a generation file) of this version.
+    #[error("{path} is not a fault book: {problem}", path = path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The fault book of the array in a directory.
+#[derive(Debug)]
+pub struct FaultBook {
+    dir: PathBuf,
+    /// Kept open: the mapping's file.
+    _file: File,
+    map: SharedMapping,
+}
+
+impl FaultBook {
+    /// Opens the book of the array in `dir`, creating its generation file if
+    /// missing.
+    pub fn open(dir: &Path) -> Result<Self, FaultBookError> {
+        let path = dir.join(GENERATION_FILE);
+        let io = |operation| {
+            let path = path.clone();
+            move |source| FaultBookError::Io {
+                path,
+                operation,
+                source,
+            }
+        };
+        if !path.exists() {
+            let mut header = [0u8; 12];
+            header[0..8].copy_from_slice(&MAGIC);
+            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            crate::live::create_whole(&path, &header, GENERATION_BYTES as u64)
+                .map_err(io("create"))?;
+        }
+        let (file, map, _) = crate::live::open_mapped(&path, GENERATION_BYTES, &MAGIC, VERSION, 12)
+            .map_err(|err| match err {
+                crate::live::MappedError::Io(operation, source) => io(operation)(source),
+                crate::live::MappedError::Corrupt(problem) => FaultBookError::Corrupt {
+                    path: path.clone(),
+                    problem,
+                },
+            })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _file: file,
+            map,
+        })
+    }
+
+    /// The generation: moves on every change.
+    pub fn generation(&self) -> u64 {
+        self.map.load_u64_le(GENERATION_AT)
+    }
+
+    /// The rules now (none when there is no book yet).
+    pub fn rules(&self) -> Result<Vec<DiskRule>, FaultBookError> {
+        read_rules(&self.dir)
+    }
+
+    /// Changes the rules: `change` gets them as they are and edits them; the
+    /// book is rewritten whole and the generation moves, so every process
+    /// applies the new rules from its next I/O. Changes are serialised by a
+    /// lock on the generation file.
+    pub fn change<T>(
+        &self,
+        change: impl FnOnce(&mut Vec<DiskRule>) -> T,
+    ) -> Result<T, FaultBookError> {
+        let path = self.dir.join(BOOK_FILE);
+        self._file.lock().map_err(|source| FaultBookError::Io {
+            path: self.dir.join(GENERATION_FILE),
+            operation: "lock",
+            source,
+        })?;
+        let result = (|| {
+            let mut rules = read_rules(&self.dir)?;
+            let out = change(&mut rules);
+            let bytes =
+                serde_json::to_vec_pretty(&rules).map_err(|err| FaultBookError::Corrupt {
+                    path: path.clone(),
+                    problem: err.to_string(),
+                })?;
+            let temporary = self
+                .dir
+                .join(format!(".{BOOK_FILE}.tmp-{}", std::process::id()));
+            let io = |operation| {
+                let path = path.clone();
+                move |source| FaultBookError::Io {
+                    path,
+                    operation,
+                    source,
+                }
+            };
+            let mut file = File::create(&temporary).map_err(io("create"))?;
+            file.write_all(&bytes).map_err(io("write"))?;
+            file.sync_all().map_err(io("sync"))?;
+            std::fs::rename(&temporary, &path).map_err(io("rename"))?;
+            self.map.fetch_add_u64_le(GENERATION_AT, 1);
+            Ok(out)
+        })();
+        let _ = self._file.unlock();
+        result
+    }
+}
+
+fn read_rules(dir: &Path) -> Result<Vec<DiskRule>, FaultBookError> {
+    let path = dir.join(BOOK_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(FaultBookError::Io {
+                path,
+                operation: "read",
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|err| FaultBookError::Corrupt {
+        path,
+        problem: err.to_string(),
+    })
+}
+
+/// One process's view of an array's fault book: the rules as of the
+/// generation it last loaded.
+#[derive(Debug)]
+pub struct FaultLayer {
+    book: FaultBook,
+    /// The generation `rules` was loaded at (`u64::MAX`: never).
+    loaded: AtomicU64,
+    /// Whether the rules loaded are none (the common case, read without a
+    /// lock).
+    none: std::sync::atomic::AtomicBool,
+    rules: parking_lot::RwLock<Arc<Vec<LoadedRule>>>,
+}
+
+/// A rule with this process's count of the I/Os it has seen.
+#[derive(Debug)]
+struct LoadedRule {
+    rule: DiskRule,
+    seen: AtomicU64,
+}
+
+impl FaultLayer {
+    /// The layer over the book of the array in `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, FaultBookError> {
+        Ok(Arc::new(Self {
+            book: FaultBook::open(dir)?,
+            loaded: AtomicU64::new(u64::MAX),
+            none: std::sync::atomic::AtomicBool::new(true),
+            rules: parking_lot::RwLock::new(Arc::new(Vec::new())),
+        }))
+    }
+
+    /// Wraps `image`, the array's disk `file`.
+    pub fn wrap(self: &Arc<Self>, file: &str, image: Arc<DiskImage>) -> Arc<dyn Member> {
+        Arc::new(FaultyMember {
+            inner: image,
+            file: file.to_string(),
+            layer: Arc::clone(self),
+        })
+    }
+
+    /// The rules now, reloaded if the book changed. A book that cannot be read
+    /// keeps the rules last loaded (and says so in the log).
+    fn current(&self) -> Option<Arc<Vec<LoadedRule>>> {
+        let generation = self.book.generation();
+        let loaded = self.loaded.load(Ordering::Acquire);
+        if loaded == generation && self.none.load(Ordering::Acquire) {
+            return None;
+        }
+        if loaded != generation {
+            let mut rules = self.rules.write();
+            if self.loaded.load(Ordering::Acquire) != generation {
+                match self.book.rules() {
+                    Ok(loaded) => {
+                        tracing::info!(rules = loaded.len(), generation, "fault book loaded");
+                        self.none.store(loaded.is_empty(), Ordering::Release);
+                        *rules = Arc::new(
+                            loaded
+                                .into_iter()
+                                .map(|rule| LoadedRule {
+                                    rule,
+                                    seen: AtomicU64::new(0),
+                                })
+                                .collect(),
+                        );
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot read the fault book; keeping the rules loaded before")
+                    }
+                }
+                self.loaded.store(generation, Ordering::Release);
+            }
+        }
+        let rules = self.rules.read();
+        (!rules.is_empty()).then(|| Arc::clone(&rules))
+    }
+}
+
+/// A member disk seen through its faults.
+#[derive(Debug)]
+pub struct FaultyMember {
+    inner: Arc<DiskImage>,
+    file: String,
+    layer: Arc<FaultLayer>,
+}
+
+/// What the rules do to one I/O.
+#[derive(Default)]
+struct Verdict {
+    error: Option<(String, i32)>,
+    delay_ms: u64,
+    corrupt: Option<(u32, u64)>,
+    lost: Option<String>,
+    torn: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+}
+
+/// SplitMix64: the random stream of a rule.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl FaultyMember {
+    /// What the standing rules do to an `op` of `len` bytes at `offset`.
+    fn judge(&self, op: Op, offset: u64, len: u64) -> Option<Verdict> {
+        let rules = self.layer.current()?;
+        let mut verdict = Verdict::default();
+        let mut any = false;
+        for loaded in rules.iter().filter(|l| l.rule.file == self.file) {
+            let rule = &loaded.rule;
+            let applies = match rule.effect {
+                Effect::Absent { .. } => true,
+                Effect::Corrupt { .. } => op == Op::Read,
+                Effect::LostWrites | Effect::TornWrites => op == Op::Write,
+                Effect::Error { .. } | Effect::Delay { .. } => match op {
+                    Op::Read => rule.ops.read,
+                    Op::Write => rule.ops.write,
+                    Op::Flush => rule.ops.flush,
+                },
+            };
+            if !applies || (op != Op::Flush && !rule.overlaps(offset, len)) {
+                continue;
+            }
+            let draw = mix(rule.seed ^ mix(loaded.seen.fetch_add(1, Ordering::Relaxed)));
+            if rule.rate < 1.0 && ((draw >> 11) as f64 / (1u64 << 53) as f64) >= rule.rate {
+                continue;
+            }
+            any = true;
+            match rule.effect {
+                Effect::Absent { errno } | Effect::Error { errno } => {
+                    verdict.error.get_or_insert((rule.id.clone(), errno));
+                }
+                Effect::Delay { ms } => verdict.delay_ms += ms,
+                Effect::Corrupt { bits } => {
+                    verdict.corrupt.get_or_insert((bits, mix(draw)));
+                }
+                Effect::LostWrites => {
+                    verdict.lost.get_or_insert(rule.id.clone());
+                }
+                Effect::TornWrites => {
+                    verdict.torn.get_or_insert(rule.id.clone());
+                }
+            }
+        }
+        if verdict.delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(verdict.delay_ms));
+        }
+        any.then_some(verdict)
+    }
+
+    fn error(&self, op: Op, offset: u64, id: &str, errno: i32) -> ImageError {
+        if op == Op::Read && errno == libc_eio() {
+            // An unreadable sector: what a real disk reports as a medium error.
+            return ImageError::Media(MediaError {
+                image: self.inner.path().to_path_buf(),
+                block: offset / disk_images::BLOCK_BYTES as u64,
+                expected_crc: 0,
+                actual_crc: 0,
+                injected: Some(id.to_string()),
+            });
+        }
+        ImageError::Io {
+            path: self.inner.path().to_path_buf(),
+            operation: match op {
+                Op::Read => "read (injected fault)",
+                Op::Write => "write (injected fault)",
+                Op::Flush => "flush (injected fault)",
+            },
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// Flips bits of `buf` as a corrupting rule chose.
+    fn corrupt(buf: &mut [u8], bits: u32, mut random: u64) {
+        if buf.is_empty() {
+            return;
+        }
+        for _ in 0..bits {
+            random = mix(random);
+            let bit = random % (buf.len() as u64 * 8);
+            buf[(bit / 8) as usize] ^= 1 << (bit % 8);
+        }
+    }
+
+    /// A write through the rules: `store` writes the bytes it is given.
+    fn write_with(
+        &self,
+        offset: u64,
+        data: &[u8],
+        store: impl FnOnce(&[u8]) -> Result<(), ImageError>,
+    ) -> Result<(), ImageError> {
+        let Some(verdict) = self.judge(Op::Write, offset, data.len() as u64) else {
+            return store(data);
+        };
+        if let Some((id, errno)) = verdict.error {
+            return Err(self.error(Op::Write, offset, &id, errno));
+        }
+        if verdict.lost.is_some() {
+            return Ok(());
+        }
+        let blocks = data.len() / disk_images::BLOCK_BYTES;
+        if verdict.torn.is_some() && blocks >= 2 {
+            return store(&data[..blocks / 2 * disk_images::BLOCK_BYTES]);
+        }
+        store(data)
+    }
+}
+
+/// EIO, without a libc dependency for one constant.
+fn libc_eio() -> i32 {
+    nix::errno::Errno::EIO as i32
+}
+
+impl Member for FaultyMember {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn present(&self) -> bool {
+        let Some(rules) = self.layer.current() else {
+            return true;
+        };
+        !rules
+            .iter()
+            .any(|l| l.rule.file == self.file && matches!(l.rule.effect, Effect::Absent { .. }))
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let Some(verdict) = self.judge(Op::Read, offset, buf.len() as u64) else {
+            return self.inner.read_at(offset, buf);
+        };
+        if let Some((id, errno)) = verdict.error {
+            return Err(self.error(Op::Read, offset, &id, errno));
+        }
+        self.inner.read_at(offset, buf)?;
+        if let Some((bits, random)) = verdict.corrupt {
+            Self::corrupt(buf, bits, random);
+        }
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.write_with(offset, data, |bytes| self.inner.write_at(offset, bytes))
+    }
+    fn rewrite_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.write_with(offset, data, |bytes| self.inner.rewrite_at(offset, bytes))
+    }
+    fn read_blocks(&self, offset: u64, buf: &mut [u8], crcs: &mut [u32]) -> Result<(), ImageError> {
+        let Some(verdict) = self.judge(Op::Read, offset, buf.len() as u64) else {
+            return self.inner.read_blocks(offset, buf, crcs);
+        };
+        if let Some((id, errno)) = verdict.error {
+            return Err(self.error(Op::Read, offset, &id, errno));
+        }
+        self.inner.read_blocks(offset, buf, crcs)?;
+        if let Some((bits, random)) = verdict.corrupt {
+            Self::corrupt(buf, bits, random);
+        }
+        Ok(())
+    }
+    fn write_blocks(
+        &self,
+        offset: u64,
+        data: &[u8],
+        crcs: Option<&[u32]>,
+    ) -> Result<(), ImageError> {
+        self.write_with(offset, data, |bytes| {
+            let crcs = crcs.map(|crcs| &crcs[..bytes.len() / disk_images::BLOCK_BYTES]);
+            self.inner.write_blocks(offset, bytes, crcs)
+        })
+    }
+    fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        if let Some(Verdict {
+            error: Some((id, errno)),
+            ..
+        }) = self.judge(Op::Flush, offset, len)
+        {
+            return Err(self.error(Op::Flush, offset, &id, errno));
+        }
+        self.inner.flush_range(offset, len)
+    }
+    fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        if let Some(Verdict {
+            error: Some((id, errno)),
+            ..
+        }) = self.judge(Op::Write, offset, len)
+        {
+            return Err(self.error(Op::Write, offset, &id, errno));
+        }
+        self.inner.mark_unreadable(offset, len)
+    }
+    fn start_flush(&self) -> Option<FlushStarted> {
+        self.inner.start_flush()
+    }
+    fn finish_flush(&self, started: Option<FlushStarted>) -> Result<(), ImageError> {
+        if let Some(verdict) = self.judge(Op::Flush, 0, 0) {
+            if let Some((id, errno)) = verdict.error {
+                return Err(self.error(Op::Flush, 0, &id, errno));
+            }
+        }
+        self.inner.finish_flush(started)
+    }
+}
+
+/// A rule's byte range from an LBA and a sector count (None: to the end).
+pub fn range(lba: u64, sectors: Option<u64>) -> (u64, u64) {
+    let start = lba.saturating_mul(SECTOR);
+    let end = sectors.map_or(u64::MAX, |n| start.saturating_add(n.saturating_mul(SECTOR)));
+    (start, end)
+}

@@ -1,0 +1,270 @@
+//! The fault layer through an array's public API: rules written to the fault
+//! book change what the members do from the next I/O, and clearing them
+//! restores the disk. Each effect is checked against the member's own image
+//! (opened apart from the layer), so a layer that did nothing fails.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use controllers::array::{geometry, Array};
+use controllers::faults::{DiskRule, Effect, FaultBook, OpSet};
+use controllers::raid::{ArrayState, Level, MemberState};
+use disk_images::{Access, DiskImage, ImageError};
+
+const CHUNK: u64 = 64 * 1024;
+const DISK: u64 = 4 << 20;
+
+fn array(dir: &Path) -> Array {
+    Array::create(dir, geometry(Level::Raid5, 4, CHUNK, DISK), 0, 1).expect("create the array")
+}
+
+fn rule(id: &str, file: &str, effect: Effect) -> DiskRule {
+    DiskRule {
+        id: id.into(),
+        file: file.into(),
+        effect,
+        ops: OpSet::ALL,
+        start: 0,
+        end: u64::MAX,
+        rate: 1.0,
+        seed: 7,
+    }
+}
+
+fn set(dir: &Path, rules: Vec<DiskRule>) {
+    FaultBook::open(dir)
+        .expect("open the book")
+        .change(|book| *book = rules)
+        .expect("change the book");
+}
+
+/// The bytes member `file` holds at `offset`, read past the layer.
+fn stored(dir: &Path, file: &str, offset: u64, len: usize) -> Vec<u8> {
+    let image = DiskImage::open(&dir.join(file), Access::ReadOnly).expect("open the member");
+    let mut buf = vec![0u8; len];
+    image.read_at(offset, &mut buf).expect("read the member");
+    buf
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn a_read_error_is_reconstructed_from_parity_and_the_block_written_back() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let data = pattern(1, 3 * CHUNK as usize);
+    engine.write_at(0, &data).expect("the I/O");
+    // Row 0's data chunks are on disks 1, 2, 3 (parity rotates); fail reads of
+    // the first data chunk's disk wherever it is.
+    let disk = engine.geometry().data_disk(0, 0);
+    let file = format!("disk{disk}.img");
+    let before = engine.repaired_blocks();
+    set(
+        dir.path(),
+        vec![DiskRule {
+            ops: OpSet {
+                read: true,
+                write: false,
+                flush: false,
+            },
+            end: CHUNK,
+            ..rule("f1", &file, Effect::Error { errno: 5 })
+        }],
+    );
+    let view = engine.view().expect("the I/O");
+    let mut direct = vec![0u8; 4096];
+    match view.images[disk].read_at(0, &mut direct) {
+        Err(ImageError::Media(media)) => {
+            assert_eq!(media.injected.as_deref(), Some("f1"), "{media}");
+            assert!(media.to_string().contains("injected fault f1"), "{media}");
+        }
+        other => panic!("expected an injected medium error, got {other:?}"),
+    }
+    let mut back = vec![0u8; data.len()];
+    engine.read_at(0, &mut back).expect("the I/O");
+    assert_eq!(
+        back, data,
+        "the array reconstructs what the disk cannot read"
+    );
+    assert!(
+        engine.repaired_blocks() > before,
+        "and writes the blocks back"
+    );
+    set(dir.path(), Vec::new());
+    view.images[disk]
+        .read_at(0, &mut direct)
+        .expect("cleared: readable again");
+}
+
+#[test]
+fn a_write_error_reaches_the_writer_and_a_flush_error_the_flusher() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    set(
+        dir.path(),
+        vec![DiskRule {
+            ops: OpSet {
+                read: false,
+                write: true,
+                flush: true,
+            },
+            ..rule("f2", "disk0.img", Effect::Error { errno: 28 })
+        }],
+    );
+    let err = engine
+        .write_at(0, &pattern(2, 3 * CHUNK as usize))
+        .expect_err("a member write fails");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    let err = engine.flush().expect_err("a member flush fails");
+    assert!(err.to_string().contains("flush (injected fault)"), "{err}");
+    set(dir.path(), Vec::new());
+    engine
+        .write_at(0, &pattern(2, 3 * CHUNK as usize))
+        .expect("the I/O");
+    engine.flush().expect("the I/O");
+}
+
+#[test]
+fn lost_writes_are_acknowledged_and_not_stored_and_torn_writes_store_half() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let view = engine.view().expect("the I/O");
+    let old = pattern(3, 8 * 4096);
+    view.images[0].write_at(0, &old).expect("the I/O");
+    set(
+        dir.path(),
+        vec![rule("f3", "disk0.img", Effect::LostWrites)],
+    );
+    let new = pattern(4, 8 * 4096);
+    view.images[0].write_at(0, &new).expect("acknowledged");
+    assert_eq!(
+        stored(dir.path(), "disk0.img", 0, old.len()),
+        old,
+        "not stored"
+    );
+    set(
+        dir.path(),
+        vec![rule("f4", "disk0.img", Effect::TornWrites)],
+    );
+    view.images[0].write_at(0, &new).expect("acknowledged");
+    let now = stored(dir.path(), "disk0.img", 0, old.len());
+    assert_eq!(now[..4 * 4096], new[..4 * 4096], "the first half is stored");
+    assert_eq!(now[4 * 4096..], old[4 * 4096..], "the second half is not");
+    set(dir.path(), Vec::new());
+    view.images[0].write_at(0, &new).expect("the I/O");
+    assert_eq!(stored(dir.path(), "disk0.img", 0, new.len()), new);
+}
+
+#[test]
+fn a_corrupting_disk_flips_exactly_the_bits_asked_in_what_is_read_and_only_there() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let view = engine.view().expect("the I/O");
+    let data = pattern(5, 4 * 4096);
+    view.images[1].write_at(0, &data).expect("the I/O");
+    set(
+        dir.path(),
+        vec![DiskRule {
+            start: 4096,
+            end: 2 * 4096,
+            ..rule("f5", "disk1.img", Effect::Corrupt { bits: 3 })
+        }],
+    );
+    let mut read = vec![0u8; 4096];
+    view.images[1].read_at(0, &mut read).expect("the I/O");
+    assert_eq!(read, data[..4096], "outside the range: untouched");
+    view.images[1].read_at(4096, &mut read).expect("the I/O");
+    let flipped: u32 = read
+        .iter()
+        .zip(&data[4096..2 * 4096])
+        .map(|(a, b)| (a ^ b).count_ones())
+        .sum();
+    assert!((1..=3).contains(&flipped), "{flipped} bits flipped");
+    assert_eq!(
+        stored(dir.path(), "disk1.img", 4096, 4096),
+        data[4096..2 * 4096],
+        "at rest: intact"
+    );
+}
+
+#[test]
+fn a_pulled_disk_is_failed_in_the_view_at_once_and_answers_again_when_cleared() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let data = pattern(6, 3 * CHUNK as usize);
+    engine.write_at(0, &data).expect("the I/O");
+    set(
+        dir.path(),
+        vec![rule("f6", "disk2.img", Effect::Absent { errno: 6 })],
+    );
+    assert_eq!(engine.member_states()[2], MemberState::Failed);
+    assert_eq!(engine.state(), ArrayState::Degraded);
+    let mut back = vec![0u8; data.len()];
+    engine.read_at(0, &mut back).expect("the I/O");
+    assert_eq!(back, data, "read degraded");
+    set(
+        dir.path(),
+        vec![
+            rule("f6", "disk2.img", Effect::Absent { errno: 6 }),
+            rule("f7", "disk3.img", Effect::Absent { errno: 6 }),
+        ],
+    );
+    assert_eq!(engine.state(), ArrayState::Failed);
+    back.fill(0);
+    let err = engine.read_at(0, &mut back).expect_err("two disks away");
+    assert!(err.to_string().to_lowercase().contains("failed"), "{err}");
+    assert!(back.iter().all(|&b| b == 0), "nothing put in the buffer");
+    set(dir.path(), Vec::new());
+    assert_eq!(engine.state(), ArrayState::Optimal);
+    engine.read_at(0, &mut back).expect("the I/O");
+    assert_eq!(back, data);
+}
+
+#[test]
+fn a_rule_with_a_rate_hits_the_same_ios_for_the_same_seed() {
+    let hits = |seed: u64| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let array = array(dir.path());
+        let view = array.engine().view().expect("the I/O");
+        set(
+            dir.path(),
+            vec![DiskRule {
+                rate: 0.3,
+                seed,
+                ..rule("f8", "disk0.img", Effect::Error { errno: 5 })
+            }],
+        );
+        (0..200)
+            .map(|i| view.images[0].write_at(i * 4096, &[1u8; 4096]).is_err())
+            .collect::<Vec<bool>>()
+    };
+    let first = hits(11);
+    let count = first.iter().filter(|&&hit| hit).count();
+    assert!((30..=90).contains(&count), "{count} of 200 hit at rate 0.3");
+    assert_eq!(first, hits(11), "replayed with the same seed");
+    assert_ne!(first, hits(12), "another seed, other I/Os");
+}
+
+#[test]
+fn a_delayed_disk_takes_at_least_the_delay() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let view = array.engine().view().expect("the I/O");
+    set(
+        dir.path(),
+        vec![rule("f9", "disk0.img", Effect::Delay { ms: 30 })],
+    );
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    view.images[0].read_at(0, &mut buf).expect("the I/O");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(30));
+}
