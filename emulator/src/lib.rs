@@ -14,6 +14,7 @@ pub mod client;
 pub mod controller;
 pub mod domain;
 pub mod driver;
+pub mod fault;
 pub mod link;
 pub mod nbd;
 pub mod persist;

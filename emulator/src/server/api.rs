@@ -13,6 +13,9 @@
 //! | GET | `/api/v1/tasks` | every task, newest first |
 //! | GET | `/api/v1/tasks/{id}` | one task |
 //! | GET | `/api/v1/events` | server-sent events: agents, clusters, tasks |
+//! | GET | `/api/v1/faults` | standing faults and the fault log |
+//! | POST | `/api/v1/faults` | a fault (`{"fault": "disk-error", "disk": 2, …}`, optional `"seed"`) → `201` and its record |
+//! | DELETE | `/api/v1/faults/{id}` | clears a standing fault (`/api/v1/faults`: all) |
 //! | GET | `/api/v1/openapi.json` | this API, described |
 
 use std::convert::Infallible;
@@ -52,6 +55,11 @@ pub(super) fn router(server: Arc<Server>) -> Router {
         .route("/api/v1/tasks", get(tasks).post(submit))
         .route("/api/v1/tasks/{id}", get(task))
         .route("/api/v1/events", get(events))
+        .route(
+            "/api/v1/faults",
+            get(faults).post(inject_fault).delete(clear_faults),
+        )
+        .route("/api/v1/faults/{id}", axum::routing::delete(clear_fault))
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -399,6 +407,109 @@ async fn submit(State(server): State<Arc<Server>>, headers: HeaderMap, body: Byt
         Err(SubmitError::NoAgent(problem)) => {
             ApiError(StatusCode::CONFLICT, problem).into_response()
         }
+    }
+}
+
+/// The standing faults and the whole fault log (oldest first).
+async fn faults(State(server): State<Arc<Server>>) -> Response {
+    let run = server.run.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::fault::FaultError>((
+            crate::fault::active(&run)?,
+            crate::fault::read_log(&run)?,
+        ))
+    })
+    .await;
+    match read {
+        Ok(Ok((standing, log))) => {
+            Json(json!({ "standing": standing, "log": log })).into_response()
+        }
+        Ok(Err(err)) => {
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()
+        }
+        Err(err) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+/// What `POST /api/v1/faults` takes: a fault, and the seed for its random
+/// choices when it names none.
+#[derive(Deserialize)]
+struct Injection {
+    #[serde(flatten)]
+    spec: crate::fault::FaultSpec,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+async fn inject_fault(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(err) = authorized(&server, &headers) {
+        return err.into_response();
+    }
+    let injection: Injection = match serde_json::from_slice(&body) {
+        Ok(injection) => injection,
+        Err(err) => {
+            return ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "malformed fault: {err} (kinds: {})",
+                    crate::fault::FaultSpec::KINDS.join(", ")
+                ),
+            )
+            .into_response()
+        }
+    };
+    let run = server.run.clone();
+    let seed = injection.seed.unwrap_or_else(crate::persist::now_ms);
+    let injected =
+        tokio::task::spawn_blocking(move || crate::fault::inject(&run, &injection.spec, seed))
+            .await;
+    match injected {
+        Ok(Ok(record)) => (StatusCode::CREATED, Json(record)).into_response(),
+        Ok(Err(err)) => fault_error(err).into_response(),
+        Err(err) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+fn fault_error(err: crate::fault::FaultError) -> ApiError {
+    use crate::fault::FaultError;
+    let status = match err {
+        FaultError::Invalid(_) => StatusCode::BAD_REQUEST,
+        FaultError::Process(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, err.to_string())
+}
+
+async fn clear_fault(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    clear(server, headers, Some(id)).await
+}
+
+async fn clear_faults(State(server): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    clear(server, headers, None).await
+}
+
+async fn clear(server: Arc<Server>, headers: HeaderMap, id: Option<String>) -> Response {
+    if let Err(err) = authorized(&server, &headers) {
+        return err.into_response();
+    }
+    let run = server.run.clone();
+    let cleared =
+        tokio::task::spawn_blocking(move || crate::fault::clear(&run, id.as_deref())).await;
+    match cleared {
+        Ok(Ok(ids)) => Json(json!({ "cleared": ids })).into_response(),
+        Ok(Err(crate::fault::FaultError::Invalid(problem))) => {
+            ApiError(StatusCode::NOT_FOUND, problem).into_response()
+        }
+        Ok(Err(err)) => fault_error(err).into_response(),
+        Err(err) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
     }
 }
 

@@ -1,0 +1,186 @@
+"""Disk faults injected into a running domain through the API (`POST
+/api/v1/faults`), applied by the fault layer of both drivers, and what a
+user sees of them:
+
+- a pulled disk is failed at once and rebuilt onto the hot spare while a
+  writer with requests in flight loses nothing;
+- bit rot (stored bits flipped, checksums left) is found and repaired by a
+  scrub, and the next scrub finds nothing;
+- unreadable sectors on one disk are reconstructed from parity (the host
+  reads the right bytes), lost writes are caught by the writer's read-back
+  and by a scrub, and on a volume
+  with no redundancy left they are caught by the write oracle, which names
+  the bytes;
+- bad requests are refused with a message naming what was wrong, and change
+  nothing; every injection and clearing is in the fault log.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bbhelpers import emulator, run, wait_until
+from test_domain import CONFIG, Domain
+from test_failover import finish, verify_nothing_lost, volumes, writer_going
+
+
+def inject(domain: Domain, pair: str = "A", **fault) -> dict:
+    status, record = domain.request(pair, "POST", "/api/v1/faults", fault)
+    assert status == 201, (status, record)
+    return record
+
+
+def faults(domain: Domain, pair: str = "A") -> dict:
+    return domain.get(pair, "/api/v1/faults")
+
+
+def scrub(domain: Domain, repair: bool = False) -> dict:
+    status, task = domain.submit("B", "c1", "scrub", repair=repair)
+    assert status == 202, task
+    ended = domain.wait_task("B", task["id"], timeout=120)
+    assert ended["state"] == "complete", ended
+    return ended["result"]
+
+
+def system(domain: Domain, pair: str = "A") -> dict:
+    return domain.get(pair, "/api/v1/domain")["systems"][0]
+
+
+def test_a_pulled_disk_is_failed_at_once_and_rebuilt_onto_the_spare_while_nothing_is_lost(tmp_path, seed):
+    domain = Domain(tmp_path)
+    domain.up()
+    try:
+        uri = volumes(domain)["vol0"]["uri"]
+        record = tmp_path / "writes.jsonl"
+        writer = writer_going(uri, seed, record, "6s")
+        pulled = inject(domain, fault="disk-pull", disk=2)
+        assert pulled["id"] == "f1" and pulled["standing"], pulled
+        assert "disk 2 (disk2.img) of s0 pulled out" in pulled["effect"], pulled
+        assert "the array failed it: degraded" in pulled["effect"], pulled
+
+        def rebuilt():
+            now = system(domain)
+            disks = now["disks"]
+            return now if (now["health"] == "optimal" and disks[2]["file"] == "spare0.img"
+                           and disks[2]["state"] == "available") else None
+
+        wait_until(rebuilt, 60, "the hot spare to take disk 2's place and be rebuilt")
+        summary = finish(writer)
+        assert summary["mismatches"] == 0, summary
+        verify_nothing_lost(uri, record)
+        # The fault stands (on disk2.img, out of the array now) until cleared.
+        standing = faults(domain, "B")["standing"]
+        assert [f["id"] for f in standing] == ["f1"], standing
+        status, cleared = domain.request("B", "DELETE", "/api/v1/faults/f1")
+        assert (status, cleared) == (200, {"cleared": ["f1"]})
+        log = faults(domain)["log"]
+        assert [(e["event"], e["id"]) for e in log] == [("injected", "f1"), ("cleared", "f1")], log
+        assert log[0]["injected_ms"] <= log[1]["cleared_ms"]
+        scrub_result = scrub(domain)
+        assert scrub_result["checksum_errors"] == 0 and scrub_result["parity_mismatches"] == 0, scrub_result
+    finally:
+        if "writer" in locals() and writer.poll() is None:
+            writer.kill()
+        domain.down()
+
+
+def test_bit_rot_is_found_and_repaired_by_a_scrub_and_the_next_scrub_finds_nothing(tmp_path, seed):
+    domain = Domain(tmp_path)
+    domain.up()
+    try:
+        uri = volumes(domain)["vol0"]["uri"]
+        record = tmp_path / "writes.jsonl"
+        finish(writer_going(uri, seed, record, "2s"))
+        rot = inject(domain, fault="disk-corrupt", disk=1, at_rest=True, bits=16, lba=0, sectors=8192, seed=seed)
+        assert not rot["standing"] and "16 stored bit(s) flipped" in rot["effect"], rot
+        assert faults(domain)["standing"] == []
+        found = scrub(domain, repair=True)
+        assert found["checksum_errors"] >= 1, found
+        assert found["repaired"] >= found["checksum_errors"], found
+        again = scrub(domain)
+        assert again["checksum_errors"] == 0 and again["parity_mismatches"] == 0, again
+        verify_nothing_lost(uri, record)
+    finally:
+        domain.down()
+
+
+def test_unreadable_sectors_are_reconstructed_and_lost_writes_are_caught_by_a_scrub(tmp_path, seed):
+    domain = Domain(tmp_path)
+    domain.up()
+    try:
+        uri = volumes(domain)["vol0"]["uri"]
+        record = tmp_path / "writes.jsonl"
+        finish(writer_going(uri, seed, record, "2s"))
+        unreadable = inject(domain, fault="disk-error", disk=0, ops=["read"], lba=0, sectors=16384)
+        assert "reads on LBA 0..16384 fail with EIO" in unreadable["effect"], unreadable
+        # The host reads every byte right: the array reconstructs from parity.
+        verify_nothing_lost(uri, record)
+        status, _ = domain.request("A", "DELETE", "/api/v1/faults")
+        assert status == 200
+        lost = inject(domain, fault="disk-lost-writes", disk=1)
+        # The writer reads back what it wrote: stale blocks are caught at once.
+        writer = writer_going(uri, seed + 1, tmp_path / "more.jsonl", "2s")
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 1, (out, err[-2000:])
+        summary = json.loads(out)
+        assert summary["mismatches"] > 0 and summary["mismatch_details"], summary
+        assert "read-back mismatch" in err
+        status, _ = domain.request("A", "DELETE", f"/api/v1/faults/{lost['id']}")
+        assert status == 200
+        # And the scrub finds the stripes whose parity no longer matches.
+        found = scrub(domain)
+        assert found["parity_mismatches"] >= 1, found
+    finally:
+        domain.down()
+
+
+def test_lost_writes_on_a_volume_with_no_redundancy_left_are_named_by_the_oracle(tmp_path, seed):
+    domain = Domain(tmp_path, CONFIG.replace("spares = 1", "spares = 0").replace("disks = 5", "disks = 4"))
+    domain.up()
+    try:
+        status, task = domain.submit("A", "c0", "fail-disk", disk=3)
+        assert status == 202 and domain.wait_task("A", task["id"])["state"] == "complete", task
+        uri = volumes(domain)["vol0"]["uri"]
+        inject(domain, fault="disk-lost-writes", disk=0, rate=0.5, seed=seed)
+        record = tmp_path / "writes.jsonl"
+        writer = writer_going(uri, seed, record, "3s")
+        out, _ = writer.communicate(timeout=120)
+        assert writer.returncode == 1 and json.loads(out)["mismatches"] > 0, out
+        result = emulator("workload", "verify", "--uri", uri, "--record", record, "--json", timeout=120)
+        assert result.returncode == 1, result.describe()
+        report = json.loads(result.stdout)
+        assert report["lost_blocks"] > 0 and report["lost_ranges"], report
+        first = report["lost_ranges"][0]
+        assert first["length"] >= 4096 and first["blocks"], first
+    finally:
+        domain.down()
+
+
+def test_bad_fault_requests_are_refused_naming_what_was_wrong_and_change_nothing(tmp_path):
+    domain = Domain(tmp_path)
+    domain.up()
+    try:
+        cases = [
+            ({"fault": "disk-melt", "disk": 1}, 400, "disk-fail, disk-pull"),
+            ({"fault": "disk-error", "disk": 9}, 400, "s0 has disks 0..3, not disk 9"),
+            ({"fault": "disk-delay", "disk": 1, "errno": "EIO", "ms": 5}, 400, "disk-delay takes no `errno`"),
+            ({"fault": "disk-delay", "disk": 1}, 400, "needs `ms`"),
+            ({"fault": "disk-error", "disk": 1, "errno": "EWHAT"}, 400, "errno \"EWHAT\""),
+            ({"fault": "disk-error", "disk": 1, "rate": 2}, 400, "0 < rate <= 1"),
+            ({"fault": "disk-error", "disk": 1, "colour": "red"}, 400, "colour"),
+            ({"fault": "disk-error", "system": "s7", "disk": 1}, 400, "no system s7"),
+            ({"fault": "process-kill", "process": "s0/c9/driver"}, 400, "s0/c9/driver"),
+        ]
+        for body, expected, words in cases:
+            status, reply = domain.request("A", "POST", "/api/v1/faults", body)
+            assert status == expected and words in reply["error"], (body, status, reply)
+        status, reply = domain.request("A", "POST", "/api/v1/faults", {"fault": "disk-fail", "disk": 1}, token=None)
+        assert status == 401, reply
+        status, reply = domain.request("A", "DELETE", "/api/v1/faults/f42")
+        assert status == 404 and "no standing fault f42" in reply["error"], reply
+        assert faults(domain) == {"standing": [], "log": []}
+        assert system(domain)["health"] == "optimal"
+        info = run(["nbdinfo", "--size", volumes(domain)["vol0"]["uri"]], check=True)
+        assert int(info.stdout) > 0
+    finally:
+        domain.down()
