@@ -101,6 +101,18 @@ def main() -> int:
             assert any(0 < p < 100 for p in seen), f"no progress between 0 and 100% was shown: {seen}"
             assert seen == sorted(seen), f"progress went backwards: {seen}"
             expect(page.locator("#log")).to_contain_text("complete")
+            step("pull disk 1 from the Faults panel: the fault stands and is logged")
+            page.select_option("#g-kind", "disk-pull")
+            page.fill("#g-disk", "1")
+            page.click("#fault-form button[type=submit]")
+            expect(page.locator("#fault-message")).to_contain_text("injected f1")
+            expect(page.locator("#faults")).to_contain_text("pulled out")
+            expect(page.locator("#fault-log")).to_contain_text("f1 injected")
+            step("clear it with its button: the fault log says so")
+            page.click("button[data-clear='f1']")
+            expect(page.locator("#fault-message")).to_contain_text("cleared f1")
+            expect(page.locator("#faults")).to_contain_text("none")
+            expect(page.locator("#fault-log")).to_contain_text("f1 cleared")
             step("kill -9 the driver that owns vol0: the page shows the failover live")
             expect(page.locator("#systems")).to_contain_text("owner s0/c0")
             expect(page.locator("#systems .badge.optimized").first).to_be_visible()
