@@ -14,6 +14,7 @@
 
 pub mod array;
 pub mod coordination;
+pub mod faults;
 pub mod findings;
 pub mod journal;
 pub mod live;

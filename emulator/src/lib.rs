@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod domain;
+pub mod fault;
 pub mod driver;
 pub mod link;
 pub mod nbd;

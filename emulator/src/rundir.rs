@@ -14,6 +14,7 @@
 //! RUN/sN/cM/notice-KIND.sock  where its driver, as initiator, hears a task is complete
 //! RUN/servers/a.sock          where agents register with server A (b.sock: B)
 //! RUN/servers/a.json          server A's pid and HTTP address, once it listens
+//! RUN/faults.jsonl            every fault injected and cleared (see `fault`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -74,6 +75,12 @@ pub struct ServerAddress {
 }
 
 impl RunDir {
+    /// The run's fault log: every fault injected and cleared, one JSON object
+    /// a line.
+    pub fn fault_log(&self) -> PathBuf {
+        self.root.join("faults.jsonl")
+    }
+
     /// The run directory at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
