@@ -290,4 +290,3 @@ fn print_report(report: &Report) {
         println!("run directory kept: {}", report.run_dir.display());
     }
 }
-

@@ -22,7 +22,7 @@ pub const CONDITION_FORMS: &str = "rebuild|scrub running, rebuild|scrub >= N%, n
 agent A|B of sN/cM registered|lost, agents registered, agents of sN/cM registered, \
 process NAME running|stopped|ended, volume [sN/]VOL owner sN/cM|none, \
 volume [sN/]VOL path optimized|failed-over|transitioning|offline, \
-array [sN] optimal|degraded|failed, disk [sN/]N available|unavailable|rebuilding, \
+array [sN] optimal|degraded|failed, disk [sN/]N available|unavailable|rebuilding, disk [sN/]N file NAME, \
 task T queued|running|complete|failed|ended, task T failed with \"TEXT\", task T clean, \
 task T found problems, task T result.FIELD >=|<=|==|>|< NUMBER, \
 workload W running|ended, workload W writes >= N";
@@ -198,7 +198,8 @@ pub enum Condition {
         system: usize,
         /// Its index (members first, then spares).
         index: usize,
-        /// `available`, `unavailable`, `rebuilding`.
+        /// `available`, `unavailable`, `rebuilding`; or `file NAME`: the
+        /// image file in that slot (`spare0.img` once a spare replaced it).
         state: String,
     },
     /// A task the scenario submitted, by its label.
@@ -483,6 +484,16 @@ pub fn parse_condition(text: &str) -> Result<Condition, String> {
                 )?,
             }
         }
+        ["disk", disk, "file", file] => {
+            let (system, index) = system_and_name(disk)?;
+            Condition::Disk {
+                system,
+                index: index
+                    .parse()
+                    .map_err(|_| format!("{index:?} is not a disk number (0, 1, …)"))?,
+                state: format!("file {file}"),
+            }
+        }
         ["task", label, "ended"] => Condition::Task {
             label: label.to_string(),
             want: TaskWant::Ended,
@@ -680,7 +691,11 @@ fn evaluate_inner(condition: &Condition, snapshot: &Snapshot) -> Result<Evaluati
                 .processes
                 .iter()
                 .filter(|p| p.name.contains("/agent-"))
-                .filter(|p| prefix.as_ref().is_none_or(|prefix| p.name.starts_with(prefix)))
+                .filter(|p| {
+                    prefix
+                        .as_ref()
+                        .is_none_or(|prefix| p.name.starts_with(prefix))
+                })
                 .collect();
             if agents.is_empty() {
                 return Err(eval(false, "no such agent in the process table"));
@@ -706,7 +721,7 @@ fn evaluate_inner(condition: &Condition, snapshot: &Snapshot) -> Result<Evaluati
                     not.push(seen.1);
                 }
             }
-            if not.is_empty() {
+            if !not.is_empty() {
                 eval(false, not.join("; "))
             } else {
                 eval(
@@ -766,8 +781,9 @@ fn evaluate_inner(condition: &Condition, snapshot: &Snapshot) -> Result<Evaluati
             {
                 Some(disk) => {
                     let now = disk["state"].as_str().unwrap_or("unknown");
+                    let file = disk["file"].as_str().unwrap_or("?");
                     eval(
-                        now == state,
+                        now == state || state.strip_prefix("file ") == Some(file),
                         format!(
                             "disk {index} ({}, {}) {now}",
                             disk["file"].as_str().unwrap_or("?"),
@@ -819,11 +835,24 @@ fn agent_state(view: &Value, name: &str, processes: &[ProcessSeen]) -> (bool, St
         .flatten()
         .find(|a| a["name"] == name)
     else {
-        return (false, format!("{name} never registered with server {server}"));
+        return (
+            false,
+            format!("{name} never registered with server {server}"),
+        );
     };
     let state = agent["state"].as_str().unwrap_or("unknown");
     let pid = agent["pid"].as_u64().unwrap_or_default();
-    let current = processes.iter().find(|p| p.name == name).map(|p| p.pid);
+    let process = processes.iter().find(|p| p.name == name);
+    let current = process.map(|p| p.pid);
+    if let Some(process) = process.filter(|p| p.state != "running") {
+        return (
+            false,
+            format!(
+                "{name} (pid {}) {}, server {server} has it {state}",
+                process.pid, process.state
+            ),
+        );
+    }
     if state != "registered" {
         return (
             false,
@@ -907,7 +936,9 @@ fn task_holds(label: &str, task: &Value, want: &TaskWant) -> Evaluation {
     let met = match want {
         TaskWant::State(want) => state == want,
         TaskWant::Ended => state == "complete" || state == "failed",
-        TaskWant::FailedWith(text) => state == "failed" && failure.is_some_and(|f| f.contains(text.as_str())),
+        TaskWant::FailedWith(text) => {
+            state == "failed" && failure.is_some_and(|f| f.contains(text.as_str()))
+        }
         TaskWant::Clean | TaskWant::FoundProblems => {
             if state == "complete" {
                 seen.push_str(&format!(": {}", findings(result)));
@@ -959,9 +990,7 @@ mod tests {
             "operations": [ { "kind": "rebuild", "control": "run", "percent": 62.5, "mib_per_s": 20.0 } ],
             "volumes": [ { "name": "vol0", "owner": "s0/c1", "home": "s0/c0", "path": "failed-over", "uri": "nbd://x/vol0" } ],
         });
-        let view = |pair: &str, agents: Value| {
-            json!({ "server": { "pair": pair }, "systems": [system.clone()], "agents": agents })
-        };
+        let view = |pair: &str, agents: Value| json!({ "server": { "pair": pair }, "systems": [system.clone()], "agents": agents });
         let a = view(
             "A",
             json!([
@@ -1017,7 +1046,9 @@ mod tests {
 
     fn holds(text: &str) -> bool {
         let condition = parse_condition(text).expect(text);
-        evaluate(&condition, &sample()).met
+        let evaluation = evaluate(&condition, &sample());
+        eprintln!("{text}: {evaluation:?}");
+        evaluation.met
     }
 
     #[test]
@@ -1038,6 +1069,7 @@ mod tests {
             "array s0 degraded",
             "disk 1 rebuilding",
             "disk s0/0 available",
+            "disk 1 file spare0.img",
             "task s1 complete",
             "task s1 ended",
             "task s1 found problems",
@@ -1066,6 +1098,7 @@ mod tests {
             "array optimal",
             "disk 1 available",
             "disk 7 available",
+            "disk 0 file spare0.img",
             "task s1 clean",
             "task s1 failed",
             "task s1 result.repaired > 2",
@@ -1087,22 +1120,48 @@ mod tests {
         let seen = |text: &str| evaluate(&parse_condition(text).expect(text), &sample()).seen;
         assert_eq!(seen("rebuild >= 70%"), "rebuild at 62.5%");
         assert_eq!(seen("array optimal"), "array degraded");
-        assert!(seen("agent A of s0/c1 registered").contains("lost at server A (link closed)"));
+        assert!(seen("agent A of s0/c1 registered").contains("ended, server A has it lost"));
         assert!(seen("agent B of s0/c1 registered").contains("not reported yet"));
         assert!(seen("task gone ended").contains("server A unreachable"));
         assert!(seen("task s1 clean").contains("2 checksum errors"));
         // A stale registration (another pid than the one running now).
         let mut snapshot = sample();
         snapshot.processes[2].pid = 99;
+        snapshot.processes[4].state = "ended".into();
+        let evaluation = evaluate(
+            &parse_condition("agent B of s0/c0 registered").expect("parses"),
+            &snapshot,
+        );
+        assert!(
+            !evaluation.met,
+            "a dead agent is not registered, whatever its server says"
+        );
+        assert!(
+            evaluation
+                .seen
+                .contains("ended, server B has it registered"),
+            "{}",
+            evaluation.seen
+        );
         let evaluation = evaluate(
             &parse_condition("agent A of s0/c0 registered").expect("parses"),
             &snapshot,
         );
         assert!(!evaluation.met);
-        assert!(evaluation.seen.contains("not the one running now (99)"), "{}", evaluation.seen);
+        assert!(
+            evaluation.seen.contains("not the one running now (99)"),
+            "{}",
+            evaluation.seen
+        );
         // With server A silent, the domain is read from B; A's agents cannot be judged.
         snapshot.views[0] = None;
-        assert!(evaluate(&parse_condition("array degraded").expect("parses"), &snapshot).met);
+        assert!(
+            evaluate(
+                &parse_condition("array degraded").expect("parses"),
+                &snapshot
+            )
+            .met
+        );
         let evaluation = evaluate(
             &parse_condition("agent A of s0/c0 registered").expect("parses"),
             &snapshot,
@@ -1127,9 +1186,18 @@ mod tests {
         }
         let err = parse_check("nothing lost").expect_err("not a check");
         assert!(err.contains("no loss [in W]"), "{err}");
-        assert_eq!(parse_check("no loss in w"), Ok(Check::NoLoss(Some("w".into()))));
+        assert_eq!(
+            parse_check("no loss in w"),
+            Ok(Check::NoLoss(Some("w".into())))
+        );
         assert_eq!(parse_check("scrub clean on s1"), Ok(Check::ScrubClean(1)));
-        assert_eq!(parse_check("every task via B complete"), Ok(Check::EveryTaskVia(Pair::B)));
-        assert!(matches!(parse_check("array optimal"), Ok(Check::Condition(_))));
+        assert_eq!(
+            parse_check("every task via B complete"),
+            Ok(Check::EveryTaskVia(Pair::B))
+        );
+        assert!(matches!(
+            parse_check("array optimal"),
+            Ok(Check::Condition(_))
+        ));
     }
 }

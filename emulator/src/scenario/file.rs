@@ -410,7 +410,12 @@ impl Context<'_> {
         line_column(self.text, span.start).0
     }
 
-    fn invalid(&self, span: Range<usize>, field: impl Into<String>, problem: impl Into<String>) -> ScenarioError {
+    fn invalid(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> ScenarioError {
         ScenarioError::Invalid {
             path: self.path.to_path_buf(),
             line: self.line(span),
@@ -419,8 +424,14 @@ impl Context<'_> {
         }
     }
 
-    fn duration(&self, value: &Spanned<String>, field: &str, positive: bool) -> Result<Duration, ScenarioError> {
-        let duration = parse_duration(value.get_ref()).map_err(|problem| self.invalid(value.span(), field, problem))?;
+    fn duration(
+        &self,
+        value: &Spanned<String>,
+        field: &str,
+        positive: bool,
+    ) -> Result<Duration, ScenarioError> {
+        let duration = parse_duration(value.get_ref())
+            .map_err(|problem| self.invalid(value.span(), field, problem))?;
         if positive && duration.is_zero() {
             return Err(self.invalid(value.span(), field, "must be more than zero"));
         }
@@ -493,10 +504,16 @@ impl Scenario {
             let s = section.get_ref();
             let timing = match (&s.at, &s.after) {
                 (Some(_), Some(after)) => {
-                    return Err(cx.invalid(after.span(), step_field("after"), "give `at` or `after`, not both"))
+                    return Err(cx.invalid(
+                        after.span(),
+                        step_field("after"),
+                        "give `at` or `after`, not both",
+                    ))
                 }
                 (Some(at), None) => Timing::At(cx.duration(at, &step_field("at"), false)?),
-                (None, Some(after)) => Timing::After(cx.duration(after, &step_field("after"), false)?),
+                (None, Some(after)) => {
+                    Timing::After(cx.duration(after, &step_field("after"), false)?)
+                }
                 (None, None) => Timing::Next,
             };
             let given: Vec<&str> = [
@@ -534,24 +551,56 @@ impl Scenario {
             }
             if let Some(within) = &s.within {
                 if keyword != "wait" {
-                    return Err(cx.invalid(within.span(), step_field("within"), "`within` bounds a `wait`"));
+                    return Err(cx.invalid(
+                        within.span(),
+                        step_field("within"),
+                        "`within` bounds a `wait`",
+                    ));
                 }
             }
             let check_workload = |name: &str, at: Range<usize>| -> Result<(), ScenarioError> {
                 if workload_names.contains(name) {
                     Ok(())
                 } else {
-                    Err(cx.invalid(at, field.clone(), format!("no workload {name:?} (workloads: {})", list(&workload_names))))
+                    Err(cx.invalid(
+                        at,
+                        field.clone(),
+                        format!(
+                            "no workload {name:?} (workloads: {})",
+                            list(&workload_names)
+                        ),
+                    ))
                 }
             };
             let action = match keyword {
                 "inject" => {
-                    let spec = s.inject.as_ref().map(Spanned::get_ref).cloned().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
-                    check_fault(&cx, s.inject.as_ref().map_or(span.clone(), Spanned::span), &field, &spec, &domain, &processes)?;
+                    let spec = s
+                        .inject
+                        .as_ref()
+                        .map(Spanned::get_ref)
+                        .cloned()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    check_fault(
+                        &cx,
+                        s.inject.as_ref().map_or(span.clone(), Spanned::span),
+                        &field,
+                        &spec,
+                        &domain,
+                        &processes,
+                    )?;
                     let label = match &s.label {
                         Some(label) => {
-                            if !fault_labels.insert(label.get_ref().clone()) || label.get_ref() == "all" {
-                                return Err(cx.invalid(label.span(), step_field("label"), format!("{:?} is already a fault's label (or is `all`)", label.get_ref())));
+                            if !fault_labels.insert(label.get_ref().clone())
+                                || label.get_ref() == "all"
+                            {
+                                return Err(cx.invalid(
+                                    label.span(),
+                                    step_field("label"),
+                                    format!(
+                                        "{:?} is already a fault's label (or is `all`)",
+                                        label.get_ref()
+                                    ),
+                                ));
                             }
                             Some(label.get_ref().clone())
                         }
@@ -560,12 +609,17 @@ impl Scenario {
                     Action::Inject { spec, label }
                 }
                 "clear" => {
-                    let value = s.clear.as_ref().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    let value = s
+                        .clear
+                        .as_ref()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
                     let label = value.get_ref();
                     if label == "all" {
                         Action::Clear { label: None }
                     } else if fault_labels.contains(label) {
-                        Action::Clear { label: Some(label.clone()) }
+                        Action::Clear {
+                            label: Some(label.clone()),
+                        }
                     } else {
                         return Err(cx.invalid(value.span(), field, format!("no earlier step injected a fault labelled {label:?} (labels: {}; or `all`)", list(&fault_labels))));
                     }
@@ -577,41 +631,79 @@ impl Scenario {
                         "resume" => (&s.resume, ProcessAction::Resume),
                         _ => (&s.restart, ProcessAction::Restart),
                     };
-                    let value = value.as_ref().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    let value = value
+                        .as_ref()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
                     check_process(&cx, value.span(), &field, value.get_ref(), &processes)?;
-                    Action::Process { action, process: value.get_ref().clone() }
+                    Action::Process {
+                        action,
+                        process: value.get_ref().clone(),
+                    }
                 }
                 "task" => {
-                    let value = s.task.as_ref().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    let value = s
+                        .task
+                        .as_ref()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
                     let task = value.get_ref();
                     let at = value.span();
                     let label = task.label.clone().unwrap_or_else(|| format!("t{number}"));
-                    let server = Pair::parse(task.server.as_deref().unwrap_or("A")).map_err(|p| cx.invalid(at.clone(), format!("{field}.server"), p))?;
+                    let server = Pair::parse(task.server.as_deref().unwrap_or("A"))
+                        .map_err(|p| cx.invalid(at.clone(), format!("{field}.server"), p))?;
                     if domain.server(server).is_none() {
-                        return Err(cx.invalid(at, format!("{field}.server"), format!("the domain has no server {server}")));
+                        return Err(cx.invalid(
+                            at,
+                            format!("{field}.server"),
+                            format!("the domain has no server {server}"),
+                        ));
                     }
-                    let cluster = ClusterName::parse(&task.cluster).map_err(|p| cx.invalid(at.clone(), format!("{field}.cluster"), p))?;
+                    let cluster = ClusterName::parse(&task.cluster)
+                        .map_err(|p| cx.invalid(at.clone(), format!("{field}.cluster"), p))?;
                     if cluster.system >= domain.systems.len() {
-                        return Err(cx.invalid(at, format!("{field}.cluster"), format!("the domain has no system s{}", cluster.system)));
+                        return Err(cx.invalid(
+                            at,
+                            format!("{field}.cluster"),
+                            format!("the domain has no system s{}", cluster.system),
+                        ));
                     }
                     let args = match &task.args {
-                        Some(table) => serde_json::to_value(table).map_err(|err| cx.invalid(at.clone(), format!("{field}.args"), err.to_string()))?,
+                        Some(table) => serde_json::to_value(table).map_err(|err| {
+                            cx.invalid(at.clone(), format!("{field}.args"), err.to_string())
+                        })?,
                         None => Value::Object(Default::default()),
                     };
-                    crate::task::Task::parse(&task.kind, &args).map_err(|p| cx.invalid(at.clone(), field.clone(), p))?;
+                    crate::task::Task::parse(&task.kind, &args)
+                        .map_err(|p| cx.invalid(at.clone(), field.clone(), p))?;
                     if task.kind == "volume-create" {
                         if let Some(name) = args["name"].as_str() {
                             volumes[cluster.system].insert(name.to_string());
                         }
                     }
                     if task_labels.insert(label.clone(), server).is_some() {
-                        return Err(cx.invalid(at, format!("{field}.label"), format!("{label:?} labels an earlier task too")));
+                        return Err(cx.invalid(
+                            at,
+                            format!("{field}.label"),
+                            format!("{label:?} labels an earlier task too"),
+                        ));
                     }
-                    Action::Task { label, server, system: format!("s{}", cluster.system), cluster: format!("c{}", cluster.cluster), kind: task.kind.clone(), args }
+                    Action::Task {
+                        label,
+                        server,
+                        system: format!("s{}", cluster.system),
+                        cluster: format!("c{}", cluster.cluster),
+                        kind: task.kind.clone(),
+                        args,
+                    }
                 }
                 "start" | "stop" => {
-                    let value = if keyword == "start" { &s.start } else { &s.stop };
-                    let value = value.as_ref().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    let value = if keyword == "start" {
+                        &s.start
+                    } else {
+                        &s.stop
+                    };
+                    let value = value
+                        .as_ref()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
                     let name = value.get_ref().clone();
                     check_workload(&name, value.span())?;
                     if keyword == "start" {
@@ -627,26 +719,71 @@ impl Scenario {
                     }
                 }
                 "wait" => {
-                    let value = s.wait.as_ref().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
-                    let condition = parse_condition(value.get_ref()).map_err(|p| cx.invalid(value.span(), field.clone(), p))?;
-                    check_condition(&cx, value.span(), &field, &condition, &domain, &processes, &volumes, &task_labels, &workload_names)?;
+                    let value = s
+                        .wait
+                        .as_ref()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    let condition = parse_condition(value.get_ref())
+                        .map_err(|p| cx.invalid(value.span(), field.clone(), p))?;
+                    check_condition(
+                        &cx,
+                        value.span(),
+                        &field,
+                        &condition,
+                        &domain,
+                        &processes,
+                        &volumes,
+                        &task_labels,
+                        &workload_names,
+                    )?;
                     let within = match &s.within {
                         Some(within) => cx.duration(within, &step_field("within"), true)?,
                         None => DEFAULT_WITHIN,
                     };
-                    Action::Wait { text: value.get_ref().clone(), condition, within }
+                    Action::Wait {
+                        text: value.get_ref().clone(),
+                        condition,
+                        within,
+                    }
                 }
                 _ => {
-                    let value = s.assert.as_ref().ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
-                    let check = check_assertion(&cx, value, &field, &domain, &processes, &volumes, &task_labels, &workload_names)?;
+                    let value = s
+                        .assert
+                        .as_ref()
+                        .ok_or_else(|| cx.invalid(span.clone(), field.clone(), "missing"))?;
+                    let check = check_assertion(
+                        &cx,
+                        value,
+                        &field,
+                        &domain,
+                        &processes,
+                        &volumes,
+                        &task_labels,
+                        &workload_names,
+                    )?;
                     Action::Assert(check)
                 }
             };
-            steps.push(Step { number, line, timing, action, note: s.note.clone() });
+            steps.push(Step {
+                number,
+                line,
+                timing,
+                action,
+                note: s.note.clone(),
+            });
         }
         let mut assertions = Vec::new();
         for (index, value) in file.assertions.iter().enumerate() {
-            assertions.push(check_assertion(&cx, value, &format!("assertions[{index}]"), &domain, &processes, &volumes, &task_labels, &workload_names)?);
+            assertions.push(check_assertion(
+                &cx,
+                value,
+                &format!("assertions[{index}]"),
+                &domain,
+                &processes,
+                &volumes,
+                &task_labels,
+                &workload_names,
+            )?);
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -674,7 +811,9 @@ fn list(names: &BTreeSet<String>) -> String {
 
 /// A TOML or serde error with its line and column.
 fn syntax(path: &Path, text: &str, err: &toml::de::Error) -> ScenarioError {
-    let (line, column) = err.span().map_or((0, 0), |span| line_column(text, span.start));
+    let (line, column) = err
+        .span()
+        .map_or((0, 0), |span| line_column(text, span.start));
     ScenarioError::Syntax {
         path: path.to_path_buf(),
         line,
@@ -685,10 +824,14 @@ fn syntax(path: &Path, text: &str, err: &toml::de::Error) -> ScenarioError {
 
 /// The domain's configuration text (ports forced to 0, so a scenario runs
 /// beside anything) and the domain.
-fn resolve_domain(cx: &Context<'_>, section: Option<&Spanned<toml::Table>>) -> Result<(String, Domain), ScenarioError> {
+fn resolve_domain(
+    cx: &Context<'_>,
+    section: Option<&Spanned<toml::Table>>,
+) -> Result<(String, Domain), ScenarioError> {
     let (mut table, span) = match section {
         None => (
-            toml::from_str::<toml::Table>(DEFAULT_CONFIG).map_err(|err| syntax(Path::new("the default domain"), DEFAULT_CONFIG, &err))?,
+            toml::from_str::<toml::Table>(DEFAULT_CONFIG)
+                .map_err(|err| syntax(Path::new("the default domain"), DEFAULT_CONFIG, &err))?,
             0..0,
         ),
         Some(section) => {
@@ -696,12 +839,24 @@ fn resolve_domain(cx: &Context<'_>, section: Option<&Spanned<toml::Table>>) -> R
             match table.get("file") {
                 Some(file) => {
                     let Some(name) = file.as_str().filter(|_| table.len() == 1) else {
-                        return Err(cx.invalid(section.span(), "domain.file", "`file` is a path (a string), and then the only key of [domain]"));
+                        return Err(cx.invalid(
+                            section.span(),
+                            "domain.file",
+                            "`file` is a path (a string), and then the only key of [domain]",
+                        ));
                     };
                     let base = cx.path.parent().unwrap_or(Path::new("."));
                     let path = base.join(name);
-                    let text = std::fs::read_to_string(&path).map_err(|source| ScenarioError::Read { path: path.clone(), source })?;
-                    (toml::from_str::<toml::Table>(&text).map_err(|err| syntax(&path, &text, &err))?, section.span())
+                    let text =
+                        std::fs::read_to_string(&path).map_err(|source| ScenarioError::Read {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    (
+                        toml::from_str::<toml::Table>(&text)
+                            .map_err(|err| syntax(&path, &text, &err))?,
+                        section.span(),
+                    )
                 }
                 None => (table.clone(), section.span()),
             }
@@ -711,10 +866,17 @@ fn resolve_domain(cx: &Context<'_>, section: Option<&Spanned<toml::Table>>) -> R
     ports.insert("nbd".into(), toml::Value::Integer(0));
     ports.insert("http".into(), toml::Value::Integer(0));
     table.insert("ports".into(), toml::Value::Table(ports));
-    let text = toml::to_string(&table).map_err(|err| cx.invalid(span.clone(), "domain", err.to_string()))?;
+    let text = toml::to_string(&table)
+        .map_err(|err| cx.invalid(span.clone(), "domain", err.to_string()))?;
     let domain = Domain::parse(&text).map_err(|err| match err {
-        crate::domain::ConfigError::Invalid { field, problem } => cx.invalid(span.clone(), format!("domain.{field}"), problem),
-        crate::domain::ConfigError::Syntax { source } => cx.invalid(span.clone(), "domain", source.message().trim().replace('\n', " ")),
+        crate::domain::ConfigError::Invalid { field, problem } => {
+            cx.invalid(span.clone(), format!("domain.{field}"), problem)
+        }
+        crate::domain::ConfigError::Syntax { source } => cx.invalid(
+            span.clone(),
+            "domain",
+            source.message().trim().replace('\n', " "),
+        ),
         other => cx.invalid(span.clone(), "domain", other.to_string()),
     })?;
     Ok((text, domain))
@@ -731,36 +893,73 @@ pub fn process_names(domain: &Domain) -> BTreeSet<String> {
     }
     for pair in domain.pairs() {
         match domain.server(pair) {
-            Some(Placement::Cluster(cluster)) => names.insert(format!("{cluster}/server-{}", pair.lower())),
+            Some(Placement::Cluster(cluster)) => {
+                names.insert(format!("{cluster}/server-{}", pair.lower()))
+            }
             _ => names.insert(format!("host/server-{}", pair.lower())),
         };
     }
     names
 }
 
-fn check_process(cx: &Context<'_>, span: Range<usize>, field: &str, name: &str, processes: &BTreeSet<String>) -> Result<(), ScenarioError> {
+fn check_process(
+    cx: &Context<'_>,
+    span: Range<usize>,
+    field: &str,
+    name: &str,
+    processes: &BTreeSet<String>,
+) -> Result<(), ScenarioError> {
     if processes.contains(name) {
         Ok(())
     } else {
-        Err(cx.invalid(span, field, format!("the domain has no process {name:?} (it has: {})", list(processes))))
+        Err(cx.invalid(
+            span,
+            field,
+            format!(
+                "the domain has no process {name:?} (it has: {})",
+                list(processes)
+            ),
+        ))
     }
 }
 
-fn check_fault(cx: &Context<'_>, span: Range<usize>, field: &str, spec: &FaultSpec, domain: &Domain, processes: &BTreeSet<String>) -> Result<(), ScenarioError> {
+fn check_fault(
+    cx: &Context<'_>,
+    span: Range<usize>,
+    field: &str,
+    spec: &FaultSpec,
+    domain: &Domain,
+    processes: &BTreeSet<String>,
+) -> Result<(), ScenarioError> {
     // The spec's own shape was checked by serde; here: what it names.
-    let value = serde_json::to_value(spec).map_err(|err| cx.invalid(span.clone(), field, err.to_string()))?;
+    let value = serde_json::to_value(spec)
+        .map_err(|err| cx.invalid(span.clone(), field, err.to_string()))?;
     if let Some(process) = value["process"].as_str() {
         return check_process(cx, span, field, process, processes);
     }
     let system = value["system"].as_str().unwrap_or("s0");
-    let index = system.strip_prefix('s').and_then(|n| n.parse::<usize>().ok()).filter(|n| *n < domain.systems.len());
+    let index = system
+        .strip_prefix('s')
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n < domain.systems.len());
     let Some(index) = index else {
-        return Err(cx.invalid(span, format!("{field}.system"), format!("the domain has no system {system:?}")));
+        return Err(cx.invalid(
+            span,
+            format!("{field}.system"),
+            format!("the domain has no system {system:?}"),
+        ));
     };
     let disks = domain.systems[index].disks;
     match value["disk"].as_u64() {
         Some(disk) if (disk as usize) < disks => Ok(()),
-        Some(disk) => Err(cx.invalid(span, format!("{field}.disk"), format!("{system} has disks 0 to {} (members first, then spares), not {disk}", disks - 1))),
+        Some(disk) => Err(cx.invalid(
+            span,
+            format!("{field}.disk"),
+            format!(
+                "{system} has disks 0 to {} (members first, then spares), not {disk}",
+                disks - 1
+            ),
+        )),
         None => Ok(()),
     }
 }
@@ -784,12 +983,18 @@ fn check_condition(
     if let Some(label) = condition.task_label() {
         if !tasks.contains_key(label) {
             let labels: BTreeSet<String> = tasks.keys().cloned().collect();
-            return Err(bad(format!("no earlier step submitted a task labelled {label:?} (labels: {})", list(&labels))));
+            return Err(bad(format!(
+                "no earlier step submitted a task labelled {label:?} (labels: {})",
+                list(&labels)
+            )));
         }
     }
     if let Some(name) = condition.workload() {
         if !workloads.contains(name) {
-            return Err(bad(format!("no workload {name:?} (workloads: {})", list(workloads))));
+            return Err(bad(format!(
+                "no workload {name:?} (workloads: {})",
+                list(workloads)
+            )));
         }
     }
     if let Some((system, disk)) = condition.system_and_disk() {
@@ -797,14 +1002,20 @@ fn check_condition(
             return Err(bad(format!("the domain has no system s{system}")));
         };
         if let Some(disk) = disk.filter(|d| *d >= found.disks) {
-            return Err(bad(format!("s{system} has disks 0 to {}, not {disk}", found.disks - 1)));
+            return Err(bad(format!(
+                "s{system} has disks 0 to {}, not {disk}",
+                found.disks - 1
+            )));
         }
     }
     if let Some((system, volume)) = condition.volume() {
         if !volumes.get(system).is_some_and(|v| v.contains(volume)) {
             return Err(bad(format!(
                 "s{system} has no volume {volume:?} (it has: {})",
-                volumes.get(system).map(list).unwrap_or_else(|| "none".into())
+                volumes
+                    .get(system)
+                    .map(list)
+                    .unwrap_or_else(|| "none".into())
             )));
         }
     }
@@ -815,7 +1026,9 @@ fn check_condition(
     }
     if let Condition::Agent { pair, .. } = condition {
         if domain.server(*pair).is_none() {
-            return Err(bad(format!("the domain has no server {pair}, so no agents {pair}")));
+            return Err(bad(format!(
+                "the domain has no server {pair}, so no agents {pair}"
+            )));
         }
     }
     Ok(())
@@ -834,25 +1047,56 @@ fn check_assertion(
 ) -> Result<Asserted, ScenarioError> {
     let check = parse_check(value.get_ref()).map_err(|p| cx.invalid(value.span(), field, p))?;
     match &check {
-        Check::Condition(condition) => check_condition(cx, value.span(), field, condition, domain, processes, volumes, tasks, workloads)?,
+        Check::Condition(condition) => check_condition(
+            cx,
+            value.span(),
+            field,
+            condition,
+            domain,
+            processes,
+            volumes,
+            tasks,
+            workloads,
+        )?,
         Check::ScrubClean(system) if *system >= domain.systems.len() => {
-            return Err(cx.invalid(value.span(), field, format!("the domain has no system s{system}")))
+            return Err(cx.invalid(
+                value.span(),
+                field,
+                format!("the domain has no system s{system}"),
+            ))
         }
         Check::EveryTaskVia(pair) if domain.server(*pair).is_none() => {
-            return Err(cx.invalid(value.span(), field, format!("the domain has no server {pair}")))
+            return Err(cx.invalid(
+                value.span(),
+                field,
+                format!("the domain has no server {pair}"),
+            ))
         }
         _ => {
             if let Some(name) = check.workload() {
                 if !workloads.contains(name) {
-                    return Err(cx.invalid(value.span(), field, format!("no workload {name:?} (workloads: {})", list(workloads))));
+                    return Err(cx.invalid(
+                        value.span(),
+                        field,
+                        format!("no workload {name:?} (workloads: {})", list(workloads)),
+                    ));
                 }
             }
-            if matches!(check, Check::NoLoss(None) | Check::NoGarbage(None)) && workloads.is_empty() {
-                return Err(cx.invalid(value.span(), field, "the scenario has no workload to check"));
+            if matches!(check, Check::NoLoss(None) | Check::NoGarbage(None)) && workloads.is_empty()
+            {
+                return Err(cx.invalid(
+                    value.span(),
+                    field,
+                    "the scenario has no workload to check",
+                ));
             }
         }
     }
-    Ok(Asserted { text: value.get_ref().clone(), check, line: cx.line(value.span()) })
+    Ok(Asserted {
+        text: value.get_ref().clone(),
+        check,
+        line: cx.line(value.span()),
+    })
 }
 
 fn workload(
@@ -866,29 +1110,61 @@ fn workload(
     let field = |name: &str| format!("workloads[{index}].{name}");
     let name = w.name.clone().unwrap_or_else(|| format!("w{index}"));
     if name.is_empty() || name.contains(char::is_whitespace) || name.contains('/') {
-        return Err(cx.invalid(section.span(), field("name"), format!("{name:?}: a workload's name is one word")));
+        return Err(cx.invalid(
+            section.span(),
+            field("name"),
+            format!("{name:?}: a workload's name is one word"),
+        ));
     }
     if before.iter().any(|b| b.name == name) {
-        return Err(cx.invalid(section.span(), field("name"), format!("{name:?} names an earlier workload too")));
+        return Err(cx.invalid(
+            section.span(),
+            field("name"),
+            format!("{name:?} names an earlier workload too"),
+        ));
     }
     let (system, volume) = match w.volume.get_ref().split_once('/') {
         Some((system, volume)) => (
-            system.strip_prefix('s').and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| cx.invalid(w.volume.span(), field("volume"), format!("{system:?} is not a system (s0, s1, …)")))?,
+            system
+                .strip_prefix('s')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    cx.invalid(
+                        w.volume.span(),
+                        field("volume"),
+                        format!("{system:?} is not a system (s0, s1, …)"),
+                    )
+                })?,
             volume.to_string(),
         ),
         None => (0, w.volume.get_ref().clone()),
     };
     let Some(found) = domain.systems.get(system) else {
-        return Err(cx.invalid(w.volume.span(), field("volume"), format!("the domain has no system s{system}")));
+        return Err(cx.invalid(
+            w.volume.span(),
+            field("volume"),
+            format!("the domain has no system s{system}"),
+        ));
     };
     let known: BTreeSet<String> = (0..found.volumes).map(|v| format!("vol{v}")).collect();
     if !known.contains(&volume) {
-        return Err(cx.invalid(w.volume.span(), field("volume"), format!("s{system} starts with volumes {} (not {volume:?})", list(&known))));
+        return Err(cx.invalid(
+            w.volume.span(),
+            field("volume"),
+            format!(
+                "s{system} starts with volumes {} (not {volume:?})",
+                list(&known)
+            ),
+        ));
     }
     if w.qd == 0 || w.qd > 1024 {
         return Err(cx.invalid(section.span(), field("qd"), "from 1 to 1024"));
     }
-    let duration = w.duration.as_ref().map(|d| cx.duration(d, &field("duration"), true)).transpose()?;
+    let duration = w
+        .duration
+        .as_ref()
+        .map(|d| cx.duration(d, &field("duration"), true))
+        .transpose()?;
     let reconnect_timeout = match &w.reconnect_timeout {
         Some(d) => cx.duration(d, &field("reconnect_timeout"), true)?,
         None => Duration::from_secs(30),
@@ -980,11 +1256,22 @@ assert = "task r clean"
         assert_eq!(scenario.workloads[0].duration, None);
         assert_eq!(scenario.steps.len(), 7);
         assert_eq!(scenario.steps[1].timing, Timing::At(Duration::from_secs(2)));
-        assert_eq!(scenario.steps[5].timing, Timing::After(Duration::from_millis(500)));
-        assert_eq!(scenario.steps[0].line, 20);
-        assert!(matches!(&scenario.steps[2].action, Action::Task { server: Pair::B, cluster, .. } if cluster == "c1"));
+        assert_eq!(
+            scenario.steps[5].timing,
+            Timing::After(Duration::from_millis(500))
+        );
+        assert_eq!(scenario.steps[0].line, 18);
+        assert!(
+            matches!(&scenario.steps[2].action, Action::Task { server: Pair::B, cluster, .. } if cluster == "c1")
+        );
         // Ports are forced to 0 whatever the file says.
-        assert_eq!((scenario.domain.nbd_base_port, scenario.domain.http_base_port), (0, 0));
+        assert_eq!(
+            (
+                scenario.domain.nbd_base_port,
+                scenario.domain.http_base_port
+            ),
+            (0, 0)
+        );
         assert_eq!(scenario.domain.systems[0].disk_bytes, 16 << 20);
     }
 
@@ -1002,8 +1289,13 @@ assert = "task r clean"
         // An unknown field in a step: serde's message names it; the line is the step's.
         let text = SMALL.replace("within = \"20s\"", "witin = \"20s\"");
         match parse(&text).expect_err("unknown field") {
-            ScenarioError::Syntax { line, column, message, .. } => {
-                assert_eq!(line, 22, "{message}");
+            ScenarioError::Syntax {
+                line,
+                column,
+                message,
+                ..
+            } => {
+                assert_eq!(line, 20, "{message}");
                 assert_eq!(column, 1);
                 assert!(message.contains("unknown field `witin`"), "{message}");
             }
@@ -1011,40 +1303,127 @@ assert = "task r clean"
         }
         // A value of the wrong type.
         let err = error(&SMALL.replace("seed = 7", "seed = \"seven\""));
-        assert!(err.starts_with("scenarios/sample.toml: line 3, column 8:"), "{err}");
+        assert!(
+            err.starts_with("scenarios/sample.toml: line 3, column 8:"),
+            "{err}"
+        );
         // Not TOML at all.
         let err = error("steps = [\n  { wait = \"array optimal\" \n");
         assert!(err.contains("line 2") || err.contains("line 3"), "{err}");
         // A fault of an unknown kind or with a field its kind does not take.
         let err = error("[[steps]]\ninject = { fault = \"disk-melt\", disk = 1 }\n");
         assert!(err.contains("line 2") && err.contains("disk-melt"), "{err}");
-        let err = error("[[steps]]\ninject = { fault = \"disk-error\", disk = 1, colour = \"red\" }\n");
+        let err =
+            error("[[steps]]\ninject = { fault = \"disk-error\", disk = 1, colour = \"red\" }\n");
         assert!(err.contains("line 2") && err.contains("colour"), "{err}");
         // A top-level typo.
         let err = error("seeed = 3\n");
-        assert!(err.contains("line 1, column 1") && err.contains("unknown field `seeed`"), "{err}");
+        assert!(
+            err.contains("line 1, column 1") && err.contains("unknown field `seeed`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn semantic_errors_name_the_step_and_its_line() {
         let cases: Vec<(String, &str, &str)> = vec![
-            (SMALL.replace("kill = \"s0/c0/driver\"", "kill = \"s0/c7/driver\""), "line 25: step 2 (kill)", "not a process"),
-            (SMALL.replace("kill = \"s0/c0/driver\"", "kill = \"s1/c0/driver\""), "line 25: step 2 (kill)", "has no process \"s1/c0/driver\""),
-            (SMALL.replace("wait = \"task r complete\"", "wait = \"task q complete\""), "line 31: step 4 (wait)", "no earlier step submitted a task labelled \"q\""),
-            (SMALL.replace("at = \"2s\"", "at = \"2 parsecs\""), "line 24: step 2 (at)", "unknown unit"),
-            (SMALL.replace("within = \"20s\"", "within = \"0s\""), "line 22: step 1 (within)", "more than zero"),
-            (SMALL.replace("timeout = \"45s\"", "timeout = \"soon\""), "line 4: timeout", "not a duration"),
-            (SMALL.replace("clear = \"h\"", "clear = \"g\""), "step 6 (clear)", "labelled \"g\""),
-            (SMALL.replace("wait = \"workload w writes >= 100\"", "wait = \"workload v writes >= 100\""), "step 1 (wait)", "no workload \"v\""),
-            (SMALL.replace("volume = \"vol0\"", "volume = \"vol3\""), "line 16: workloads[0].volume", "not \"vol3\""),
-            (SMALL.replace("kind = \"scrub\"", "kind = \"polish\""), "step 3 (task)", "unknown task kind"),
-            (SMALL.replace("args = { repair = true }", "args = { repair = true, speed = 3 }"), "step 3 (task)", "speed"),
-            (SMALL.replace("assert = \"task r clean\"", "assert = \"everything fine\""), "line 44: step 7 (assert)", "not an assertion"),
-            (SMALL.replace("wait = \"task r complete\"", "wait = \"disk 9 available\""), "step 4 (wait)", "disks 0 to 4"),
-            (SMALL.replace("wait = \"task r complete\"", "wait = \"task r complete\"\nkill = \"s0/c0/driver\""), "step 4", "has wait and kill"),
-            (SMALL.replace("disks = 5", "disks = 2"), "domain.systems[0].disks", "needs at least"),
-            (SMALL.replace("inject = { fault = \"process-hang\", process = \"s0/c1/agent-a\" }", "inject = { fault = \"disk-fail\", disk = 5 }"), "step 5 (inject).disk", "not 5"),
-            (format!("{SMALL}\n[[steps]]\nwait = \"rebuild >= 50%\"\nlabel = \"x\"\n"), "step 8 (label)", "names an injected fault"),
+            (
+                SMALL.replace("kill = \"s0/c0/driver\"", "kill = \"s0/c7/driver\""),
+                "line 24: step 2 (kill)",
+                "has no process \"s0/c7/driver\"",
+            ),
+            (
+                SMALL.replace("kill = \"s0/c0/driver\"", "kill = \"s1/c0/driver\""),
+                "line 24: step 2 (kill)",
+                "has no process \"s1/c0/driver\"",
+            ),
+            (
+                SMALL.replace("wait = \"task r complete\"", "wait = \"task q complete\""),
+                "line 30: step 4 (wait)",
+                "no earlier step submitted a task labelled \"q\"",
+            ),
+            (
+                SMALL.replace("at = \"2s\"", "at = \"2 parsecs\""),
+                "line 23: step 2 (at)",
+                "unknown unit",
+            ),
+            (
+                SMALL.replace("within = \"20s\"", "within = \"0s\""),
+                "line 20: step 1 (within)",
+                "more than zero",
+            ),
+            (
+                SMALL.replace("timeout = \"45s\"", "timeout = \"soon\""),
+                "line 4: timeout",
+                "not a duration",
+            ),
+            (
+                SMALL.replace("clear = \"h\"", "clear = \"g\""),
+                "step 6 (clear)",
+                "labelled \"g\"",
+            ),
+            (
+                SMALL.replace(
+                    "wait = \"workload w writes >= 100\"",
+                    "wait = \"workload v writes >= 100\"",
+                ),
+                "step 1 (wait)",
+                "no workload \"v\"",
+            ),
+            (
+                SMALL.replace("volume = \"vol0\"", "volume = \"vol3\""),
+                "line 15: workloads[0].volume",
+                "not \"vol3\"",
+            ),
+            (
+                SMALL.replace("kind = \"scrub\"", "kind = \"polish\""),
+                "step 3 (task)",
+                "unknown task kind",
+            ),
+            (
+                SMALL.replace(
+                    "args = { repair = true }",
+                    "args = { repair = true, speed = 3 }",
+                ),
+                "step 3 (task)",
+                "speed",
+            ),
+            (
+                SMALL.replace("assert = \"task r clean\"", "assert = \"everything fine\""),
+                "line 41: step 7 (assert)",
+                "not an assertion",
+            ),
+            (
+                SMALL.replace("wait = \"task r complete\"", "wait = \"disk 9 available\""),
+                "step 4 (wait)",
+                "disks 0 to 4",
+            ),
+            (
+                SMALL.replace(
+                    "wait = \"task r complete\"",
+                    "wait = \"task r complete\"\nkill = \"s0/c0/driver\"",
+                ),
+                "step 4",
+                "has wait and kill",
+            ),
+            (
+                SMALL.replace("disks = 5", "disks = 2"),
+                "domain.systems[0].disks",
+                "needs at least",
+            ),
+            (
+                SMALL.replace(
+                    "inject = { fault = \"process-hang\", process = \"s0/c1/agent-a\" }",
+                    "inject = { fault = \"disk-fail\", disk = 5 }",
+                ),
+                "step 5 (inject).disk",
+                "not 5",
+            ),
+            (
+                format!("{SMALL}\n[[steps]]\nwait = \"rebuild >= 50%\"\nlabel = \"x\"\n"),
+                "step 8 (label)",
+                "names an injected fault",
+            ),
         ];
         for (text, place, problem) in cases {
             let err = error(&text);
@@ -1053,10 +1432,16 @@ assert = "task r clean"
         }
         // A top-level assertion names its index and line.
         let err = error(&format!("assertions = [\"no loss in x\"]\n{SMALL}"));
-        assert!(err.contains("line 1: assertions[0]") && err.contains("no workload \"x\""), "{err}");
+        assert!(
+            err.contains("line 1: assertions[0]") && err.contains("no workload \"x\""),
+            "{err}"
+        );
         // The name must be the file's.
         let err = error(&format!("name = \"other\"\n{SMALL}"));
-        assert!(err.contains("line 1: name") && err.contains("make scenario-sample"), "{err}");
+        assert!(
+            err.contains("line 1: name") && err.contains("make scenario-sample"),
+            "{err}"
+        );
     }
 
     #[test]

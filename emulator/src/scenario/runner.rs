@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 
 use super::condition::{self, Check, Condition, Evaluation, ProcessSeen, Snapshot, WorkloadSeen};
 use super::file::{Action, Asserted, Expect, ProcessAction, Scenario, Timing, WorkloadSpec};
-use super::report::{utc_timestamp, AssertionResult, Entry, FaultEntry, Outcome, Report, Verdict, WorkloadReport};
+use super::report::{
+    utc_timestamp, AssertionResult, Entry, FaultEntry, Outcome, Report, Verdict, WorkloadReport,
+};
 use super::{derive_seed, ScenarioError};
 use crate::client::Client;
 use crate::domain::Pair;
@@ -232,7 +234,14 @@ impl Runner<'_> {
         self.started.elapsed()
     }
 
-    fn entry(&mut self, step: Option<usize>, kind: &str, what: impl Into<String>, outcome: Outcome, detail: impl Into<String>) {
+    fn entry(
+        &mut self,
+        step: Option<usize>,
+        kind: &str,
+        what: impl Into<String>,
+        outcome: Outcome,
+        detail: impl Into<String>,
+    ) {
         let entry = Entry {
             t_ms: self.t().as_millis() as u64,
             step,
@@ -284,13 +293,19 @@ impl Runner<'_> {
         for (index, spec) in scenario.workloads.iter().enumerate() {
             let key = format!("s{}/{}", spec.system, spec.volume);
             let Some(uri) = uris.get(&key).cloned() else {
-                return Some(format!("the domain shows no volume {key} for workload {}", spec.name));
+                return Some(format!(
+                    "the domain shows no volume {key} for workload {}",
+                    spec.name
+                ));
             };
             self.workloads.push(WorkloadRun {
                 spec: spec.clone(),
                 seed: derive_seed(self.seed, index as u64 + 1),
                 uri,
-                record: self.run.root().join(format!("workload-{}.jsonl", spec.name)),
+                record: self
+                    .run
+                    .root()
+                    .join(format!("workload-{}.jsonl", spec.name)),
                 stop: Arc::new(AtomicBool::new(false)),
                 handle: None,
                 ended: None,
@@ -327,7 +342,16 @@ impl Runner<'_> {
                 Err(Stop::Failed) => {
                     let left = scenario.steps.len() - step.number;
                     if left > 0 {
-                        self.entry(None, "timeline", "stopped", Outcome::Failed, format!("step {} failed: the {left} later step(s) are not run", step.number));
+                        self.entry(
+                            None,
+                            "timeline",
+                            "stopped",
+                            Outcome::Failed,
+                            format!(
+                                "step {} failed: the {left} later step(s) are not run",
+                                step.number
+                            ),
+                        );
                     }
                     break;
                 }
@@ -340,7 +364,9 @@ impl Runner<'_> {
         }
         // The end: workloads without a duration stop, the others finish.
         for index in 0..self.workloads.len() {
-            if self.workloads[index].handle.is_some() && self.workloads[index].spec.duration.is_none() {
+            if self.workloads[index].handle.is_some()
+                && self.workloads[index].spec.duration.is_none()
+            {
                 self.workloads[index].stop.store(true, Ordering::SeqCst);
             }
         }
@@ -359,7 +385,10 @@ impl Runner<'_> {
 
     fn timeout(&mut self, step: usize) {
         self.timed_out = true;
-        let what = format!("the scenario's timeout of {} s", self.scenario.timeout.as_secs_f64());
+        let what = format!(
+            "the scenario's timeout of {} s",
+            self.scenario.timeout.as_secs_f64()
+        );
         let detail = format!("ran out at step {step}; the final assertions are not checked");
         self.assertions.push(AssertionResult {
             step: Some(step),
@@ -376,8 +405,10 @@ impl Runner<'_> {
         let scenario = self.scenario;
         self.waiting("the domain to start");
         let began = Instant::now();
-        let domain = supervisor::prepare(&self.run, &scenario.domain_config).map_err(|err| format!("the domain: {err}"))?;
-        let mut daemon = supervisor::start_daemon(&self.run).map_err(|err| format!("the domain: {err}"))?;
+        let domain = supervisor::prepare(&self.run, &scenario.domain_config)
+            .map_err(|err| format!("the domain: {err}"))?;
+        let mut daemon =
+            supervisor::start_daemon(&self.run).map_err(|err| format!("the domain: {err}"))?;
         let views = supervisor::wait_ready(&self.run, &domain, &mut daemon);
         // The supervisor is a child: reaped in the background once it exits.
         std::thread::spawn(move || {
@@ -400,19 +431,32 @@ impl Runner<'_> {
                 )
             })
             .collect();
-        let servers: Vec<String> = scenario.domain.pairs().iter().map(ToString::to_string).collect();
+        let servers: Vec<String> = scenario
+            .domain
+            .pairs()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         self.entry(
             None,
             "domain",
             "up",
             Outcome::Ok,
-            format!("{}; servers {} ({:.1} s)", systems.join(", "), servers.join(", "), began.elapsed().as_secs_f64()),
+            format!(
+                "{}; servers {} ({:.1} s)",
+                systems.join(", "),
+                servers.join(", "),
+                began.elapsed().as_secs_f64()
+            ),
         );
         Ok(views)
     }
 
     fn start_workload(&mut self, index: usize, step: Option<usize>) {
-        let remaining = self.deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let remaining = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
         let w = &mut self.workloads[index];
         let config = RunConfig {
             uris: vec![w.uri.clone()],
@@ -427,7 +471,10 @@ impl Runner<'_> {
             request_timeout: w.spec.request_timeout,
             record: w.record.clone(),
         };
-        w.handle = Some(self.runtime.spawn(workload::run_until(config, Arc::clone(&w.stop))));
+        w.handle = Some(
+            self.runtime
+                .spawn(workload::run_until(config, Arc::clone(&w.stop))),
+        );
         let detail = format!(
             "s{}/{} at {}, seed {}, qd {}, fua every {}, flush every {}, {}",
             w.spec.system,
@@ -443,13 +490,23 @@ impl Runner<'_> {
             }
         );
         let name = w.spec.name.clone();
-        self.entry(step, "start", format!("workload {name}"), Outcome::Ok, detail);
+        self.entry(
+            step,
+            "start",
+            format!("workload {name}"),
+            Outcome::Ok,
+            detail,
+        );
     }
 
     /// Notes workloads that ended by themselves.
     fn reap_workloads(&mut self) {
         for index in 0..self.workloads.len() {
-            if self.workloads[index].handle.as_ref().is_some_and(|h| h.is_finished()) {
+            if self.workloads[index]
+                .handle
+                .as_ref()
+                .is_some_and(|h| h.is_finished())
+            {
                 let _ = self.join_workload(index, None);
             }
         }
@@ -479,7 +536,10 @@ impl Runner<'_> {
             Some(Ok(Ok(summary))) => Ok(summary),
             Some(Ok(Err(err))) => Err(err.to_string()),
             Some(Err(err)) => Err(format!("the workload's task: {err}")),
-            None => Err(format!("it did not end within {} s: abandoned", bound.as_secs())),
+            None => Err(format!(
+                "it did not end within {} s: abandoned",
+                bound.as_secs()
+            )),
         };
         let (outcome, detail) = match &ended {
             Ok(s) => (
@@ -542,17 +602,31 @@ impl Runner<'_> {
                     Some(label) => format!("{} ({label})", spec.kind()),
                     None => spec.kind().to_string(),
                 };
-                self.entry(step, "inject", what, Outcome::Ok, format!("{}: {}", record.id, record.effect));
+                self.entry(
+                    step,
+                    "inject",
+                    what,
+                    Outcome::Ok,
+                    format!("{}: {}", record.id, record.effect),
+                );
             }
             Action::Clear { label } => {
                 let id = label.as_ref().and_then(|l| self.fault_ids.get(l)).cloned();
-                let cleared = fault::clear(&self.run, id.as_deref()).map_err(|err| Stop::Error(format!("step {number}: clearing a fault: {err}")))?;
+                let cleared = fault::clear(&self.run, id.as_deref()).map_err(|err| {
+                    Stop::Error(format!("step {number}: clearing a fault: {err}"))
+                })?;
                 let what = label.clone().unwrap_or_else(|| "all".into());
-                let detail = if cleared.is_empty() { "no standing fault".to_string() } else { format!("cleared {}", cleared.join(", ")) };
+                let detail = if cleared.is_empty() {
+                    "no standing fault".to_string()
+                } else {
+                    format!("cleared {}", cleared.join(", "))
+                };
                 self.entry(step, "clear", what, Outcome::Ok, detail);
             }
             Action::Process { action, process } => {
-                let target = ProcessFault { process: process.clone() };
+                let target = ProcessFault {
+                    process: process.clone(),
+                };
                 let spec = match action {
                     ProcessAction::Kill => FaultSpec::ProcessKill(target),
                     ProcessAction::Hang => FaultSpec::ProcessHang(target),
@@ -560,10 +634,30 @@ impl Runner<'_> {
                     ProcessAction::Restart => FaultSpec::ProcessRestart(target),
                 };
                 let record = self.inject(number, &spec)?;
-                self.entry(step, action_word(*action), process.clone(), Outcome::Ok, format!("{}: {}", record.id, record.effect));
+                self.entry(
+                    step,
+                    action_word(*action),
+                    process.clone(),
+                    Outcome::Ok,
+                    format!("{}: {}", record.id, record.effect),
+                );
             }
-            Action::Task { label, server, system, cluster, kind, args } => {
-                let what = format!("{label}: {kind} on {system}/{cluster} via {server}{}", if args.as_object().is_some_and(|a| !a.is_empty()) { format!(" {args}") } else { String::new() });
+            Action::Task {
+                label,
+                server,
+                system,
+                cluster,
+                kind,
+                args,
+            } => {
+                let what = format!(
+                    "{label}: {kind} on {system}/{cluster} via {server}{}",
+                    if args.as_object().is_some_and(|a| !a.is_empty()) {
+                        format!(" {args}")
+                    } else {
+                        String::new()
+                    }
+                );
                 let submitted = Client::new(&self.run, *server).and_then(|client| {
                     client.post::<Value>("/api/v1/tasks", &json!({ "system": system, "cluster": cluster, "kind": kind, "args": args }))
                 });
@@ -571,7 +665,13 @@ impl Runner<'_> {
                     Ok(task) => {
                         let id = task["id"].as_str().unwrap_or_default().to_string();
                         self.tasks.push((label.clone(), *server, id.clone()));
-                        self.entry(step, "task", what, Outcome::Ok, format!("accepted by server {server} as {id}"));
+                        self.entry(
+                            step,
+                            "task",
+                            what,
+                            Outcome::Ok,
+                            format!("accepted by server {server} as {id}"),
+                        );
                     }
                     Err(err) => {
                         let detail = format!("not accepted: {err}");
@@ -597,7 +697,11 @@ impl Runner<'_> {
                 self.workloads[index].stop.store(true, Ordering::SeqCst);
                 self.join_workload(index, step).map_err(Stop::Error)?;
             }
-            Action::Wait { text, condition, within } => {
+            Action::Wait {
+                text,
+                condition,
+                within,
+            } => {
                 let began = Instant::now();
                 let until = (began + *within).min(self.deadline);
                 self.waiting(text);
@@ -618,7 +722,13 @@ impl Runner<'_> {
                     passed: met,
                     detail: detail.clone(),
                 });
-                self.entry(step, "wait", text.clone(), if met { Outcome::Ok } else { Outcome::Failed }, detail);
+                self.entry(
+                    step,
+                    "wait",
+                    text.clone(),
+                    if met { Outcome::Ok } else { Outcome::Failed },
+                    detail,
+                );
                 if !met {
                     return Err(Stop::Failed);
                 }
@@ -629,8 +739,12 @@ impl Runner<'_> {
     }
 
     fn inject(&mut self, number: usize, spec: &FaultSpec) -> Result<fault::FaultRecord, Stop> {
-        fault::inject(&self.run, spec, derive_seed(self.seed, 1000 + number as u64))
-            .map_err(|err| Stop::Error(format!("step {number}: injecting {}: {err}", spec.kind())))
+        fault::inject(
+            &self.run,
+            spec,
+            derive_seed(self.seed, 1000 + number as u64),
+        )
+        .map_err(|err| Stop::Error(format!("step {number}: injecting {}: {err}", spec.kind())))
     }
 
     fn workload_index(&self, name: &str) -> usize {
@@ -642,11 +756,16 @@ impl Runner<'_> {
 
     /// Polls until `condition` holds or `until`; whether it held and what
     /// was seen last.
-    fn wait_for(&mut self, condition: &Condition, until: Instant) -> Result<(bool, String), String> {
+    fn wait_for(
+        &mut self,
+        condition: &Condition,
+        until: Instant,
+    ) -> Result<(bool, String), String> {
         loop {
             self.check_interrupted()?;
             self.reap_workloads();
-            let Evaluation { met, seen } = condition::evaluate(condition, &self.snapshot(condition));
+            let Evaluation { met, seen } =
+                condition::evaluate(condition, &self.snapshot(condition));
             if met {
                 return Ok((true, seen));
             }
@@ -719,7 +838,8 @@ impl Runner<'_> {
         self.check_interrupted()?;
         let (passed, detail) = match &asserted.check {
             Check::Condition(condition) => {
-                let Evaluation { met, seen } = condition::evaluate(condition, &self.snapshot(condition));
+                let Evaluation { met, seen } =
+                    condition::evaluate(condition, &self.snapshot(condition));
                 (met, seen)
             }
             Check::NoLoss(name) => self.oracle(step, name.as_deref(), true),
@@ -769,7 +889,10 @@ impl Runner<'_> {
                         let errors = s.writes_failed + s.reads_failed + s.flushes_failed;
                         (
                             errors > 0,
-                            format!("{name}: {} writes, {} reads and {} flushes failed", s.writes_failed, s.reads_failed, s.flushes_failed),
+                            format!(
+                                "{name}: {} writes, {} reads and {} flushes failed",
+                                s.writes_failed, s.reads_failed, s.flushes_failed
+                            ),
                         )
                     }
                     Some(Err(err)) => (false, format!("{name}: did not run: {err}")),
@@ -778,9 +901,17 @@ impl Runner<'_> {
             }
             Check::ScrubClean(system) => self.scrub_clean(*system)?,
             Check::EveryTaskVia(pair) => {
-                let via: Vec<(String, String)> = self.tasks.iter().filter(|(_, p, _)| p == pair).map(|(l, _, id)| (l.clone(), id.clone())).collect();
+                let via: Vec<(String, String)> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, p, _)| p == pair)
+                    .map(|(l, _, id)| (l.clone(), id.clone()))
+                    .collect();
                 if via.is_empty() {
-                    (false, format!("the scenario submitted no task through server {pair}"))
+                    (
+                        false,
+                        format!("the scenario submitted no task through server {pair}"),
+                    )
                 } else {
                     let mut all = true;
                     let mut said = Vec::new();
@@ -789,7 +920,13 @@ impl Runner<'_> {
                             Some(Ok(task)) => {
                                 let state = task["state"].as_str().unwrap_or("unknown");
                                 all &= state == "complete";
-                                said.push(format!("{label} {state}{}", task["failure"].as_str().map(|f| format!(" ({f})")).unwrap_or_default()));
+                                said.push(format!(
+                                    "{label} {state}{}",
+                                    task["failure"]
+                                        .as_str()
+                                        .map(|f| format!(" ({f})"))
+                                        .unwrap_or_default()
+                                ));
                             }
                             Some(Err(err)) => {
                                 all = false;
@@ -810,7 +947,13 @@ impl Runner<'_> {
             passed,
             detail: detail.clone(),
         });
-        self.entry(step, "assert", asserted.text.clone(), if passed { Outcome::Ok } else { Outcome::Failed }, detail);
+        self.entry(
+            step,
+            "assert",
+            asserted.text.clone(),
+            if passed { Outcome::Ok } else { Outcome::Failed },
+            detail,
+        );
         Ok(())
     }
 
@@ -833,7 +976,12 @@ impl Runner<'_> {
     /// The write oracle on the workloads: with `want_clean`, passes when
     /// nothing durable was lost (and something was durable); without, when
     /// it caught a loss. The detail names the bytes lost.
-    fn oracle(&mut self, step: Option<usize>, name: Option<&str>, want_clean: bool) -> (bool, String) {
+    fn oracle(
+        &mut self,
+        step: Option<usize>,
+        name: Option<&str>,
+        want_clean: bool,
+    ) -> (bool, String) {
         let mut all = true;
         let mut said = Vec::new();
         for index in self.targets(name) {
@@ -855,24 +1003,48 @@ impl Runner<'_> {
                 }
             };
             self.waiting(&format!("the oracle to verify {label}"));
-            let (uri, record) = (self.workloads[index].uri.clone(), self.workloads[index].record.clone());
-            let bound = self.deadline.saturating_duration_since(Instant::now()).max(FINAL_GRACE);
-            let verified = workload::record::Record::read(&record).map_err(|err| err.to_string()).and_then(|parsed| {
-                self.runtime
-                    .block_on(async { tokio::time::timeout(bound, workload::verify(&parsed, &uri)).await })
-                    .map_err(|_| format!("verify did not finish within {} s", bound.as_secs()))?
-                    .map_err(|err| err.to_string())
-            });
+            let (uri, record) = (
+                self.workloads[index].uri.clone(),
+                self.workloads[index].record.clone(),
+            );
+            let bound = self
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .max(FINAL_GRACE);
+            let verified: Result<VerifyReport, (bool, String)> =
+                workload::record::Record::read(&record)
+                    .map_err(|err| (false, err.to_string()))
+                    .and_then(|parsed| {
+                        self.runtime
+                            .block_on(async {
+                                tokio::time::timeout(bound, workload::verify(&parsed, &uri)).await
+                            })
+                            .map_err(|_| {
+                                (
+                                    false,
+                                    format!("verify did not finish within {} s", bound.as_secs()),
+                                )
+                            })?
+                            .map_err(|err| {
+                                (matches!(err, WorkloadError::Read { .. }), err.to_string())
+                            })
+                    });
             let report = match verified {
                 Ok(report) => report,
-                Err(err) => {
-                    all = false;
-                    said.push(format!("{label}: the oracle could not read the volume back: {err}"));
+                Err((unreadable, err)) => {
+                    // A durable write that cannot be read back (an I/O error)
+                    // is lost too: a catch for `loss in W`, a failure for
+                    // `no loss`. Anything else proves nothing either way.
+                    all &= unreadable && !want_clean;
+                    said.push(format!(
+                        "{label}: the oracle could not read the volume back: {err}"
+                    ));
                     continue;
                 }
             };
             let lost = report.lost_blocks > 0 || summary.mismatches > 0;
-            let mut words = format!(
+            let mut words =
+                format!(
                 "{label}: {} writes durable, {} blocks checked, {} lost, {} read-back mismatches",
                 report.writes_durable, report.blocks_checked, report.lost_blocks, summary.mismatches
             );
@@ -882,11 +1054,21 @@ impl Runner<'_> {
                     range.offset,
                     range.offset + range.length,
                     range.block_count,
-                    range.blocks.first().map(|b| format!(", e.g. block {} expected write {}, found {:?}", b.block, b.expected.seq, b.found)).unwrap_or_default()
+                    range
+                        .blocks
+                        .first()
+                        .map(|b| format!(
+                            ", e.g. block {} expected write {}, found {:?}",
+                            b.block, b.expected.seq, b.found
+                        ))
+                        .unwrap_or_default()
                 ));
             }
             if report.lost_ranges.len() > LOST_RANGES_SHOWN {
-                words.push_str(&format!("; … {} more lost ranges", report.lost_ranges.len() - LOST_RANGES_SHOWN));
+                words.push_str(&format!(
+                    "; … {} more lost ranges",
+                    report.lost_ranges.len() - LOST_RANGES_SHOWN
+                ));
             }
             let ok = if want_clean {
                 if report.writes_durable == 0 {
@@ -922,11 +1104,21 @@ impl Runner<'_> {
             let label = format!("scrub-check-{}", self.tasks.len() + 1);
             self.tasks.push((label.clone(), pair, id.clone()));
             self.waiting(&format!("the scrub {id} to end"));
-            let until = Instant::now() + self.deadline.saturating_duration_since(Instant::now()).max(FINAL_GRACE);
-            let condition = Condition::Task { label: label.clone(), want: condition::TaskWant::Ended };
+            let until = Instant::now()
+                + self
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(FINAL_GRACE);
+            let condition = Condition::Task {
+                label: label.clone(),
+                want: condition::TaskWant::Ended,
+            };
             let (ended, seen) = self.wait_for(&condition, until)?;
             if !ended {
-                return Ok((false, format!("scrub {id} (via {pair}) did not end in time: {seen}")));
+                return Ok((
+                    false,
+                    format!("scrub {id} (via {pair}) did not end in time: {seen}"),
+                ));
             }
             let task = match self.fetch_task(&label) {
                 Some(Ok(task)) => task,
@@ -934,12 +1126,24 @@ impl Runner<'_> {
                 None => return Ok((false, "the scrub vanished".into())),
             };
             if task["state"] != "complete" {
-                return Ok((false, format!("scrub {id} (via {pair}) failed: {}", task["failure"].as_str().unwrap_or("?"))));
+                return Ok((
+                    false,
+                    format!(
+                        "scrub {id} (via {pair}) failed: {}",
+                        task["failure"].as_str().unwrap_or("?")
+                    ),
+                ));
             }
             let result = &task["result"];
-            return Ok((condition::result_is_clean(result), format!("scrub {id} (via {pair}): {}", condition::findings(result))));
+            return Ok((
+                condition::result_is_clean(result),
+                format!("scrub {id} (via {pair}): {}", condition::findings(result)),
+            ));
         }
-        Ok((false, format!("no server took the scrub: {}", refused.join("; "))))
+        Ok((
+            false,
+            format!("no server took the scrub: {}", refused.join("; ")),
+        ))
     }
 
     /// Stops what still runs, reads the fault log, brings the domain down,
@@ -1019,7 +1223,13 @@ impl Runner<'_> {
         let events = match fault::read_log(&self.run) {
             Ok(events) => events,
             Err(err) => {
-                self.entry(None, "faults", "the fault log", Outcome::Error, err.to_string());
+                self.entry(
+                    None,
+                    "faults",
+                    "the fault log",
+                    Outcome::Error,
+                    err.to_string(),
+                );
                 return Vec::new();
             }
         };
@@ -1061,8 +1271,10 @@ fn volume_uris(views: &[(Pair, Value)]) -> BTreeMap<String, String> {
         for system in view["systems"].as_array().into_iter().flatten() {
             let name = system["name"].as_str().unwrap_or_default();
             for volume in system["volumes"].as_array().into_iter().flatten() {
-                if let (Some(volume), Some(uri)) = (volume["name"].as_str(), volume["uri"].as_str()) {
-                    uris.entry(format!("{name}/{volume}")).or_insert_with(|| uri.to_string());
+                if let (Some(volume), Some(uri)) = (volume["name"].as_str(), volume["uri"].as_str())
+                {
+                    uris.entry(format!("{name}/{volume}"))
+                        .or_insert_with(|| uri.to_string());
                 }
             }
         }
@@ -1073,7 +1285,10 @@ fn volume_uris(views: &[(Pair, Value)]) -> BTreeMap<String, String> {
 /// Every `*.toml` of `dir` that parses, by name; and the ones that do not,
 /// with why.
 pub fn list(dir: &Path) -> Result<Vec<Result<Scenario, ScenarioError>>, ScenarioError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ScenarioError::List { path: dir.to_path_buf(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| ScenarioError::List {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
