@@ -96,7 +96,7 @@ stop = "w"
 
 
 def test_a_malformed_file_names_its_line_and_field_and_starts_nothing(tmp_path):
-    good = scenario(tmp_path, "typo", 'seed = 3\n', WRITER_AND_KILL)
+    good = scenario(tmp_path, "good", 'seed = 3\n', WRITER_AND_KILL)
     result = emulator("scenario", "check", good)
     assert result.returncode == 0, result.describe()
     # An unknown field: the TOML parser's words, with its line and column.
