@@ -14,6 +14,8 @@ use super::domain::RunDirArg;
 use crate::fault::{self, FaultEvent, FaultSpec};
 use crate::scenario::report::utc_timestamp;
 
+// Parsed once per process: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(super) enum FaultCommand {
     /// Inject a fault: a disk fault stands until cleared (but bit rot, which
@@ -127,7 +129,7 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             put("errno", errno.map(|v| json!(v)));
             put("ms", ms.map(|v| json!(v)));
             put("bits", bits.map(|v| json!(v)));
-            put("at_rest", at_rest.then(|| json!(true)));
+            put("at_rest", at_rest.then_some(Value::Bool(true)));
             put("rate", rate.map(|v| json!(v)));
             put("process", process.map(|v| json!(v)));
             let spec: FaultSpec = serde_json::from_value(Value::Object(object))
