@@ -1404,7 +1404,7 @@ assert = "task r clean"
                     "wait = \"task r complete\"\nkill = \"s0/c0/driver\"",
                 ),
                 "step 4",
-                "has wait and kill",
+                "has kill and wait",
             ),
             (
                 SMALL.replace("disks = 5", "disks = 2"),
