@@ -8,7 +8,7 @@ FUZZ_SECONDS ?= 20
 # Seconds any one black-box test may take before pytest-timeout fails it.
 BLACKBOX_TEST_TIMEOUT ?= 300
 
-.PHONY: run build test deps lint unit blackbox console linux-host fuzz bench bench-nbd bench-controllers bench-management bench-failover clean
+.PHONY: run build test deps lint unit blackbox console linux-host fuzz bench bench-nbd bench-controllers bench-management bench-failover clean scenarios list-scenarios
 
 build:
 	$(CARGO) build --release --locked
@@ -23,7 +23,7 @@ run: build
 ## Everything CI runs: lint, unit and property tests, black-box tests with real
 ## clients, a real Linux kernel attaching with nbd-client (QEMU TCG guest), and a
 ## short fuzz pass.
-test: deps lint unit blackbox console linux-host fuzz
+test: deps lint unit blackbox scenarios console linux-host fuzz
 
 deps:
 	@scripts/install-deps.sh test
@@ -47,6 +47,32 @@ linux-host: build
 
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
+
+## Scenarios (scenarios/*.toml, see scenarios/README.md): `make scenario-NAME`
+## runs one (SEED=N replays a seed), `make scenarios` every one (a scenario
+## with expect = "fail" passes when its assertion fails), `make list-scenarios`.
+SCENARIO_FILES := $(sort $(wildcard scenarios/*.toml))
+SCENARIO_TARGETS := $(patsubst scenarios/%.toml,scenario-%,$(SCENARIO_FILES))
+# Scenarios `make scenarios` leaves out (names, e.g. SKIP_SCENARIOS="a b").
+SKIP_SCENARIOS ?=
+
+.PHONY: $(SCENARIO_TARGETS)
+$(SCENARIO_TARGETS): scenario-%: scenarios/%.toml build
+	$(EMULATOR) scenario run $< $(if $(SEED),--seed $(SEED))
+
+scenarios: build
+	@failed=(); \
+	for file in $(SCENARIO_FILES); do \
+		name=$$(basename $$file .toml); \
+		if [[ " $(SKIP_SCENARIOS) " == *" $$name "* ]]; then echo "== $$name: skipped"; continue; fi; \
+		echo "== $$name"; \
+		$(EMULATOR) scenario run $$file $(if $(SEED),--seed $(SEED)) || failed+=("$$name"); \
+	done; \
+	if (( $${#failed[@]} )); then echo "scenarios that did not pass: $${failed[*]}"; exit 1; fi; \
+	echo "every scenario passed"
+
+list-scenarios: build
+	@$(EMULATOR) scenario list scenarios
 
 ## Benchmarks (not tests): numbers, compared with nbdkit and qemu-nbd in one run.
 bench: bench-nbd bench-controllers bench-management bench-failover

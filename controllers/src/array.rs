@@ -530,12 +530,22 @@ impl Array {
     /// Current status (re-reading the metadata if another process changed it).
     pub fn status(&mut self) -> Result<ArrayStatus, ArrayError> {
         self.metadata = read_metadata(&self.dir)?;
+        // A disk that does not answer (pulled: see `crate::faults`) counts as
+        // failed, whether or not the metadata recorded it.
+        let mut members = self.metadata.members.clone();
+        let effective = self.engine.member_states();
+        for (member, state) in members.iter_mut().zip(effective) {
+            if state == MemberState::Failed {
+                member.state = MemberState::Failed;
+            }
+        }
+        let states: Vec<MemberState> = members.iter().map(|m| m.state).collect();
         Ok(ArrayStatus {
             dir: self.dir.clone(),
-            state: state_of(&self.metadata),
+            state: crate::raid::array_state(self.metadata.geometry, &states),
             geometry: self.metadata.geometry,
             data_bytes: self.metadata.geometry.data_bytes(),
-            members: self.metadata.members.clone(),
+            members,
             spares: self.metadata.spares.clone(),
             volumes: self.metadata.volumes.clone(),
             processes: self.engine.live().map(Live::processes).unwrap_or_default(),

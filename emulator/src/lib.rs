@@ -19,6 +19,7 @@ pub mod link;
 pub mod nbd;
 pub mod persist;
 pub mod rundir;
+pub mod scenario;
 pub mod server;
 pub mod supervisor;
 pub mod task;

@@ -24,7 +24,7 @@ pub(super) struct RunDirArg {
 }
 
 impl RunDirArg {
-    fn get(&self) -> RunDir {
+    pub(super) fn get(&self) -> RunDir {
         RunDir::new(&self.run_dir)
     }
 }

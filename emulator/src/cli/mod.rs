@@ -11,7 +11,9 @@
 mod array;
 mod attach;
 mod domain;
+mod fault;
 mod image;
+mod scenario;
 mod serve;
 pub mod units;
 mod workload;
@@ -79,6 +81,13 @@ enum Command {
     /// it attached across controller failover: reconnects by itself and hands
     /// the kernel the new connection. Runs until SIGTERM or Ctrl-C.
     Attach(attach::AttachArgs),
+    /// Inject, list and clear faults in a running domain (disks, processes).
+    #[command(subcommand)]
+    Fault(fault::FaultCommand),
+    /// Run, check and list scenarios (scenarios/*.toml): a domain, faults,
+    /// workloads and assertions, with a pass/fail report.
+    #[command(subcommand)]
+    Scenario(scenario::ScenarioCommand),
     /// The processes of a running domain (started by `up`).
     #[command(flatten)]
     Process(domain::ProcessCommand),
@@ -102,10 +111,15 @@ enum Command {
 /// Runs a parsed command line: logging to stderr (`RUST_LOG`, default
 /// `info`), the command, and its exit status.
 pub fn run(cli: Cli) -> ExitCode {
+    // A scenario prints its own timeline: only errors are logged unless asked.
+    let default_filter = match cli.command {
+        Command::Scenario(_) => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -122,6 +136,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Workload(command) => workload::run(command),
         Command::Attach(args) => attach::run(args),
+        Command::Fault(command) => fault::run(command),
+        Command::Scenario(command) => scenario::run(command),
         Command::Controller {
             dir,
             task,

@@ -59,7 +59,7 @@ pub mod verify;
 use std::path::PathBuf;
 
 pub use client::{ClientError, NbdUri, RequestError};
-pub use run::{run, RunConfig, RunSummary};
+pub use run::{run, run_until, RunConfig, RunSummary};
 pub use verify::{verify, VerifyReport};
 
 /// What can go wrong in a workload command.

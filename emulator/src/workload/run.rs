@@ -5,6 +5,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -194,6 +196,8 @@ struct Completion {
 }
 
 struct Runner {
+    /// Ends the run early when set ([`run_until`]).
+    stop: Arc<AtomicBool>,
     config: RunConfig,
     uris: Vec<NbdUri>,
     uri_index: usize,
@@ -227,6 +231,15 @@ struct Runner {
 /// Runs the workload. `Err` only when nothing could start (bad arguments, no
 /// connection, no record file); later trouble is in the summary.
 pub async fn run(config: RunConfig) -> Result<RunSummary, WorkloadError> {
+    run_until(config, Arc::new(AtomicBool::new(false))).await
+}
+
+/// [`run`], ending early (drain, final FLUSH, summary) once `stop` is set:
+/// the scenario runner's workloads that run until its timeline ends.
+pub async fn run_until(
+    config: RunConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<RunSummary, WorkloadError> {
     check_config(&config)?;
     let uris = config
         .uris
@@ -287,6 +300,7 @@ pub async fn run(config: RunConfig) -> Result<RunSummary, WorkloadError> {
         final_flush_acked: false,
     };
     let mut runner = Runner {
+        stop,
         prng: Prng::new(config.seed),
         config,
         uris,
@@ -410,7 +424,7 @@ impl Runner {
                 self.drain().await?;
                 self.reconnect().await?;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || self.stop.load(Ordering::Relaxed) {
                 break;
             }
             self.fill()?;
