@@ -162,7 +162,7 @@ def test_bad_fault_requests_are_refused_naming_what_was_wrong_and_change_nothing
     try:
         cases = [
             ({"fault": "disk-melt", "disk": 1}, 400, "disk-fail, disk-pull"),
-            ({"fault": "disk-error", "disk": 9}, 400, "s0 has disks 0..3, not disk 9"),
+            ({"fault": "disk-error", "disk": 9}, 400, "s0 has disks 0..4 (4 members, then 1 spare(s)), not disk 9"),
             ({"fault": "disk-delay", "disk": 1, "errno": "EIO", "ms": 5}, 400, "disk-delay takes no `errno`"),
             ({"fault": "disk-delay", "disk": 1}, 400, "needs `ms`"),
             ({"fault": "disk-error", "disk": 1, "errno": "EWHAT"}, 400, "errno \"EWHAT\""),

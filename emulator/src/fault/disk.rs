@@ -77,14 +77,22 @@ pub(super) fn inject(
     check_fields(kind, fault)?;
     let (system, dir) = system_dir(run, fault)?;
     let metadata = read_metadata(&dir)?;
-    let Some(member) = metadata.members.get(fault.disk) else {
+    // Slots as the console numbers them: members, then hot spares.
+    let slots = metadata.members.len() + metadata.spares.len();
+    let members = metadata.members.len();
+    let file = if let Some(member) = metadata.members.get(fault.disk) {
+        member.file.clone()
+    } else if let Some(spare) = metadata.spares.get(fault.disk - members) {
+        spare.clone()
+    } else {
         return Err(FaultError::Invalid(format!(
-            "{system} has disks 0..{}, not disk {}",
-            metadata.members.len() - 1,
+            "{system} has disks 0..{} ({members} members, then {} spare(s)), not disk {}",
+            slots - 1,
+            metadata.spares.len(),
             fault.disk
         )));
     };
-    let file = member.file.clone();
+    let is_member = fault.disk < members;
     let disk_bytes = metadata.geometry.disk_bytes;
     let (start, end) = controllers::faults::range(fault.lba.unwrap_or(0), fault.sectors);
     if start >= disk_bytes {
@@ -204,7 +212,7 @@ pub(super) fn inject(
     };
     FaultBook::open(&dir)?.change(|rules| rules.push(rule))?;
     let mut said = said;
-    if matches!(effect, Effect::Absent { .. }) {
+    if matches!(effect, Effect::Absent { .. }) && is_member {
         said.push_str(&fail_if_survivable(&dir, fault.disk)?);
     }
     Ok((said, true))
