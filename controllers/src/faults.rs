@@ -173,21 +173,16 @@ impl FaultBook {
                 source,
             }
         };
-        if !path.exists() {
-            let mut header = [0u8; 12];
-            header[0..8].copy_from_slice(&MAGIC);
-            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            crate::live::create_whole(&path, &header, GENERATION_BYTES as u64)
-                .map_err(io("create"))?;
-        }
-        let (file, map, _) = crate::live::open_mapped(&path, GENERATION_BYTES, &MAGIC, VERSION, 12)
-            .map_err(|err| match err {
-                crate::live::MappedError::Io(operation, source) => io(operation)(source),
-                crate::live::MappedError::Corrupt(problem) => FaultBookError::Corrupt {
-                    path: path.clone(),
-                    problem,
+        let (file, map) =
+            crate::live::open_or_create_mapped(&path, GENERATION_BYTES, &MAGIC, VERSION).map_err(
+                |err| match err {
+                    crate::live::MappedError::Io(operation, source) => io(operation)(source),
+                    crate::live::MappedError::Corrupt(problem) => FaultBookError::Corrupt {
+                        path: path.clone(),
+                        problem,
+                    },
                 },
-            })?;
+            )?;
         Ok(Self {
             dir: dir.to_path_buf(),
             _file: file,
@@ -449,6 +444,17 @@ impl FaultyMember {
         }
     }
 
+    /// The error the rules give an `op` that only errors and delays touch.
+    fn check(&self, op: Op, offset: u64, len: u64) -> Result<(), ImageError> {
+        match self.judge(op, offset, len) {
+            Some(Verdict {
+                error: Some((id, errno)),
+                ..
+            }) => Err(self.error(op, offset, &id, errno)),
+            _ => Ok(()),
+        }
+    }
+
     /// Flips bits of `buf` as a corrupting rule chose.
     fn corrupt(buf: &mut [u8], bits: u32, mut random: u64) {
         if buf.is_empty() {
@@ -549,34 +555,18 @@ impl Member for FaultyMember {
         })
     }
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        if let Some(Verdict {
-            error: Some((id, errno)),
-            ..
-        }) = self.judge(Op::Flush, offset, len)
-        {
-            return Err(self.error(Op::Flush, offset, &id, errno));
-        }
+        self.check(Op::Flush, offset, len)?;
         self.inner.flush_range(offset, len)
     }
     fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        if let Some(Verdict {
-            error: Some((id, errno)),
-            ..
-        }) = self.judge(Op::Write, offset, len)
-        {
-            return Err(self.error(Op::Write, offset, &id, errno));
-        }
+        self.check(Op::Write, offset, len)?;
         self.inner.mark_unreadable(offset, len)
     }
     fn start_flush(&self) -> Option<FlushStarted> {
         self.inner.start_flush()
     }
     fn finish_flush(&self, started: Option<FlushStarted>) -> Result<(), ImageError> {
-        if let Some(verdict) = self.judge(Op::Flush, 0, 0) {
-            if let Some((id, errno)) = verdict.error {
-                return Err(self.error(Op::Flush, 0, &id, errno));
-            }
-        }
+        self.check(Op::Flush, 0, 0)?;
         self.inner.finish_flush(started)
     }
 }

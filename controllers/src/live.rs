@@ -158,6 +158,24 @@ pub(crate) fn open_mapped(
     Ok((file, map, bytes))
 }
 
+/// [`open_mapped`] of a state file that starts with just `magic` and
+/// `version`, created first ([`create_whole`]) if missing.
+pub(crate) fn open_or_create_mapped(
+    path: &Path,
+    len: usize,
+    magic: &[u8; 8],
+    version: u32,
+) -> Result<(File, SharedMapping), MappedError> {
+    if !path.exists() {
+        let mut header = [0u8; 12];
+        header[0..8].copy_from_slice(magic);
+        header[8..12].copy_from_slice(&version.to_le_bytes());
+        create_whole(path, &header, len as u64).map_err(|err| MappedError::Io("create", err))?;
+    }
+    let (file, map, _) = open_mapped(path, len, magic, version, 12)?;
+    Ok((file, map))
+}
+
 /// Creates `path` holding `header` and zeros up to `len` bytes, written and
 /// synced under a temporary name and then linked into place, so a concurrent
 /// opener sees either no file or a whole one. If another process linked its

@@ -50,7 +50,7 @@ use std::time::Duration;
 use disk_images::mapping::SharedMapping;
 use disk_images::process::{alive, my_identity};
 
-use crate::live::{open_mapped, MappedError};
+use crate::live::MappedError;
 
 /// The file in an array directory.
 pub const OWNERSHIP_FILE: &str = "ownership.live";
@@ -178,14 +178,8 @@ impl Ownership {
                 source,
             }
         };
-        if !path.exists() {
-            let mut header = [0u8; 12];
-            header[0..8].copy_from_slice(&MAGIC);
-            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            crate::live::create_whole(&path, &header, FILE_BYTES as u64).map_err(io("create"))?;
-        }
-        let (file, map, _) =
-            open_mapped(&path, FILE_BYTES, &MAGIC, VERSION, 12).map_err(|err| match err {
+        let (file, map) = crate::live::open_or_create_mapped(&path, FILE_BYTES, &MAGIC, VERSION)
+            .map_err(|err| match err {
                 MappedError::Io(operation, source) => io(operation)(source),
                 MappedError::Corrupt(problem) => OwnershipError::Corrupt {
                     path: path.clone(),
