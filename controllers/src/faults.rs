@@ -77,6 +77,42 @@ pub enum Effect {
     /// Of a write of several blocks, only the first half is stored; it is
     /// acknowledged whole.
     TornWrites,
+    /// The process making the `nth` matching write (counted in that process)
+    /// dies there, before storing it: after `stall_ms` (it hangs first,
+    /// holding whatever locks it holds), SIGABRT. The rule is taken out of the
+    /// book first, so it fires once: the process that recovers is not hit.
+    Crash {
+        /// Which matching write, from 1.
+        nth: u64,
+        /// How long it hangs before it dies, ms.
+        stall_ms: u64,
+    },
+}
+
+/// Who writes: which writes a rule on writes applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writers {
+    /// Host writes (and the parity they change): `Member::write_at`.
+    pub host: bool,
+    /// Rebuild writes, in bulk: `Member::write_blocks`, `mark_unreadable`.
+    pub rebuild: bool,
+    /// Repairs: scrub repairs, read repairs and resyncs (`Member::rewrite_at`).
+    pub repair: bool,
+}
+
+impl Writers {
+    /// Every writer.
+    pub const ALL: Self = Self {
+        host: true,
+        rebuild: true,
+        repair: true,
+    };
+}
+
+impl Default for Writers {
+    fn default() -> Self {
+        Self::ALL
+    }
 }
 
 /// The operations a rule applies to.
@@ -111,6 +147,13 @@ pub struct DiskRule {
     pub effect: Effect,
     /// Which operations.
     pub ops: OpSet,
+    /// Which writers' writes (lost, torn, crash).
+    #[serde(default)]
+    pub writers: Writers,
+    /// Only in this process (a controller whose path to the disk is bad);
+    /// None: in every process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     /// First byte of the range on the disk.
     pub start: u64,
     /// End of the range (exclusive; `u64::MAX`: the end of the disk).
@@ -362,8 +405,25 @@ struct Verdict {
 #[derive(Clone, Copy, PartialEq)]
 enum Op {
     Read,
-    Write,
+    Write(Writer),
     Flush,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Writer {
+    Host,
+    Rebuild,
+    Repair,
+}
+
+impl Writer {
+    fn name(self) -> &'static str {
+        match self {
+            Writer::Host => "host write",
+            Writer::Rebuild => "rebuild write",
+            Writer::Repair => "repair",
+        }
+    }
 }
 
 /// SplitMix64: the random stream of a rule.
@@ -375,27 +435,46 @@ fn mix(mut x: u64) -> u64 {
 }
 
 impl FaultyMember {
+    /// Whether `rule` is for this disk, in this process.
+    fn mine(&self, rule: &DiskRule) -> bool {
+        rule.file == self.file && rule.pid.is_none_or(|pid| pid == std::process::id())
+    }
+
     /// What the standing rules do to an `op` of `len` bytes at `offset`.
     fn judge(&self, op: Op, offset: u64, len: u64) -> Option<Verdict> {
         let rules = self.layer.current()?;
         let mut verdict = Verdict::default();
         let mut any = false;
-        for loaded in rules.iter().filter(|l| l.rule.file == self.file) {
+        for loaded in rules.iter().filter(|l| self.mine(&l.rule)) {
             let rule = &loaded.rule;
+            let by = |writer: Writer| match writer {
+                Writer::Host => rule.writers.host,
+                Writer::Rebuild => rule.writers.rebuild,
+                Writer::Repair => rule.writers.repair,
+            };
             let applies = match rule.effect {
                 Effect::Absent { .. } => true,
                 Effect::Corrupt { .. } => op == Op::Read,
-                Effect::LostWrites | Effect::TornWrites => op == Op::Write,
+                Effect::LostWrites | Effect::TornWrites | Effect::Crash { .. } => {
+                    matches!(op, Op::Write(writer) if by(writer))
+                }
                 Effect::Error { .. } | Effect::Delay { .. } => match op {
                     Op::Read => rule.ops.read,
-                    Op::Write => rule.ops.write,
+                    Op::Write(_) => rule.ops.write,
                     Op::Flush => rule.ops.flush,
                 },
             };
             if !applies || (op != Op::Flush && !rule.overlaps(offset, len)) {
                 continue;
             }
-            let draw = mix(rule.seed ^ mix(loaded.seen.fetch_add(1, Ordering::Relaxed)));
+            let seen = loaded.seen.fetch_add(1, Ordering::Relaxed);
+            if let (Effect::Crash { nth, stall_ms }, Op::Write(writer)) = (rule.effect, op) {
+                if seen + 1 == nth {
+                    self.die(rule, writer, nth, stall_ms);
+                }
+                continue;
+            }
+            let draw = mix(rule.seed ^ mix(seen));
             if rule.rate < 1.0 && ((draw >> 11) as f64 / (1u64 << 53) as f64) >= rule.rate {
                 continue;
             }
@@ -414,12 +493,44 @@ impl FaultyMember {
                 Effect::TornWrites => {
                     verdict.torn.get_or_insert(rule.id.clone());
                 }
+                Effect::Crash { .. } => {}
             }
         }
         if verdict.delay_ms > 0 {
             std::thread::sleep(Duration::from_millis(verdict.delay_ms));
         }
         any.then_some(verdict)
+    }
+
+    /// A crash rule fired: out of the book (it fires once), a word on stderr,
+    /// the stall, then SIGABRT.
+    fn die(&self, rule: &DiskRule, writer: Writer, nth: u64, stall_ms: u64) -> ! {
+        let id = rule.id.clone();
+        if let Err(err) = self
+            .layer
+            .book
+            .change(|rules| rules.retain(|other| other.id != id))
+        {
+            eprintln!(
+                "fault {}: cannot take the rule out of the book: {err}",
+                rule.id
+            );
+        }
+        eprintln!(
+            "fault {}: dying at {} {nth} to {}{}",
+            rule.id,
+            writer.name(),
+            self.file,
+            if stall_ms > 0 {
+                format!(" after stalling {stall_ms} ms")
+            } else {
+                String::new()
+            }
+        );
+        if stall_ms > 0 {
+            std::thread::sleep(Duration::from_millis(stall_ms));
+        }
+        std::process::abort()
     }
 
     fn error(&self, op: Op, offset: u64, id: &str, errno: i32) -> ImageError {
@@ -437,7 +548,7 @@ impl FaultyMember {
             path: self.inner.path().to_path_buf(),
             operation: match op {
                 Op::Read => "read (injected fault)",
-                Op::Write => "write (injected fault)",
+                Op::Write(_) => "write (injected fault)",
                 Op::Flush => "flush (injected fault)",
             },
             source: std::io::Error::from_raw_os_error(errno),
@@ -470,15 +581,17 @@ impl FaultyMember {
     /// A write through the rules: `store` writes the bytes it is given.
     fn write_with(
         &self,
+        writer: Writer,
         offset: u64,
         data: &[u8],
         store: impl FnOnce(&[u8]) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
-        let Some(verdict) = self.judge(Op::Write, offset, data.len() as u64) else {
+        let op = Op::Write(writer);
+        let Some(verdict) = self.judge(op, offset, data.len() as u64) else {
             return store(data);
         };
         if let Some((id, errno)) = verdict.error {
-            return Err(self.error(Op::Write, offset, &id, errno));
+            return Err(self.error(op, offset, &id, errno));
         }
         if verdict.lost.is_some() {
             return Ok(());
@@ -509,7 +622,7 @@ impl Member for FaultyMember {
         };
         !rules
             .iter()
-            .any(|l| l.rule.file == self.file && matches!(l.rule.effect, Effect::Absent { .. }))
+            .any(|l| self.mine(&l.rule) && matches!(l.rule.effect, Effect::Absent { .. }))
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let Some(verdict) = self.judge(Op::Read, offset, buf.len() as u64) else {
@@ -525,10 +638,14 @@ impl Member for FaultyMember {
         Ok(())
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.write_with(offset, data, |bytes| self.inner.write_at(offset, bytes))
+        self.write_with(Writer::Host, offset, data, |bytes| {
+            self.inner.write_at(offset, bytes)
+        })
     }
     fn rewrite_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.write_with(offset, data, |bytes| self.inner.rewrite_at(offset, bytes))
+        self.write_with(Writer::Repair, offset, data, |bytes| {
+            self.inner.rewrite_at(offset, bytes)
+        })
     }
     fn read_blocks(&self, offset: u64, buf: &mut [u8], crcs: &mut [u32]) -> Result<(), ImageError> {
         let Some(verdict) = self.judge(Op::Read, offset, buf.len() as u64) else {
@@ -549,7 +666,7 @@ impl Member for FaultyMember {
         data: &[u8],
         crcs: Option<&[u32]>,
     ) -> Result<(), ImageError> {
-        self.write_with(offset, data, |bytes| {
+        self.write_with(Writer::Rebuild, offset, data, |bytes| {
             let crcs = crcs.map(|crcs| &crcs[..bytes.len() / disk_images::BLOCK_BYTES]);
             self.inner.write_blocks(offset, bytes, crcs)
         })
@@ -559,7 +676,7 @@ impl Member for FaultyMember {
         self.inner.flush_range(offset, len)
     }
     fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.check(Op::Write, offset, len)?;
+        self.check(Op::Write(Writer::Rebuild), offset, len)?;
         self.inner.mark_unreadable(offset, len)
     }
     fn start_flush(&self) -> Option<FlushStarted> {

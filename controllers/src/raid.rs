@@ -79,7 +79,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use disk_images::fault::CrashPoint;
 use disk_images::{DiskImage, ImageError, BLOCK_BYTES};
 
 use crate::member::Member;
@@ -327,17 +326,6 @@ pub fn array_state(geometry: Geometry, states: &[MemberState]) -> ArrayState {
         0 => ArrayState::Optimal,
         n if n <= tolerated => ArrayState::Degraded,
         _ => ArrayState::Failed,
-    }
-}
-
-/// Fault injection for crash-consistency tests: with
-/// `EMULATOR_FAULT_CRASH_MID_WRITE=N` in its environment, a process aborts in
-/// the middle of its N-th multi-member write (after the first member is
-/// written, before the rest), as a controller dying at the worst moment.
-fn crash_point() {
-    static CRASH_MID_WRITE: CrashPoint = CrashPoint::new("EMULATOR_FAULT_CRASH_MID_WRITE");
-    if CRASH_MID_WRITE.due() {
-        CRASH_MID_WRITE.abort("in the middle of a stripe write");
     }
 }
 
@@ -1217,13 +1205,7 @@ impl RaidEngine {
                     .copy_from_slice(window);
                 &buf
             };
-            for (written, index) in (0..view.images.len())
-                .filter(|&i| view.writable(i))
-                .enumerate()
-            {
-                if written == 1 {
-                    crash_point();
-                }
+            for index in (0..view.images.len()).filter(|&i| view.writable(i)) {
                 view.images[index]
                     .write_at(lo, bytes)
                     .map_err(|source| Self::member_error(index, source))?;
@@ -1598,7 +1580,6 @@ impl RaidEngine {
                         .map_err(|source| Self::member_error(t.disk, source))?;
                 }
             }
-            crash_point();
             if let Some(parity) = &parity {
                 view.images[parity_disk]
                     .write_at(offset, parity)
@@ -1643,7 +1624,6 @@ impl RaidEngine {
                     .write_at(offset, &t.new)
                     .map_err(|source| Self::member_error(t.disk, source))?;
             }
-            crash_point();
             for disk in self.parity_disks(stripe).filter(|&d| view.writable(d)) {
                 view.images[disk]
                     .write_at(offset, &chunks[disk])

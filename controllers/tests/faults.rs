@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use controllers::array::{geometry, Array};
-use controllers::faults::{DiskRule, Effect, FaultBook, OpSet};
+use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers};
 use controllers::raid::{ArrayState, Level, MemberState};
 use disk_images::{Access, DiskImage, ImageError};
 
@@ -24,6 +24,8 @@ fn rule(id: &str, file: &str, effect: Effect) -> DiskRule {
         file: file.into(),
         effect,
         ops: OpSet::ALL,
+        writers: Writers::ALL,
+        pid: None,
         start: 0,
         end: u64::MAX,
         rate: 1.0,

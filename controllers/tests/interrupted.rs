@@ -7,13 +7,17 @@
 //! the array open all along and fails a disk next resyncs the stripe first.
 //!
 //! The killed process is this test binary run again (an ignored test) with
-//! `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE=N` (see `disk_images::DiskImage`).
+//! `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE=N` (see `disk_images::DiskImage`), or
+//! with a crash rule in the array's fault book (`controllers::faults`): a
+//! process dying between member writes, and a process dying in the middle of
+//! the resync that recovers another one.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use controllers::array::{self, Array};
+use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers};
 use controllers::raid::Level;
 
 const CHUNK: u64 = 8192;
@@ -50,6 +54,65 @@ fn child_writes_until_killed() {
         .engine()
         .write_at(WRITE_AT, &[NEW; WRITE_LEN])
         .expect("write");
+}
+
+/// Child: opens the array (recovering any dead process) and goes.
+#[test]
+#[ignore = "run as a child process by the tests below"]
+fn child_opens() {
+    let Some(dir) = std::env::var_os("CHILD_ARRAY") else {
+        return;
+    };
+    Array::open(Path::new(&dir)).expect("open");
+}
+
+/// A crash rule for the array in `dir`: the process making the `nth` write of
+/// `writers` to `file` dies there, after `stall_ms`.
+fn crash_rule(dir: &Path, id: &str, file: &str, writers: Writers, nth: u64, stall_ms: u64) {
+    FaultBook::open(dir)
+        .expect("the fault book")
+        .change(|rules| {
+            rules.push(DiskRule {
+                id: id.into(),
+                file: file.into(),
+                effect: Effect::Crash { nth, stall_ms },
+                ops: OpSet::ALL,
+                writers,
+                pid: None,
+                start: 0,
+                end: u64::MAX,
+                rate: 1.0,
+                seed: 0,
+            })
+        })
+        .expect("add the rule");
+}
+
+const HOST: Writers = Writers {
+    host: true,
+    rebuild: false,
+    repair: false,
+};
+
+/// Runs child `test` on the array in `dir`; its exit status and stderr.
+fn run_child(test: &str, dir: &Path) -> (std::process::ExitStatus, String) {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env("CHILD_ARRAY", dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the child");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Whether the child was killed (false: its write completed before the
@@ -207,6 +270,9 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
     let old = acknowledged(size);
     created.engine().write_at(0, &old).expect("fill");
     drop(created);
+    // Stripe 0 is D0 on disk 0, D1 on disk 1, P on disk 2: the writer dies at
+    // its first write to disk 1, after D0, stalling a second first.
+    crash_rule(&dir, "f1", "disk1.img", HOST, 1, 1000);
 
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
@@ -217,8 +283,6 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
             "--nocapture",
         ])
         .env("CHILD_ARRAY", &dir)
-        .env("EMULATOR_FAULT_CRASH_MID_WRITE", "1")
-        .env("EMULATOR_FAULT_STALL_MS", "1000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -236,7 +300,9 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
         }
     }
     assert!(
-        said.last().is_some_and(|l| l.contains("stalling")),
+        said.last().is_some_and(
+            |l| l.contains("fault f1: dying at host write 1 to disk1.img after stalling")
+        ),
         "the child should stall mid-write: {said:?}"
     );
     // Stripe 0 is D0 on disk 0, D1 on disk 1, P on disk 2; the write changed
@@ -259,4 +325,74 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
             "byte {i} is {g:#04x}, acknowledged {o:#04x}"
         );
     }
+}
+
+/// A process dies in the middle of a stripe write; the next one to open the
+/// array dies in the middle of resyncing that stripe (its parity write); the
+/// one after recovers both: every acknowledged byte reads back, the
+/// interrupted write's bytes are old or new, and the parity agrees with the
+/// data (read again with a disk failed).
+#[test]
+fn a_process_that_dies_resyncing_a_dead_writers_stripe_is_recovered_in_turn() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("array");
+    let geometry = array::geometry(Level::Raid5, 3, CHUNK, DISK);
+    let created = Array::create(&dir, geometry, 0, 1).expect("create");
+    let size = geometry.data_bytes() as usize;
+    let old = acknowledged(size);
+    created.engine().write_at(0, &old).expect("fill");
+    drop(created);
+    // The writer dies after D0 (disk 0), before D1 and P.
+    crash_rule(&dir, "f1", "disk1.img", HOST, 1, 0);
+    let (status, said) = run_child("child_writes_until_killed", &dir);
+    assert_eq!(status.signal(), Some(6), "the writer dies: {said}");
+    assert!(
+        said.contains("fault f1: dying at host write 1 to disk1.img"),
+        "{said}"
+    );
+    // The next process resyncs stripe 0 (P, on disk 2, recomputed from the
+    // data) and dies there.
+    let repair = Writers {
+        host: false,
+        rebuild: false,
+        repair: true,
+    };
+    crash_rule(&dir, "f2", "disk2.img", repair, 1, 0);
+    let (status, said) = run_child("child_opens", &dir);
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the resyncing process dies: {said}"
+    );
+    assert!(
+        said.contains("fault f2: dying at repair 1 to disk2.img"),
+        "{said}"
+    );
+    assert!(
+        FaultBook::open(&dir)
+            .expect("book")
+            .rules()
+            .expect("rules")
+            .is_empty(),
+        "each rule fired once and left the book"
+    );
+    // The third recovers them both.
+    let mut array = Array::open(&dir).expect("open (recovers both)");
+    let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
+    let check = |array: &Array, what: &str| {
+        let mut got = vec![0u8; size];
+        array.engine().read_at(0, &mut got).expect("read");
+        for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
+            assert!(
+                g == o || (write.contains(&i) && g == NEW),
+                "{what}: byte {i} is {g:#04x}, acknowledged {o:#04x}"
+            );
+        }
+    };
+    check(&array, "after recovery");
+    array.fail(0).expect("fail disk 0");
+    check(
+        &array,
+        "after recovery, disk 0 failed (read through parity)",
+    );
 }

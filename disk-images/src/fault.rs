@@ -1,7 +1,8 @@
-//! Fault injection for crash-consistency tests: a point in the code where a
-//! process aborts the N-th time it passes, N taken from an environment
-//! variable (unset: never). This module owns the counting; each point says
-//! what it leaves behind when it fires.
+//! The one crash point below the fault layer, for crash-consistency tests: a
+//! point in the code where a process aborts the N-th time it passes, N taken
+//! from an environment variable (unset: never). Used half-way through a block
+//! write (`EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE`), which no layer around an
+//! image can reach; every other crash point is a rule of `controllers::faults`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -36,18 +37,8 @@ impl CrashPoint {
         at.is_some_and(|at| self.passed.fetch_add(1, Ordering::SeqCst) + 1 == at)
     }
 
-    /// Aborts the process, saying where (`what`) on stderr. With
-    /// `EMULATOR_FAULT_STALL_MS=M` set, it first says so and stalls there for
-    /// M ms, holding whatever it holds (a process that hangs in the middle of
-    /// its work, then dies), so that others can act meanwhile.
+    /// Aborts the process, saying where (`what`) on stderr.
     pub fn abort(&self, what: &str) -> ! {
-        let stall = std::env::var("EMULATOR_FAULT_STALL_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok());
-        if let Some(ms) = stall {
-            eprintln!("{}: stalling {ms} ms {what}", self.var);
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-        }
         eprintln!("{}: aborting {what}", self.var);
         std::process::abort()
     }

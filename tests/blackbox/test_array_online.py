@@ -7,6 +7,7 @@ anyone trusts it)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import time
 
@@ -39,6 +40,17 @@ def xor(chunks: list[bytes]) -> bytes:
 def raid5_consistent(array, disks: int, stripe: int) -> bool:
     return xor(member_chunks(array, disks, stripe)) == bytes(CHUNK)
 
+
+
+def crash_rule(array, disk_file: str, fault_id: str = "f1"):
+    """A crash rule in the array's fault book (`controllers::faults`): the
+    process making the first host write to `disk_file` dies there (SIGABRT),
+    before storing it. It fires once: the rule leaves the book as it does."""
+    rule = {"id": fault_id, "file": disk_file, "effect": "crash", "nth": 1, "stall_ms": 0,
+            "ops": {"read": True, "write": True, "flush": True},
+            "writers": {"host": True, "rebuild": False, "repair": False},
+            "start": 0, "end": 2**64 - 1, "rate": 1.0, "seed": 0}
+    (Path(array) / "faults.json").write_text(json.dumps([rule]))
 
 def test_a_disk_failed_under_a_running_server_is_out_of_use_at_once(tmp_path, serve, rng):
     array = create_array(tmp_path)
@@ -150,14 +162,14 @@ def test_a_stripe_left_half_written_by_a_killed_process_is_resynced(tmp_path, se
     array = create_array(tmp_path, level=level, disks=disks)
     # The server aborts in the middle of its first stripe write: the first member
     # is written, the rest (parity, or the other mirror) is not.
-    server = serve(None, "unix", extra=["--array", str(array)],
-                   env={"EMULATOR_FAULT_CRASH_MID_WRITE": "1"})
+    crash_rule(array, "disk3.img" if level == "raid5" else "disk1.img")
+    server = serve(None, "unix", extra=["--array", str(array)])
     server.expect_dead = True  # it aborts on purpose; asserted below
     h = nbd_connect(server.uri("vol0"))
     with pytest.raises(nbd.Error):
         h.pwrite(rng.randbytes(4096), 0)
     assert server.proc.wait(timeout=10) == -6, "SIGABRT"
-    assert "EMULATOR_FAULT_CRASH_MID_WRITE" in server.log()
+    assert "fault f1: dying at host write 1" in server.log()
 
     chunks = member_chunks(array, disks, 0)
     torn = xor(chunks) != bytes(CHUNK) if level == "raid5" else chunks[0] != chunks[1]
@@ -193,8 +205,8 @@ def test_a_process_killed_mid_write_on_a_degraded_raid5_loses_nothing_acknowledg
     failed = emulator("array", "fail", str(array), "--disk", "1")
     assert failed.returncode == 0, failed.describe()
 
-    crashing = serve(None, "unix", extra=["--array", str(array)],
-                     env={"EMULATOR_FAULT_CRASH_MID_WRITE": "1"})
+    crash_rule(array, "disk3.img")
+    crashing = serve(None, "unix", extra=["--array", str(array)])
     crashing.expect_dead = True  # it aborts on purpose
     h = nbd_connect(crashing.uri("vol0"))
     with pytest.raises(nbd.Error):
@@ -218,8 +230,8 @@ def test_a_waiting_server_recovers_a_stripe_lock_held_by_a_killed_process(tmp_pa
     notices the holder is gone, resyncs the stripe and goes on."""
     array = create_array(tmp_path)
     healthy = serve_array(serve, array)
-    crashing = serve(None, "unix", extra=["--array", str(array)],
-                     env={"EMULATOR_FAULT_CRASH_MID_WRITE": "1"})
+    crash_rule(array, "disk3.img")  # the first host write to it (the crashing server's) dies
+    crashing = serve(None, "unix", extra=["--array", str(array)])
     crashing.expect_dead = True  # it aborts on purpose
     h = nbd_connect(crashing.uri("vol0"))
     with pytest.raises(nbd.Error):

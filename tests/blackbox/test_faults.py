@@ -170,6 +170,10 @@ def test_bad_fault_requests_are_refused_naming_what_was_wrong_and_change_nothing
             ({"fault": "disk-error", "disk": 1, "colour": "red"}, 400, "colour"),
             ({"fault": "disk-error", "system": "s7", "disk": 1}, 400, "no system s7"),
             ({"fault": "process-kill", "process": "s0/c9/driver"}, 400, "s0/c9/driver"),
+            ({"fault": "disk-pull", "disk": 1, "process": "s0/c0/driver"}, 400, "disk-pull takes no `process`"),
+            ({"fault": "disk-crash", "disk": 1, "nth": 0}, 400, "nth = 0"),
+            ({"fault": "disk-crash", "disk": 1, "writers": ["janitor"]}, 400, "janitor"),
+            ({"fault": "disk-crash", "disk": 1, "rate": 0.5}, 400, "disk-crash takes no `rate`"),
         ]
         for body, expected, words in cases:
             status, reply = domain.request("A", "POST", "/api/v1/faults", body)

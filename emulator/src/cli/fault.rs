@@ -22,8 +22,8 @@ pub(super) enum FaultCommand {
     /// flips stored bits once); a process fault happens once. Prints its id.
     Inject {
         /// What: disk-fail, disk-pull, disk-error, disk-delay, disk-corrupt,
-        /// disk-lost-writes, disk-torn-writes, process-kill, process-hang,
-        /// process-resume, process-restart.
+        /// disk-lost-writes, disk-torn-writes, disk-crash, process-kill,
+        /// process-hang, process-resume, process-restart.
         #[arg(value_parser = PossibleValuesParser::new(FaultSpec::KINDS))]
         kind: String,
         /// Disk: its slot in the array (members first, then spares).
@@ -54,6 +54,17 @@ pub(super) enum FaultCommand {
         /// Flip the stored bits once, now (disk-corrupt): bit rot.
         #[arg(long)]
         at_rest: bool,
+        /// Whose writes a disk-lost-writes, disk-torn-writes or disk-crash
+        /// applies to (default: all), e.g. rebuild,repair.
+        #[arg(long, value_delimiter = ',', value_parser = ["host", "rebuild", "repair"])]
+        writers: Vec<String>,
+        /// Which matching write the process dies at, from 1 (disk-crash;
+        /// default 1).
+        #[arg(long)]
+        nth: Option<u64>,
+        /// How long the dying process hangs first, ms (disk-crash).
+        #[arg(long)]
+        stall_ms: Option<u64>,
         /// The chance that one I/O on the range is hit, 0 < R ≤ 1 (default 1).
         #[arg(long)]
         rate: Option<f64>,
@@ -108,6 +119,9 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             ms,
             bits,
             at_rest,
+            writers,
+            nth,
+            stall_ms,
             rate,
             seed,
             process,
@@ -130,6 +144,9 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             put("ms", ms.map(|v| json!(v)));
             put("bits", bits.map(|v| json!(v)));
             put("at_rest", at_rest.then_some(Value::Bool(true)));
+            put("writers", (!writers.is_empty()).then(|| json!(writers)));
+            put("nth", nth.map(|v| json!(v)));
+            put("stall_ms", stall_ms.map(|v| json!(v)));
             put("rate", rate.map(|v| json!(v)));
             put("process", process.map(|v| json!(v)));
             let spec: FaultSpec = serde_json::from_value(Value::Object(object))

@@ -5,11 +5,25 @@
 use serde::{Deserialize, Serialize};
 
 use controllers::array::{read_metadata, Array};
-use controllers::faults::{DiskRule, Effect, FaultBook, OpSet};
+use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers};
 use controllers::raid::{ArrayState, MemberState};
 
 use super::{FaultError, FaultRecord, FaultSpec};
 use crate::rundir::RunDir;
+
+/// Who writes: the writes a disk-lost-writes, disk-torn-writes or disk-crash
+/// applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Writer {
+    /// Host writes (and the parity they change).
+    Host,
+    /// A rebuild's writes to the disk it rebuilds.
+    Rebuild,
+    /// Repairs: a scrub's, a read's (a block that failed its checksum,
+    /// rewritten), a resync's after a process died.
+    Repair,
+}
 
 /// An I/O operation a disk fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +70,22 @@ pub struct DiskFault {
     /// Flip the stored bits once, now (disk-corrupt): bit rot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub at_rest: bool,
+    /// Whose writes (disk-lost-writes, disk-torn-writes, disk-crash; default:
+    /// all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writers: Vec<Writer>,
+    /// Only in this process, e.g. `s0/c1/driver` (a controller with a bad
+    /// path to the disk, or the one that dies at a disk-crash; default: every
+    /// process that has the array open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    /// Which matching write the process dies at, from 1 (disk-crash; default
+    /// 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nth: Option<u64>,
+    /// How long the dying process hangs first, ms (disk-crash; default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<u64>,
     /// The chance that one I/O on the range is hit, 0 < rate ≤ 1 (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
@@ -153,7 +183,31 @@ pub(super) fn inject(
         }
         names.join(", ")
     };
-    let (effect, said) = match kind {
+    let writers = match fault.writers.as_slice() {
+        [] => Writers::ALL,
+        writers => Writers {
+            host: writers.contains(&Writer::Host),
+            rebuild: writers.contains(&Writer::Rebuild),
+            repair: writers.contains(&Writer::Repair),
+        },
+    };
+    let writer_names = || {
+        if writers == Writers::ALL {
+            return "writes".to_string();
+        }
+        let mut names = Vec::new();
+        for (on, name) in [
+            (writers.host, "host writes"),
+            (writers.rebuild, "rebuild writes"),
+            (writers.repair, "repairs"),
+        ] {
+            if on {
+                names.push(name);
+            }
+        }
+        names.join(", ")
+    };
+    let (effect, mut said) = match kind {
         "disk-fail" => (
             Effect::Absent {
                 errno: nix::errno::Errno::EIO as i32,
@@ -193,29 +247,82 @@ pub(super) fn inject(
         }
         "disk-lost-writes" => (
             Effect::LostWrites,
-            format!("{what}: writes{range} acknowledged and not stored{chance}"),
+            format!(
+                "{what}: {}{range} acknowledged and not stored{chance}",
+                writer_names()
+            ),
         ),
-        _ => (
+        "disk-torn-writes" => (
             Effect::TornWrites,
-            format!("{what}: writes of several blocks{range} store only their first half{chance}"),
+            format!(
+                "{what}: {} of several blocks{range} store only their first half{chance}",
+                writer_names()
+            ),
         ),
+        _ => {
+            let nth = fault.nth.unwrap_or(1);
+            if nth == 0 {
+                return Err(FaultError::Invalid("nth = 0: writes count from 1".into()));
+            }
+            let stall_ms = fault.stall_ms.unwrap_or(0);
+            (
+                Effect::Crash { nth, stall_ms },
+                format!(
+                    "{what}: the process making {} number {nth}{range} dies there{}",
+                    writer_names(),
+                    if stall_ms > 0 {
+                        format!(", after hanging {stall_ms} ms")
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+        }
+    };
+    let pid = match &fault.process {
+        None => None,
+        Some(name) => {
+            let pid = running_pid(run, name)?;
+            said.push_str(&format!(", only in {name} (pid {pid})"));
+            Some(pid)
+        }
     };
     let rule = DiskRule {
         id: id.to_string(),
         file: file.clone(),
         effect,
         ops,
+        writers,
+        pid,
         start,
         end,
         rate,
         seed,
     };
     FaultBook::open(&dir)?.change(|rules| rules.push(rule))?;
-    let mut said = said;
     if matches!(effect, Effect::Absent { .. }) && is_member {
         said.push_str(&fail_if_survivable(&dir, fault.disk)?);
     }
     Ok((said, true))
+}
+
+/// The pid of running process `name` of the domain.
+fn running_pid(run: &RunDir, name: &str) -> Result<u32, FaultError> {
+    let name = crate::domain::ProcessName::parse(name)
+        .map_err(|err| FaultError::Invalid(format!("process {name:?}: {err}")))?
+        .to_string();
+    let processes = run.read_processes();
+    match processes.iter().find(|p| p.name == name) {
+        Some(record) if record.ended.is_none() => Ok(record.pid),
+        Some(record) => Err(FaultError::Process(format!(
+            "{name} is not running ({})",
+            record.ended.as_deref().unwrap_or("ended")
+        ))),
+        None => Err(FaultError::Invalid(format!(
+            "the domain in {} has no process {name}",
+            run.root().display()
+        ))),
+    }
 }
 
 /// Records a disk that stopped answering as failed in the array, as a
@@ -256,7 +363,8 @@ fn disk_of(spec: &FaultSpec) -> (&DiskFault, &'static str) {
         | FaultSpec::DiskDelay(f)
         | FaultSpec::DiskCorrupt(f)
         | FaultSpec::DiskLostWrites(f)
-        | FaultSpec::DiskTornWrites(f) => (f, spec.kind()),
+        | FaultSpec::DiskTornWrites(f)
+        | FaultSpec::DiskCrash(f) => (f, spec.kind()),
         _ => unreachable!("only disk faults come here"),
     }
 }
@@ -268,7 +376,8 @@ fn check_fields(kind: &str, fault: &DiskFault) -> Result<(), FaultError> {
         "disk-error" => &["ops", "lba", "sectors", "errno", "rate", "seed"],
         "disk-delay" => &["ops", "lba", "sectors", "ms", "rate", "seed"],
         "disk-corrupt" => &["lba", "sectors", "bits", "at_rest", "rate", "seed"],
-        _ => &["lba", "sectors", "rate", "seed"],
+        "disk-crash" => &["lba", "sectors", "writers", "nth", "stall_ms"],
+        _ => &["lba", "sectors", "writers", "rate", "seed"],
     };
     let given = [
         ("ops", !fault.ops.is_empty()),
@@ -278,8 +387,12 @@ fn check_fields(kind: &str, fault: &DiskFault) -> Result<(), FaultError> {
         ("ms", fault.ms.is_some()),
         ("bits", fault.bits.is_some()),
         ("at_rest", fault.at_rest),
+        ("writers", !fault.writers.is_empty()),
+        ("nth", fault.nth.is_some()),
+        ("stall_ms", fault.stall_ms.is_some()),
         ("rate", fault.rate.is_some()),
         ("seed", fault.seed.is_some()),
+        ("process", fault.process.is_some() && allowed.is_empty()),
     ];
     for (field, set) in given {
         if set && !allowed.contains(&field) {

@@ -25,7 +25,7 @@ use crate::domain::ProcessName;
 use crate::persist::now_ms;
 use crate::rundir::RunDir;
 
-pub use disk::{DiskFault, Op};
+pub use disk::{DiskFault, Op, Writer};
 
 /// A fault to inject. In TOML and JSON the `fault` field names the kind:
 /// `{ fault = "disk-error", disk = 2, ops = ["read"], lba = 0, sectors = 2048 }`,
@@ -55,6 +55,11 @@ pub enum FaultSpec {
     /// Of a write of several blocks on the range, only the first half of the
     /// blocks is stored; it is acknowledged whole.
     DiskTornWrites(DiskFault),
+    /// The process making the `nth` write of the `writers` (host, rebuild,
+    /// repair) on the range dies there (SIGABRT) before storing it, after
+    /// `stall_ms`: a controller dying in the middle of a rebuild, a scrub
+    /// repair or a resync. It fires once.
+    DiskCrash(DiskFault),
     /// SIGKILL to a process of the domain.
     ProcessKill(ProcessFault),
     /// SIGSTOP: the process hangs (it is there, and silent).
@@ -144,6 +149,7 @@ impl FaultSpec {
             Self::DiskCorrupt(_) => "disk-corrupt",
             Self::DiskLostWrites(_) => "disk-lost-writes",
             Self::DiskTornWrites(_) => "disk-torn-writes",
+            Self::DiskCrash(_) => "disk-crash",
             Self::ProcessKill(_) => "process-kill",
             Self::ProcessHang(_) => "process-hang",
             Self::ProcessResume(_) => "process-resume",
@@ -152,7 +158,7 @@ impl FaultSpec {
     }
 
     /// Every kind, for help texts and errors.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "disk-fail",
         "disk-pull",
         "disk-error",
@@ -160,6 +166,7 @@ impl FaultSpec {
         "disk-corrupt",
         "disk-lost-writes",
         "disk-torn-writes",
+        "disk-crash",
         "process-kill",
         "process-hang",
         "process-resume",
