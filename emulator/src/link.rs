@@ -6,6 +6,13 @@
 //! saying so. Both sides send a heartbeat every [`HEARTBEAT`], so a peer that
 //! died or hangs (SIGSTOP) is noticed within [`PEER_TIMEOUT`] even when its
 //! socket stays open.
+//!
+//! Link faults (cut, delay) are data: the run's link book ([`book`]), applied
+//! to an agent's link to its server by [`shape`] and to hosts' NBD links by
+//! `crate::nbd::hook`.
+
+pub mod book;
+pub mod shape;
 
 use std::time::Duration;
 

@@ -15,6 +15,8 @@
 //! RUN/servers/a.sock          where agents register with server A (b.sock: B)
 //! RUN/servers/a.json          server A's pid and HTTP address, once it listens
 //! RUN/faults.jsonl            every fault injected and cleared (see `fault`)
+//! RUN/links.json              the link faults standing (see `link::book`)
+//! RUN/links.live              its generation counter, mapped by agents and drivers
 //! ```
 
 use std::path::{Path, PathBuf};

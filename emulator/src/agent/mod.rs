@@ -17,6 +17,11 @@
 //!
 //! The two links (driver, server) live apart: losing one never stops the
 //! other, and each is re-established on its own.
+//!
+//! The link to the server goes through its fault layer (`link::shape`),
+//! which follows the link book for this agent's link (`s0/c1/agent-a`): a
+//! cut closes it and holds registration back until it is cleared (no
+//! attempt counts while it stands), a delay holds every message back.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +31,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::domain::{ClusterName, Pair, ProcessName, Role};
+use crate::link::book::LinkState;
+use crate::link::shape::{self, Shaped};
 use crate::link::{
     self, Link, LinkError, Silence, ToAgent, ToAgentFromDriver, ToDriver, ToServer, HEARTBEAT,
     PROTOCOL_VERSION,
@@ -67,6 +74,8 @@ struct Agent {
     pair: Pair,
     cluster: ClusterName,
     persist: Mutex<Persist>,
+    /// The link faults standing on this agent's link to its server.
+    link: tokio::sync::watch::Receiver<LinkState>,
 }
 
 impl Agent {
@@ -98,15 +107,20 @@ pub fn run(run: &RunDir, cluster: ClusterName, pair: Pair) -> Result<(), AgentEr
         use tokio::signal::unix::{signal, SignalKind};
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
+        let me = ProcessName {
+            cluster: Some(cluster),
+            role: Role::Agent(pair),
+        };
+        let link = crate::link::book::watch(run.root(), &[me.to_string()])
+            .pop()
+            .expect("one link watched");
         let agent = Arc::new(Agent {
-            me: ProcessName {
-                cluster: Some(cluster),
-                role: Role::Agent(pair),
-            },
+            me,
             run: run.clone(),
             pair,
             cluster,
             persist: Mutex::new(Persist::open(&run.persist(cluster))?),
+            link,
         });
         let (to_driver, from_server) = mpsc::channel::<ToDriver>(64);
         let (to_server, from_driver) = mpsc::channel::<FromDriver>(64);
@@ -327,12 +341,14 @@ async fn report(agent: &Arc<Agent>) -> Option<ToServer> {
 
 /// Registers with the server, retrying with backoff up to
 /// [`REGISTER_ATTEMPTS`] times, then each time the server publishes a new
-/// address (it was started again).
-async fn register(agent: &Arc<Agent>, published: &mut Option<u32>) -> Link<UnixStream> {
+/// address (it was started again). While the link is cut no attempt is
+/// made (none is counted): it waits for the cut to be cleared.
+async fn register(agent: &Arc<Agent>, published: &mut Option<u32>) -> Link<Shaped> {
     let socket = agent.run.server_socket(agent.pair);
     loop {
         let mut backoff = Backoff::new();
         for attempt in 1..=REGISTER_ATTEMPTS {
+            shape::wait_open(&mut agent.link.clone()).await;
             match try_register(agent, &socket).await {
                 Ok(link) => {
                     *published = agent.run.read_server_address(agent.pair).map(|a| a.pid);
@@ -363,8 +379,8 @@ async fn register(agent: &Arc<Agent>, published: &mut Option<u32>) -> Link<UnixS
 async fn try_register(
     agent: &Arc<Agent>,
     socket: &std::path::Path,
-) -> Result<Link<UnixStream>, LinkError> {
-    let mut link = Link::new(UnixStream::connect(socket).await?);
+) -> Result<Link<Shaped>, LinkError> {
+    let mut link = Link::new(shape::connect(socket, agent.link.clone()).await?);
     link.send(&ToServer::Register {
         version: PROTOCOL_VERSION,
         agent: agent.me,

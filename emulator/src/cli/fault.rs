@@ -18,12 +18,13 @@ use crate::scenario::report::utc_timestamp;
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(super) enum FaultCommand {
-    /// Inject a fault: a disk fault stands until cleared (but bit rot, which
-    /// flips stored bits once); a process fault happens once. Prints its id.
+    /// Inject a fault: a disk or link fault stands until cleared (but bit rot,
+    /// which flips stored bits once); a process fault happens once. Prints its
+    /// id.
     Inject {
         /// What: disk-fail, disk-pull, disk-error, disk-delay, disk-corrupt,
-        /// disk-lost-writes, disk-torn-writes, disk-crash, process-kill,
-        /// process-hang, process-resume, process-restart.
+        /// disk-lost-writes, disk-torn-writes, disk-crash, link-cut, link-delay,
+        /// process-kill, process-hang, process-resume, process-restart.
         #[arg(value_parser = PossibleValuesParser::new(FaultSpec::KINDS))]
         kind: String,
         /// Disk: its slot in the array (members first, then spares).
@@ -45,7 +46,7 @@ pub(super) enum FaultCommand {
         /// The error of a disk-error (default EIO): EIO, ENOSPC, EROFS, ENXIO, …
         #[arg(long)]
         errno: Option<String>,
-        /// Added latency of a disk-delay, ms.
+        /// Added latency of a disk-delay or link-delay, ms.
         #[arg(long)]
         ms: Option<u64>,
         /// Bits flipped (disk-corrupt; default 1).
@@ -75,6 +76,11 @@ pub(super) enum FaultCommand {
         /// s0/c0/server-a, host/server-b.
         #[arg(long)]
         process: Option<String>,
+        /// The link of a link fault: s0/c1/agent-a (that agent's link to its
+        /// server), s0/c0/nbd (the hosts' links to controller s0/c0's NBD
+        /// address).
+        #[arg(long)]
+        link: Option<String>,
         #[command(flatten)]
         run: RunDirArg,
         /// Print the fault's record as JSON.
@@ -125,6 +131,7 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             rate,
             seed,
             process,
+            link,
             run,
             json,
         } => {
@@ -149,6 +156,7 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             put("stall_ms", stall_ms.map(|v| json!(v)));
             put("rate", rate.map(|v| json!(v)));
             put("process", process.map(|v| json!(v)));
+            put("link", link.map(|v| json!(v)));
             let spec: FaultSpec = serde_json::from_value(Value::Object(object))
                 .with_context(|| format!("a {kind} fault"))?;
             let seed = seed.unwrap_or_else(random_seed);

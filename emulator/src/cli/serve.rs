@@ -91,6 +91,7 @@ pub(super) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let config = ServerConfig {
         max_connections: args.max_connections as usize,
+        link: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -174,11 +174,15 @@ async fn serve(run: RunDir, domain: Domain, cluster: ClusterName) -> Result<(), 
             .spawn(move || paths::heartbeat(ownership, cluster, stop))
             .map_err(io("start the heartbeat thread"))?
     };
+    // The hosts' links to each controller address of this system, as the
+    // link book has them (this driver may serve either address).
+    let hooks = paths::link_hooks(&run, cluster);
     let mut paths = paths::Paths::new(
         cluster,
         Arc::clone(&ownership),
         Arc::clone(&volumes),
         format!("127.0.0.1:{}", domain.nbd_port(cluster)),
+        hooks,
     );
     paths.step().await;
     if let Some(problem) = paths.own_bind_error() {

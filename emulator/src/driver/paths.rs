@@ -34,7 +34,9 @@ use tokio::task::JoinHandle;
 
 use crate::domain::ClusterName;
 use crate::nbd::export::{Catalog, Refusal};
+use crate::nbd::hook::NbdHook;
 use crate::nbd::server::{self, ListenAddress, Listener, ServerConfig};
+use crate::rundir::RunDir;
 
 /// How often the driver looks at the ownership file.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -65,6 +67,32 @@ pub(crate) struct Paths {
     /// Why binding this controller's own address failed last (None: bound,
     /// or not tried).
     own_bind_error: Option<String>,
+    /// The link-fault hook of each controller's address.
+    hooks: [Arc<NbdHook>; CONTROLLERS as usize],
+}
+
+/// The link-fault hooks of both controller addresses of `me`'s system
+/// (`sN/c0/nbd`, `sN/c1/nbd`), each following the run's link book.
+pub(crate) fn link_hooks(run: &RunDir, me: ClusterName) -> [Arc<NbdHook>; CONTROLLERS as usize] {
+    let name = |cluster| {
+        format!(
+            "{}/nbd",
+            ClusterName {
+                system: me.system,
+                cluster
+            }
+        )
+    };
+    let hooks = [NbdHook::new(name(0)), NbdHook::new(name(1))];
+    let links: Vec<String> = hooks.iter().map(|hook| hook.link().to_string()).collect();
+    for (hook, state) in hooks
+        .iter()
+        .zip(crate::link::book::watch(run.root(), &links))
+    {
+        hook.apply(*state.borrow());
+        tokio::spawn(Arc::clone(hook).follow(state));
+    }
+    hooks
 }
 
 impl Paths {
@@ -73,6 +101,7 @@ impl Paths {
         ownership: Arc<Ownership>,
         volumes: Arc<Volumes>,
         configured: String,
+        hooks: [Arc<NbdHook>; CONTROLLERS as usize],
     ) -> Self {
         Self {
             me,
@@ -83,6 +112,7 @@ impl Paths {
             running: [None, None],
             said: [None, None],
             own_bind_error: None,
+            hooks,
         }
     }
 
@@ -226,7 +256,10 @@ impl Paths {
         let task = tokio::spawn(server::run(
             listener,
             catalog,
-            ServerConfig::default(),
+            ServerConfig {
+                link: Some(Arc::clone(&self.hooks[usize::from(of)])),
+                ..ServerConfig::default()
+            },
             async move {
                 let _ = stopped.await;
             },

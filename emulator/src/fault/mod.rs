@@ -7,6 +7,10 @@
 //!   writes the member disks through. A disk fault stays until it is cleared.
 //!   Bit rot (`disk-corrupt` with `at_rest`) is the exception: it flips
 //!   stored bits once, as it is injected, and leaves nothing standing.
+//! - **Link faults** are data too: a rule in the run's link book
+//!   (`RUN/links.json`, `crate::link::book`), applied by the processes at
+//!   the link's ends (an agent's link to its server, the hosts' links to a
+//!   controller's NBD address). A link fault stays until it is cleared.
 //! - **Process faults** are signals to the process the supervisor started
 //!   (kill: SIGKILL, hang: SIGSTOP, resume: SIGCONT) or a restart through the
 //!   supervisor. They happen once.
@@ -16,6 +20,7 @@
 //! scenario report show.
 
 mod disk;
+mod link;
 
 use std::io::Write;
 
@@ -26,6 +31,7 @@ use crate::persist::now_ms;
 use crate::rundir::RunDir;
 
 pub use disk::{DiskFault, Op, Writer};
+pub use link::{LinkFault, LinkName};
 
 /// A fault to inject. In TOML and JSON the `fault` field names the kind:
 /// `{ fault = "disk-error", disk = 2, ops = ["read"], lba = 0, sectors = 2048 }`,
@@ -60,6 +66,14 @@ pub enum FaultSpec {
     /// `stall_ms`: a controller dying in the middle of a rebuild, a scrub
     /// repair or a resync. It fires once.
     DiskCrash(DiskFault),
+    /// The link is cut: an agent's connection to its server is closed and it
+    /// cannot register again; a controller address's NBD connections are
+    /// closed and new ones refused. Cleared: the agent registers again, hosts
+    /// reconnect.
+    LinkCut(LinkFault),
+    /// Every message of the link (an agent's, either way; NBD replies) is
+    /// delivered `ms` later.
+    LinkDelay(LinkFault),
     /// SIGKILL to a process of the domain.
     ProcessKill(ProcessFault),
     /// SIGSTOP: the process hangs (it is there, and silent).
@@ -93,7 +107,7 @@ pub struct FaultRecord {
     /// What it did, in words (`SIGKILL to pid 4242`, `disk 2 (disk2.img) of
     /// s0: reads of LBA 0..2048 fail with EIO`).
     pub effect: String,
-    /// Whether it stands until cleared (disk faults but bit rot).
+    /// Whether it stands until cleared (disk faults but bit rot, link faults).
     pub standing: bool,
 }
 
@@ -121,6 +135,9 @@ pub enum FaultError {
     /// The fault book of the disks.
     #[error(transparent)]
     Book(#[from] controllers::faults::FaultBookError),
+    /// The link book.
+    #[error(transparent)]
+    Links(#[from] crate::link::book::LinkBookError),
     /// The array (reading which file a disk slot holds).
     #[error(transparent)]
     Array(#[from] controllers::array::ArrayError),
@@ -150,6 +167,8 @@ impl FaultSpec {
             Self::DiskLostWrites(_) => "disk-lost-writes",
             Self::DiskTornWrites(_) => "disk-torn-writes",
             Self::DiskCrash(_) => "disk-crash",
+            Self::LinkCut(_) => "link-cut",
+            Self::LinkDelay(_) => "link-delay",
             Self::ProcessKill(_) => "process-kill",
             Self::ProcessHang(_) => "process-hang",
             Self::ProcessResume(_) => "process-resume",
@@ -158,7 +177,7 @@ impl FaultSpec {
     }
 
     /// Every kind, for help texts and errors.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 14] = [
         "disk-fail",
         "disk-pull",
         "disk-error",
@@ -167,6 +186,8 @@ impl FaultSpec {
         "disk-lost-writes",
         "disk-torn-writes",
         "disk-crash",
+        "link-cut",
+        "link-delay",
         "process-kill",
         "process-hang",
         "process-resume",
@@ -188,6 +209,7 @@ pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, 
                 .map_err(|err| FaultError::Process(err.to_string()))?;
             (said, false)
         }
+        FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::inject(run, &id, spec)?,
         disk => disk::inject(run, &id, disk, seed)?,
     };
     let record = FaultRecord {
@@ -226,7 +248,14 @@ pub fn clear(run: &RunDir, id: Option<&str>) -> Result<Vec<String>, FaultError> 
     };
     let mut cleared = Vec::new();
     for fault in chosen {
-        disk::clear(run, fault)?;
+        match fault.spec {
+            FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::clear(run, fault)?,
+            FaultSpec::ProcessKill(_)
+            | FaultSpec::ProcessHang(_)
+            | FaultSpec::ProcessResume(_)
+            | FaultSpec::ProcessRestart(_) => {}
+            _ => disk::clear(run, fault)?,
+        }
         append(
             run,
             &FaultEvent::Cleared {

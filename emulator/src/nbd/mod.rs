@@ -1,12 +1,13 @@
 //! The NBD server: wire format ([`proto`]), negotiation on tokio ([`handshake`]),
 //! request handling on threads of each connection's own ([`transmission`]),
-//! sockets and shutdown ([`server`]), and the device trait exports are served
-//! from ([`export`]).
+//! sockets and shutdown ([`server`]), the device trait exports are served
+//! from ([`export`]), and the link-fault hook of an address ([`hook`]).
 //!
 //! The protocol is `doc/proto.md` of the NetworkBlockDevice/nbd repository.
 
 pub mod export;
 pub mod handshake;
+pub mod hook;
 pub mod proto;
 pub mod server;
 pub mod transmission;

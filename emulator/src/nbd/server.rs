@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use super::export::{Catalog, ExportSet};
 use super::handshake::{self, HandshakeError};
+use super::hook::{NbdHook, Tap};
 use super::transmission::{self, Ending, ReplyWriter};
 
 /// Read buffer for the handshake (transmission has its own).
@@ -64,12 +65,16 @@ impl std::fmt::Display for ListenAddress {
 pub struct ServerConfig {
     /// Connections served at once; more are refused.
     pub max_connections: usize,
+    /// The link-fault hook of this address (a driver's; None: no link
+    /// faults, `emulator serve`).
+    pub link: Option<Arc<NbdHook>>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_connections: 128,
+            link: None,
         }
     }
 }
@@ -195,6 +200,10 @@ pub async fn run(
             }
         };
         next_id += 1;
+        if let Some(hook) = config.link.as_ref().filter(|hook| hook.refuses()) {
+            tracing::info!(%peer, link = hook.link(), "link cut: connection closed");
+            continue;
+        }
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; refusing connection");
             continue;
@@ -203,10 +212,11 @@ pub async fn run(
         let stop = stop.clone();
         let id = next_id;
         let span = tracing::info_span!("conn", id, %peer);
+        let hook = config.link.clone();
         connections.spawn(
             async move {
                 let _permit = permit;
-                serve_connection(stream, &exports, stop, id).await;
+                serve_connection(stream, &exports, stop, id, hook).await;
             }
             .instrument(span),
         );
@@ -400,6 +410,37 @@ impl Read for &Socket {
     }
 }
 
+/// Where a connection writes its replies: its socket, through its link
+/// hook's tap when it has one (a driver's address). With no delay standing
+/// the tap costs one atomic load per write.
+struct Wire<'a> {
+    socket: &'a Socket,
+    tap: Option<&'a Tap>,
+}
+
+impl ReplyWriter for Wire<'_> {
+    fn write_now(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(diverted) = self.tap.and_then(|tap| tap.divert(buf)) {
+            return diverted;
+        }
+        self.socket.write_now(buf)
+    }
+
+    fn write_blocking(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(diverted) = self.tap.and_then(|tap| tap.divert(buf)) {
+            return diverted;
+        }
+        self.socket.write_blocking(buf)
+    }
+
+    fn finish(&self) -> io::Result<()> {
+        if let Some(finished) = self.tap.and_then(|tap| tap.finish()) {
+            return finished;
+        }
+        self.socket.finish()
+    }
+}
+
 impl ReplyWriter for Socket {
     fn write_now(&self, buf: &[u8]) -> io::Result<usize> {
         match self.send(buf, MsgFlags::MSG_DONTWAIT) {
@@ -441,6 +482,7 @@ async fn serve_connection(
     exports: &ExportSet,
     mut stop: watch::Receiver<bool>,
     id: u64,
+    hook: Option<Arc<NbdHook>>,
 ) {
     let negotiated = tokio::select! {
         result = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.negotiate(exports)) => {
@@ -479,6 +521,29 @@ async fn serve_connection(
             return;
         }
     };
+    // Registered with the address's link hook for as long as it is served
+    // (a cut shuts it down); refused while a cut stands.
+    let attached = match &hook {
+        None => None,
+        Some(hook) => {
+            let handle = match socket.as_fd().try_clone_to_owned() {
+                Ok(handle) => handle,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot take over the socket; connection dropped");
+                    return;
+                }
+            };
+            match hook.attach(handle) {
+                Some(attached) => Some(attached),
+                None => {
+                    tracing::info!(link = hook.link(), "link cut: connection closed");
+                    let _ = socket.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    };
+    let tap = attached.as_ref().map(|attached| Arc::clone(attached.tap()));
     let stopping = Arc::new(AtomicBool::new(false));
     let (done, ended) = tokio::sync::oneshot::channel();
     let thread = {
@@ -489,7 +554,11 @@ async fn serve_connection(
             .spawn(move || {
                 let _entered = span.enter();
                 let requests = io::Cursor::new(early_requests).chain(&socket);
-                let ending = transmission::transmit(requests, &socket, &negotiated, &stopping);
+                let wire = Wire {
+                    socket: &socket,
+                    tap: tap.as_deref(),
+                };
+                let ending = transmission::transmit(requests, &wire, &negotiated, &stopping);
                 let _ = done.send(ending);
             })
     };

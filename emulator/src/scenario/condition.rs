@@ -131,6 +131,8 @@ pub enum WorkloadWant {
     Ended,
     /// At least this many writes were acknowledged.
     WritesAtLeast(u64),
+    /// It connected again at least this many times (its connection died).
+    ReconnectsAtLeast(u64),
 }
 
 /// A condition on the domain, a task or a workload.
@@ -543,6 +545,14 @@ pub fn parse_condition(text: &str) -> Result<Condition, String> {
                     .map_err(|_| format!("{count:?} is not a number of writes"))?,
             ),
         },
+        ["workload", name, "reconnects", ">=", count] => Condition::Workload {
+            name: name.to_string(),
+            want: WorkloadWant::ReconnectsAtLeast(
+                count
+                    .parse()
+                    .map_err(|_| format!("{count:?} is not a number of reconnects"))?,
+            ),
+        },
         _ => return Err(unknown()),
     })
 }
@@ -593,6 +603,8 @@ pub struct WorkloadSeen {
     pub ended: bool,
     /// Writes acknowledged so far.
     pub acked: u64,
+    /// Connections made again after one died, so far.
+    pub reconnects: u64,
 }
 
 /// What the domain shows at one moment (only what a condition needs is
@@ -805,7 +817,7 @@ fn evaluate_inner(condition: &Condition, snapshot: &Snapshot) -> Result<Evaluati
         Condition::Workload { name, want } => {
             let seen = snapshot.workloads.get(name).copied().unwrap_or_default();
             let words = format!(
-                "workload {name} {} ({} writes acknowledged)",
+                "workload {name} {} ({} writes acknowledged, {} reconnects)",
                 if seen.running {
                     "running"
                 } else if seen.ended {
@@ -813,12 +825,14 @@ fn evaluate_inner(condition: &Condition, snapshot: &Snapshot) -> Result<Evaluati
                 } else {
                     "not started"
                 },
-                seen.acked
+                seen.acked,
+                seen.reconnects
             );
             let met = match want {
                 WorkloadWant::Running => seen.running,
                 WorkloadWant::Ended => seen.ended,
                 WorkloadWant::WritesAtLeast(n) => seen.acked >= *n,
+                WorkloadWant::ReconnectsAtLeast(n) => seen.reconnects >= *n,
             };
             eval(met, words)
         }
@@ -1027,6 +1041,7 @@ mod tests {
                 running: true,
                 ended: false,
                 acked: 500,
+                reconnects: 1,
             },
         );
         Snapshot {
@@ -1079,6 +1094,7 @@ mod tests {
             "task f failed with \"was lost\"",
             "workload w running",
             "workload w writes >= 500",
+            "workload w reconnects >= 1",
         ] {
             assert!(holds(yes), "{yes} should hold");
         }
@@ -1109,6 +1125,7 @@ mod tests {
             "task never complete",
             "workload w ended",
             "workload w writes >= 501",
+            "workload w reconnects >= 2",
             "workload other running",
         ] {
             assert!(!holds(no), "{no} should not hold");

@@ -937,6 +937,11 @@ fn check_fault(
     if let Some(process) = value["process"].as_str() {
         return check_process(cx, span, field, process, processes);
     }
+    if let Some(link) = value["link"].as_str() {
+        return crate::fault::LinkName::parse(link)
+            .and_then(|name| name.check(domain))
+            .map_err(|problem| cx.invalid(span, format!("{field}.link"), problem));
+    }
     let system = value["system"].as_str().unwrap_or("s0");
     let index = system
         .strip_prefix('s')

@@ -81,9 +81,11 @@ struct WorkloadRun {
     handle: Option<tokio::task::JoinHandle<Result<RunSummary, WorkloadError>>>,
     /// Its end: the summary, or why it could not run.
     ended: Option<Result<RunSummary, String>>,
-    /// How far the record file was read, and the `acked` lines in it.
+    /// How far the record file was read, and the `acked` and `connected`
+    /// lines in it.
     read_to: u64,
     acked: u64,
+    connected: u64,
     verify: Option<VerifyReport>,
 }
 
@@ -311,6 +313,7 @@ impl Runner<'_> {
                 ended: None,
                 read_to: 0,
                 acked: 0,
+                connected: 0,
                 verify: None,
             });
         }
@@ -587,6 +590,10 @@ impl Runner<'_> {
         };
         let whole = &bytes[..=end];
         w.acked += whole.windows(9).filter(|win| win == b"{\"acked\":").count() as u64;
+        w.connected += whole
+            .windows(13)
+            .filter(|win| win == b"{\"connected\":")
+            .count() as u64;
         w.read_to += whole.len() as u64;
     }
 
@@ -816,6 +823,7 @@ impl Runner<'_> {
                     running: w.handle.is_some(),
                     ended: w.ended.is_some(),
                     acked: w.acked,
+                    reconnects: w.connected.saturating_sub(1),
                 },
             );
         }
