@@ -365,6 +365,8 @@ impl TaskFile {
         let written = (|| {
             use std::io::Write;
             file.set_len(length)?;
+            // Mapped shared: no hole a store could meet on a full disk.
+            crate::live::allocate(&file, length)?;
             (&file).write_all(&header)?;
             file.sync_all()
         })();

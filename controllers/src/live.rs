@@ -178,6 +178,14 @@ pub fn open_or_create_mapped(
     Ok((file, map))
 }
 
+/// Reserves the space of the first `len` bytes of `file` (`posix_fallocate`),
+/// so that stores through a shared mapping of it never meet a hole.
+pub(crate) fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, len as i64)
+        .map_err(|errno| std::io::Error::from_raw_os_error(errno as i32))
+}
+
 /// Creates `path` holding `header` and zeros up to `len` bytes, written and
 /// synced under a temporary name and then linked into place, so a concurrent
 /// opener sees either no file or a whole one. If another process linked its
@@ -192,6 +200,9 @@ pub(crate) fn create_whole(path: &Path, header: &[u8], len: u64) -> std::io::Res
     let result = (|| {
         let mut file = File::create(&temporary)?;
         file.set_len(len)?;
+        // Every page backed now: a store through the mapping into a hole of a
+        // full file system would be a SIGBUS; this fails with ENOSPC instead.
+        allocate(&file, len)?;
         file.write_all(header)?;
         file.sync_all()?;
         match std::fs::hard_link(&temporary, path) {

@@ -629,7 +629,7 @@ impl DiskImage {
                 // The sidecar is small (4 bytes a block): allocate all of it
                 // now, so its stores through the mapping never meet a hole.
                 match allocate(&crc_file, 0, header.file_len()) {
-                    Ok(()) => Some(Allocated::new(header.block_count)),
+                    Ok(()) => Some(Allocated::of_file(&data_file, header.block_count)),
                     Err(nix::errno::Errno::ENOSPC) => {
                         return Err(ImageError::Io {
                             path: sidecar.clone(),
@@ -738,6 +738,17 @@ impl DiskImage {
     fn stored_crc(&self, block: u64) -> u32 {
         self.crcs
             .load_u32_le(SidecarHeader::entry_offset(block) as usize)
+    }
+
+    /// Whether `block` may be read through the mapping. On tmpfs a load from
+    /// a hole of a shared mapping allocates a page, and on a full file system
+    /// that is a SIGBUS: a block this process does not know to be allocated
+    /// is read with `pread` instead (which reads a hole as zeros, allocating
+    /// nothing).
+    fn mapped_readable(&self, block: u64) -> bool {
+        self.allocated
+            .as_ref()
+            .is_none_or(|allocated| allocated.all(block, block + 1))
     }
 
     /// Makes sure the blocks covering `[position, position + len)` are
@@ -1033,8 +1044,14 @@ impl DiskImage {
     ) -> Result<u32, MediaError> {
         debug_assert_eq!(dst.len(), BLOCK_BYTES);
         let offset = (block * u64::from(BLOCK_SIZE)) as usize;
+        let mapped = self.mapped_readable(block);
         self.reread_until_valid(block, held, || {
-            self.data.read_into(offset, dst);
+            if mapped {
+                self.data.read_into(offset, dst);
+            } else if self.data_file.read_exact_at(dst, offset as u64).is_err() {
+                // Unreadable: the CRC check fails and says so.
+                dst.fill(0xff);
+            }
             crc32fast::hash(dst)
         })
     }
@@ -1104,9 +1121,21 @@ impl DiskImage {
     fn append_checked_block(&self, block: u64, out: &mut Vec<u8>) -> Result<(), MediaError> {
         let offset = (block * u64::from(BLOCK_SIZE)) as usize;
         let start = out.len();
+        let mapped = self.mapped_readable(block);
         self.reread_until_valid(block, Held::Shared, || {
             out.truncate(start);
-            self.data.append_to(offset, BLOCK_BYTES, out);
+            if mapped {
+                self.data.append_to(offset, BLOCK_BYTES, out);
+            } else {
+                out.resize(start + BLOCK_BYTES, 0);
+                if self
+                    .data_file
+                    .read_exact_at(&mut out[start..], offset as u64)
+                    .is_err()
+                {
+                    out[start..].fill(0xff);
+                }
+            }
             crc32fast::hash(&out[start..])
         })
         .map(drop)
@@ -1891,6 +1920,30 @@ impl Allocated {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         )
+    }
+
+    /// The blocks of `file` that hold data now (its extents, by
+    /// `SEEK_DATA`/`SEEK_HOLE`; none known if the file system cannot say).
+    fn of_file(file: &File, blocks: u64) -> Self {
+        use nix::unistd::{lseek, Whence};
+        let known = Self::new(blocks);
+        let block = i64::from(BLOCK_SIZE);
+        let end = blocks as i64 * block;
+        let mut at = 0i64;
+        while at < end {
+            let Ok(data) = lseek(file.as_raw_fd(), at, Whence::SeekData) else {
+                break; // ENXIO: no data after `at`
+            };
+            let hole = lseek(file.as_raw_fd(), data, Whence::SeekHole).unwrap_or(end);
+            // Whole blocks only: a block partly in a hole is not known.
+            let first = (data + block - 1) / block;
+            let last = hole.min(end) / block;
+            if last > first {
+                known.set(first as u64, last as u64);
+            }
+            at = hole.max(data + 1);
+        }
+        known
     }
 
     fn all(&self, first: u64, end: u64) -> bool {

@@ -313,7 +313,8 @@ def small_tmpfs(tmp_path):
 def test_a_full_tmpfs_fails_the_write_with_enospc_and_the_server_keeps_serving(serve, small_tmpfs, rng):
     """Stores into a sparse image on tmpfs go through the mapping: a hole on a
     full tmpfs would kill the server with SIGBUS. The write must get ENOSPC,
-    and what was written before must read back."""
+    what was written before must read back, and a block never written reads
+    as zeros."""
     image = create_image(small_tmpfs / "disk.img", 64 * MiB)
     server = serve(image)
     h = nbd_connect(server.uri())
@@ -326,6 +327,10 @@ def test_a_full_tmpfs_fails_the_write_with_enospc_and_the_server_keeps_serving(s
     assert errno_of(failed.value) == errno.ENOSPC, failed.value
     assert server.proc.poll() is None, "the server died"
     assert h.pread(len(first), 0) == first
+    # A block never written, read on the full file system: zeros (a load from
+    # a hole of the mapping would allocate a page: a SIGBUS).
+    assert h.pread(4096, 63 * MiB) == bytes(4096)
+    assert server.proc.poll() is None, "the server died reading a hole"
     h.shutdown()
     log = server.log()
     assert "No space left on device" in log, log[-2000:]

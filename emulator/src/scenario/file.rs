@@ -80,6 +80,8 @@ struct FileSection {
     #[serde(default)]
     domain: Option<Spanned<toml::Table>>,
     #[serde(default)]
+    disk_space: Option<Spanned<String>>,
+    #[serde(default)]
     workloads: Vec<Spanned<WorkloadSection>>,
     #[serde(default)]
     steps: Vec<Spanned<StepSection>>,
@@ -198,6 +200,9 @@ pub struct Scenario {
     pub domain_config: String,
     /// The same, parsed.
     pub domain: Domain,
+    /// The size of the host file system each system's disks live on (a tmpfs
+    /// of that size mounted for the run), when the scenario fills it up.
+    pub disk_space: Option<u64>,
     /// The workloads.
     pub workloads: Vec<WorkloadSpec>,
     /// The timeline.
@@ -475,6 +480,13 @@ impl Scenario {
             None => DEFAULT_TIMEOUT,
         };
         let (domain_config, domain) = resolve_domain(&cx, file.domain.as_ref())?;
+        let disk_space = match &file.disk_space {
+            None => None,
+            Some(value) => Some(
+                crate::cli::units::parse_size(value.get_ref())
+                    .map_err(|problem| cx.invalid(value.span(), "disk_space", problem))?,
+            ),
+        };
 
         // Names the timeline may refer to.
         let processes = process_names(&domain);
@@ -793,6 +805,7 @@ impl Scenario {
             timeout,
             expect: file.expect.unwrap_or_default(),
             domain_config,
+            disk_space,
             domain,
             workloads,
             steps,

@@ -115,6 +115,8 @@ struct Runner<'a> {
     /// Fault label → fault id.
     fault_ids: BTreeMap<String, String>,
     timed_out: bool,
+    /// The file systems mounted for the systems' disks (`disk_space`).
+    mounted: Vec<PathBuf>,
 }
 
 /// Runs `scenario`, telling `observer` what happens; the report. Never
@@ -182,9 +184,30 @@ pub fn run(scenario: &Scenario, options: &Options, observer: &mut dyn FnMut(Even
         tasks: Vec::new(),
         fault_ids: BTreeMap::new(),
         timed_out: false,
+        mounted: Vec::new(),
     };
     let error = runner.go();
     runner.finish(error, options.keep)
+}
+
+/// Mounts a tmpfs of `bytes` at `dir` (created): the small host file system
+/// a scenario fills up. Needs root (CAP_SYS_ADMIN).
+fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
+    nix::mount::mount(
+        Some("emulator-scenario"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(format!("size={bytes},mode=0700").as_str()),
+    )
+    .map_err(|err| {
+        format!(
+            "disk_space: cannot mount a {} MiB tmpfs at {} ({err}); it needs root",
+            bytes >> 20,
+            dir.display()
+        )
+    })
 }
 
 /// `run/scenarios/NAME-YYYYmmdd-HHMMSS-PID` (UTC).
@@ -408,6 +431,20 @@ impl Runner<'_> {
         let scenario = self.scenario;
         self.waiting("the domain to start");
         let began = Instant::now();
+        if let Some(bytes) = scenario.disk_space {
+            for system in 0..scenario.domain.systems.len() {
+                let dir = self.run.disks(system);
+                mount_tmpfs(&dir, bytes)?;
+                self.mounted.push(dir.clone());
+                self.entry(
+                    None,
+                    "disk space",
+                    format!("s{system}'s disks on a {} MiB file system", bytes >> 20),
+                    Outcome::Ok,
+                    format!("a tmpfs at {}", dir.display()),
+                );
+            }
+        }
         let domain = supervisor::prepare(&self.run, &scenario.domain_config)
             .map_err(|err| format!("the domain: {err}"))?;
         let mut daemon =
@@ -1175,6 +1212,13 @@ impl Runner<'_> {
             Err(err) => {
                 let err = format!("bringing the domain down: {err}");
                 self.entry(None, "domain", "down", Outcome::Error, err.clone());
+                error.get_or_insert(err);
+            }
+        }
+        for dir in std::mem::take(&mut self.mounted) {
+            if let Err(err) = nix::mount::umount(&dir) {
+                let err = format!("unmounting {}: {err}", dir.display());
+                self.entry(None, "disk space", "unmount", Outcome::Error, err.clone());
                 error.get_or_insert(err);
             }
         }
