@@ -19,14 +19,11 @@
 //! come from the rule's seed and a count of the I/Os the rule has seen in this
 //! process: the same I/O sequence gets the same faults.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use disk_images::mapping::SharedMapping;
 use disk_images::{DiskImage, FlushStarted, ImageError, MediaError};
 use serde::{Deserialize, Serialize};
 
@@ -37,11 +34,6 @@ pub const BOOK_FILE: &str = "faults.json";
 /// The generation counter every process maps.
 pub const GENERATION_FILE: &str = "faults.live";
 
-const MAGIC: [u8; 8] = *b"EMUFAULT";
-const VERSION: u32 = 1;
-const GENERATION_BYTES: usize = 4096;
-/// Where the generation counter sits in `faults.live`.
-const GENERATION_AT: usize = 16;
 /// Bytes in a sector, the unit of LBA ranges.
 pub const SECTOR: u64 = 512;
 
@@ -170,142 +162,20 @@ impl DiskRule {
     }
 }
 
-/// Why the fault book could not be read or changed.
-#[derive(Debug, thiserror::Error)]
-pub enum FaultBookError {
-    /// The OS refused.
-    #[error("{operation} {path}: {source}", path = path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        operation: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not a fault book (or a generation file) of this version.
-    #[error("{path} is not a fault book: {problem}", path = path.display())]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        problem: String,
-    },
+impl crate::book::Rules for DiskRule {
+    const FILES: crate::book::Files = crate::book::Files {
+        book: BOOK_FILE,
+        generation: GENERATION_FILE,
+        magic: *b"EMUFAULT",
+        what: "fault book",
+    };
 }
 
 /// The fault book of the array in a directory.
-#[derive(Debug)]
-pub struct FaultBook {
-    dir: PathBuf,
-    /// Kept open: the mapping's file.
-    _file: File,
-    map: SharedMapping,
-}
+pub type FaultBook = crate::book::Book<DiskRule>;
 
-impl FaultBook {
-    /// Opens the book of the array in `dir`, creating its generation file if
-    /// missing.
-    pub fn open(dir: &Path) -> Result<Self, FaultBookError> {
-        let path = dir.join(GENERATION_FILE);
-        let io = |operation| {
-            let path = path.clone();
-            move |source| FaultBookError::Io {
-                path,
-                operation,
-                source,
-            }
-        };
-        let (file, map) =
-            crate::live::open_or_create_mapped(&path, GENERATION_BYTES, &MAGIC, VERSION).map_err(
-                |err| match err {
-                    crate::live::MappedError::Io(operation, source) => io(operation)(source),
-                    crate::live::MappedError::Corrupt(problem) => FaultBookError::Corrupt {
-                        path: path.clone(),
-                        problem,
-                    },
-                },
-            )?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            _file: file,
-            map,
-        })
-    }
-
-    /// The generation: moves on every change.
-    pub fn generation(&self) -> u64 {
-        self.map.load_u64_le(GENERATION_AT)
-    }
-
-    /// The rules now (none when there is no book yet).
-    pub fn rules(&self) -> Result<Vec<DiskRule>, FaultBookError> {
-        read_rules(&self.dir)
-    }
-
-    /// Changes the rules: `change` gets them as they are and edits them; the
-    /// book is rewritten whole and the generation moves, so every process
-    /// applies the new rules from its next I/O. Changes are serialised by a
-    /// lock on the generation file.
-    pub fn change<T>(
-        &self,
-        change: impl FnOnce(&mut Vec<DiskRule>) -> T,
-    ) -> Result<T, FaultBookError> {
-        let path = self.dir.join(BOOK_FILE);
-        self._file.lock().map_err(|source| FaultBookError::Io {
-            path: self.dir.join(GENERATION_FILE),
-            operation: "lock",
-            source,
-        })?;
-        let result = (|| {
-            let mut rules = read_rules(&self.dir)?;
-            let out = change(&mut rules);
-            let bytes =
-                serde_json::to_vec_pretty(&rules).map_err(|err| FaultBookError::Corrupt {
-                    path: path.clone(),
-                    problem: err.to_string(),
-                })?;
-            let temporary = self
-                .dir
-                .join(format!(".{BOOK_FILE}.tmp-{}", std::process::id()));
-            let io = |operation| {
-                let path = path.clone();
-                move |source| FaultBookError::Io {
-                    path,
-                    operation,
-                    source,
-                }
-            };
-            let mut file = File::create(&temporary).map_err(io("create"))?;
-            file.write_all(&bytes).map_err(io("write"))?;
-            file.sync_all().map_err(io("sync"))?;
-            std::fs::rename(&temporary, &path).map_err(io("rename"))?;
-            self.map.fetch_add_u64_le(GENERATION_AT, 1);
-            Ok(out)
-        })();
-        let _ = self._file.unlock();
-        result
-    }
-}
-
-fn read_rules(dir: &Path) -> Result<Vec<DiskRule>, FaultBookError> {
-    let path = dir.join(BOOK_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(FaultBookError::Io {
-                path,
-                operation: "read",
-                source,
-            })
-        }
-    };
-    serde_json::from_slice(&bytes).map_err(|err| FaultBookError::Corrupt {
-        path,
-        problem: err.to_string(),
-    })
-}
+/// Why the fault book could not be read or changed.
+pub type FaultBookError = crate::book::BookError;
 
 /// One process's view of an array's fault book: the rules as of the
 /// generation it last loaded.
@@ -426,8 +296,8 @@ impl Writer {
     }
 }
 
-/// SplitMix64: the random stream of a rule.
-fn mix(mut x: u64) -> u64 {
+/// SplitMix64: the random stream of a rule (and of bit rot's places).
+pub fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

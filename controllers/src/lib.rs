@@ -13,6 +13,7 @@
 //! processes or protocols.
 
 pub mod array;
+pub mod book;
 pub mod coordination;
 pub mod faults;
 pub mod findings;

@@ -112,7 +112,7 @@ pub type Resync<'a> = &'a dyn Fn(u64);
 
 /// Why a shared state file could not be opened ([`open_mapped`]).
 #[derive(Debug)]
-pub enum MappedError {
+pub(crate) enum MappedError {
     /// The OS refused `operation`.
     Io(&'static str, std::io::Error),
     /// The file is not what it should be.
@@ -162,7 +162,7 @@ pub(crate) fn open_mapped(
 /// [`open_mapped`] of a state file that starts with just `magic` and
 /// `version`, created first ([`create_whole`]) if missing. Also for state
 /// files of other crates (the emulator's link book).
-pub fn open_or_create_mapped(
+pub(crate) fn open_or_create_mapped(
     path: &Path,
     len: usize,
     magic: &[u8; 8],

@@ -483,7 +483,7 @@ fn rot(
     let mut random = seed;
     let mut places = Vec::new();
     for _ in 0..bits {
-        random = splitmix(random);
+        random = controllers::faults::mix(random);
         let bit = start * 8 + random % ((end - start) * 8);
         let at = bit / 8;
         let mut byte = [0u8; 1];
@@ -496,11 +496,4 @@ fn rot(
         places.push(format!("byte {at} bit {}", bit % 8));
     }
     Ok(places.join(", "))
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }

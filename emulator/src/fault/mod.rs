@@ -132,12 +132,9 @@ pub enum FaultError {
     /// The fault names something the domain does not have, or makes no sense.
     #[error("{0}")]
     Invalid(String),
-    /// The fault book of the disks.
+    /// The fault book of the disks, or the link book.
     #[error(transparent)]
-    Book(#[from] controllers::faults::FaultBookError),
-    /// The link book.
-    #[error(transparent)]
-    Links(#[from] crate::link::book::LinkBookError),
+    Book(#[from] controllers::book::BookError),
     /// The array (reading which file a disk slot holds).
     #[error(transparent)]
     Array(#[from] controllers::array::ArrayError),

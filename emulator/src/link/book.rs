@@ -15,12 +15,9 @@
 //!   shaped stream, `link::shape`; the NBD server's hook, `nbd::hook`)
 //!   subscribe. A change reaches them within [`POLL`] of the book changing.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use disk_images::mapping::SharedMapping;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch as channel;
 
@@ -31,12 +28,6 @@ pub const GENERATION_FILE: &str = "links.live";
 /// How often a watcher looks at the generation: the bound on how late a
 /// process applies a change of the book.
 pub const POLL: Duration = Duration::from_millis(20);
-
-const MAGIC: [u8; 8] = *b"EMULINKS";
-const VERSION: u32 = 1;
-const GENERATION_BYTES: usize = 4096;
-/// Where the generation counter sits in `links.live`.
-const GENERATION_AT: usize = 16;
 
 /// What a rule does to its link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,129 +77,20 @@ impl LinkState {
     }
 }
 
-/// Why the link book could not be read or changed.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkBookError {
-    /// The OS refused.
-    #[error("{operation} {path}: {source}", path = path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        operation: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not a link book (or a generation file) of this version.
-    #[error("{path} is not a link book: {problem}", path = path.display())]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        problem: String,
-    },
+impl controllers::book::Rules for LinkRule {
+    const FILES: controllers::book::Files = controllers::book::Files {
+        book: BOOK_FILE,
+        generation: GENERATION_FILE,
+        magic: *b"EMULINKS",
+        what: "link book",
+    };
 }
 
 /// The link book of a run directory.
-#[derive(Debug)]
-pub struct LinkBook {
-    dir: PathBuf,
-    /// Kept open: the mapping's file, and the lock of changes.
-    file: File,
-    map: SharedMapping,
-}
+pub type LinkBook = controllers::book::Book<LinkRule>;
 
-impl LinkBook {
-    /// Opens the book of the run directory `dir`, creating its generation
-    /// file if missing.
-    pub fn open(dir: &Path) -> Result<Self, LinkBookError> {
-        let path = dir.join(GENERATION_FILE);
-        let (file, map) =
-            controllers::live::open_or_create_mapped(&path, GENERATION_BYTES, &MAGIC, VERSION)
-                .map_err(|err| match err {
-                    controllers::live::MappedError::Io(operation, source) => LinkBookError::Io {
-                        path: path.clone(),
-                        operation,
-                        source,
-                    },
-                    controllers::live::MappedError::Corrupt(problem) => LinkBookError::Corrupt {
-                        path: path.clone(),
-                        problem,
-                    },
-                })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            file,
-            map,
-        })
-    }
-
-    /// The generation: moves on every change.
-    pub fn generation(&self) -> u64 {
-        self.map.load_u64_le(GENERATION_AT)
-    }
-
-    /// The rules now (none when there is no book yet).
-    pub fn rules(&self) -> Result<Vec<LinkRule>, LinkBookError> {
-        let path = self.dir.join(BOOK_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(LinkBookError::Io {
-                    path,
-                    operation: "read",
-                    source,
-                })
-            }
-        };
-        serde_json::from_slice(&bytes).map_err(|err| LinkBookError::Corrupt {
-            path,
-            problem: err.to_string(),
-        })
-    }
-
-    /// Changes the rules: `change` edits them as they are; the book is
-    /// rewritten whole (under a temporary name, then renamed into place) and
-    /// the generation moves. Changes are serialised by a lock on the
-    /// generation file.
-    pub fn change<T>(
-        &self,
-        change: impl FnOnce(&mut Vec<LinkRule>) -> T,
-    ) -> Result<T, LinkBookError> {
-        let path = self.dir.join(BOOK_FILE);
-        let io = |operation| {
-            let path = path.clone();
-            move |source| LinkBookError::Io {
-                path,
-                operation,
-                source,
-            }
-        };
-        self.file.lock().map_err(io("lock"))?;
-        let result = (|| {
-            let mut rules = self.rules()?;
-            let out = change(&mut rules);
-            let bytes =
-                serde_json::to_vec_pretty(&rules).map_err(|err| LinkBookError::Corrupt {
-                    path: path.clone(),
-                    problem: err.to_string(),
-                })?;
-            let temporary = self
-                .dir
-                .join(format!(".{BOOK_FILE}.tmp-{}", std::process::id()));
-            let mut file = File::create(&temporary).map_err(io("create"))?;
-            file.write_all(&bytes).map_err(io("write"))?;
-            file.sync_all().map_err(io("sync"))?;
-            std::fs::rename(&temporary, &path).map_err(io("rename"))?;
-            self.map.fetch_add_u64_le(GENERATION_AT, 1);
-            Ok(out)
-        })();
-        let _ = self.file.unlock();
-        result
-    }
-}
+/// Why the link book could not be read or changed.
+pub type LinkBookError = controllers::book::BookError;
 
 /// Follows the link book of run directory `dir` for `links`: one receiver
 /// each, in that order, holding the state loaded now; a task (on the
