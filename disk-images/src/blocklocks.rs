@@ -83,6 +83,8 @@
 //! | 0         | 8 × *s*  | words  | per stripe: holder identity, `0` when free  |
 //! | 8·*s*     | 8        | writes | count of writes to the image (data and CRCs stored), by every process |
 //! | 8·*s* + 8 | 8        | synced | the `writes` count that the last completed flush started from |
+//! | 8·*s* + 16 | 8       | host intent | write-intent bits of host writes made durable in the sidecar (see [`crate::intent`]) |
+//! | 8·*s* + 24 | 8       | repair intent | the same for repairs and rebuild writes |
 //!
 //! (*s* is the number of stripes, 4096.) The two counters let a flush in any
 //! process skip an image that nobody has written since a flush completed: a
@@ -90,12 +92,19 @@
 //! is acknowledged, and a flush reads `writes` before it syncs and raises
 //! `synced` to that value once the sync is done. A new table starts with
 //! `writes` 1 and `synced` 0, so the first flush after it syncs: what the
-//! processes before it wrote may still be in the page cache.
+//! processes before it wrote may still be in the page cache. The intent words
+//! start at 0 too: a writer into a region whose bit is not there syncs the
+//! sidecar's record of it once, then sets the bit here for everyone.
+//!
+//! A first opener may keep the table exclusively while it settles what the
+//! processes before it left ([`CrossLocks::open_holding`]); others wait in
+//! their open until it shares it.
 
 use std::fs::{DirBuilder, File, Metadata, OpenOptions, TryLockError};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::mapping::SharedMapping;
 use crate::process::{alive, my_identity, Backoff};
@@ -346,8 +355,9 @@ fn remove_if_still(path: &Path, file: &File) {
     }
 }
 
-/// Bytes of the write and sync counters after the stripe words.
-const COUNTERS_LEN: usize = 16;
+/// Bytes of the write and sync counters and the durable-intent words after
+/// the stripe words.
+const COUNTERS_LEN: usize = 32;
 
 /// Writes words at `offset` of `file`, little-endian like the mapping's accessors.
 fn write_words(file: &File, offset: usize, words: &[u64]) -> io::Result<()> {
@@ -364,17 +374,42 @@ pub struct CrossLocks {
     map: SharedMapping,
     stripes: usize,
     me: u64,
+    /// Still holding the table exclusively (see [`Self::open_holding`]).
+    holding: AtomicBool,
+    /// Opened as the only process with the image open.
+    first: bool,
 }
 
 impl CrossLocks {
     /// Opens (creating it if needed) the lock table of the image open as
     /// `image`, with `stripes` words, in [`LockDir::from_env`].
     pub fn open(image: &File, stripes: usize) -> Result<Self, LockTableError> {
-        Self::open_in(&LockDir::from_env()?, image, stripes)
+        let locks = Self::open_holding(image, stripes)?;
+        locks.share()?;
+        Ok(locks)
+    }
+
+    /// Like [`Self::open`], except that a first opener (the only process with
+    /// the image open) keeps the table locked exclusively, so that no other
+    /// process opens the image until it calls [`Self::share`]: for work that
+    /// must be done alone (see [`Self::is_first`]).
+    pub fn open_holding(image: &File, stripes: usize) -> Result<Self, LockTableError> {
+        Self::open_holding_in(&LockDir::from_env()?, image, stripes)
     }
 
     /// Like [`Self::open`], in `dir`.
     pub fn open_in(dir: &LockDir, image: &File, stripes: usize) -> Result<Self, LockTableError> {
+        let locks = Self::open_holding_in(dir, image, stripes)?;
+        locks.share()?;
+        Ok(locks)
+    }
+
+    /// Like [`Self::open_holding`], in `dir`.
+    pub fn open_holding_in(
+        dir: &LockDir,
+        image: &File,
+        stripes: usize,
+    ) -> Result<Self, LockTableError> {
         let me = my_identity().map_err(LockTableError::Identity)?;
         let path = dir.table_path(image)?;
         let len = (stripes * 8 + COUNTERS_LEN) as u64;
@@ -391,6 +426,7 @@ impl CrossLocks {
             problem,
         };
         let mut attempts = 0;
+        let mut first;
         let file = loop {
             attempts += 1;
             if attempts > OPEN_ATTEMPTS {
@@ -440,11 +476,14 @@ impl CrossLocks {
                     // over from processes that are gone. Start from zeros.
                     file.set_len(0).map_err(io("truncate"))?;
                     file.set_len(len).map_err(io("size"))?;
-                    write_words(&file, stripes * 8, &[1, 0]).map_err(io("write"))?;
-                    file.lock_shared().map_err(io("flock"))?;
+                    write_words(&file, stripes * 8, &[1, 0, 0, 0]).map_err(io("write"))?;
                     dir.remove_abandoned(&path);
+                    first = true;
                 }
-                Err(TryLockError::WouldBlock) => file.lock_shared().map_err(io("flock"))?,
+                Err(TryLockError::WouldBlock) => {
+                    file.lock_shared().map_err(io("flock"))?;
+                    first = false;
+                }
                 Err(TryLockError::Error(err)) => return Err(io("flock")(err)),
             }
             // The last user of the table may have removed it between our open
@@ -468,7 +507,36 @@ impl CrossLocks {
             map,
             stripes,
             me,
+            holding: AtomicBool::new(first),
+            first,
         })
+    }
+
+    /// Whether this process was the only one with the image open when it
+    /// opened the table: every process that had it open before is gone.
+    pub fn is_first(&self) -> bool {
+        self.first
+    }
+
+    /// Whether this process still holds the table exclusively (a first opener
+    /// from [`Self::open_holding`] that has not shared it yet).
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
+    }
+
+    /// Lets other processes open the image (a first opener's exclusive lock
+    /// becomes a shared one); nothing when already shared.
+    pub fn share(&self) -> Result<(), LockTableError> {
+        if self.holding.swap(false, Ordering::AcqRel) {
+            self.file
+                .lock_shared()
+                .map_err(|source| LockTableError::Io {
+                    path: self.path.clone(),
+                    operation: "flock",
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The table file.
@@ -536,6 +604,43 @@ impl CrossLocks {
     /// has completed.
     pub fn mark_synced(&self, writes: u64) {
         self.map.raise_u64_le(self.stripes * 8 + 8, writes);
+    }
+
+    /// Offset of the durable-intent word of `kind` (0: host, 1: repair).
+    fn intent_at(&self, kind: usize) -> usize {
+        debug_assert!(kind < 2);
+        self.stripes * 8 + 16 + 8 * kind
+    }
+
+    /// The write-intent bits of `kind` (0: host, 1: repair) that some process
+    /// has made durable in the image's sidecar since the table was made (see
+    /// [`crate::intent`]): a writer into those regions need not sync them again.
+    pub fn intent_durable(&self, kind: usize) -> u64 {
+        self.map.load_u64_le(self.intent_at(kind))
+    }
+
+    /// Adds `bits` to [`Self::intent_durable`] of `kind`, after they are
+    /// durable.
+    pub fn mark_intent_durable(&self, kind: usize, bits: u64) {
+        let at = self.intent_at(kind);
+        let mut current = self.map.load_u64_le(at);
+        while current & bits != bits {
+            match self
+                .map
+                .compare_exchange_u64_le(at, current, current | bits)
+            {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Forgets every durable-intent bit: by a first opener that has cleared
+    /// the record, while it holds the table alone.
+    pub fn forget_intent(&self) {
+        debug_assert!(self.is_holding());
+        self.map.store_u64_le(self.intent_at(0), 0);
+        self.map.store_u64_le(self.intent_at(1), 0);
     }
 
     #[cfg(test)]

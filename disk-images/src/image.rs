@@ -65,6 +65,7 @@ use serde::Serialize;
 
 use crate::blocklocks::CrossLocks;
 use crate::fault::CrashPoint;
+use crate::intent::{self, Kind, Regions};
 use crate::mapping::{start_writeback, write_back, SharedMapping};
 use crate::sidecar::{
     SidecarHeader, BLOCK_SIZE, CRC_UNKNOWN, HEADER_LEN, PENDING, PENDING_LEN, TRUSTED,
@@ -355,6 +356,16 @@ pub struct DiskImage {
     /// The image file's block locks, shared by every `DiskImage` of this
     /// process that has the same file open.
     block_locks: Arc<BlockLocks>,
+    /// The image's write-intent regions (see [`crate::intent`]).
+    regions: Regions,
+    /// Whether writes keep the write-intent record: open for writing, on a
+    /// file system whose pages outlive a process only until a power loss
+    /// ([`Stores::File`]).
+    keeps_intent: bool,
+    /// Regions that a power loss left unsettled, host and repair bits, as this
+    /// process found them when it opened the image (0 once it settled them):
+    /// a block there that fails its CRC is a write cut short by the power loss.
+    suspect: [AtomicU64; 2],
 }
 
 /// The block locks of one image file, one set per process (see
@@ -373,6 +384,10 @@ struct BlockLocks {
     /// Readers holding a stripe's in-process lock shared take its gate before
     /// its cross-process lock, so one thread of this process at a time does.
     gates: Box<[Mutex<()>]>,
+    /// Taken by every open of the image in this process while it checks
+    /// whether it is the first opener with work to do alone (see
+    /// [`DiskImage::take_over_intent`]).
+    opening: Mutex<()>,
 }
 
 impl BlockLocks {
@@ -391,13 +406,14 @@ impl BlockLocks {
         registry.retain(|_, locks| locks.strong_count() > 0);
         let locks = Arc::new(Self {
             local: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
-            shared: CrossLocks::open(file, LOCK_STRIPES).map_err(|source| {
+            shared: CrossLocks::open_holding(file, LOCK_STRIPES).map_err(|source| {
                 ImageError::LockTable {
                     image: path.to_path_buf(),
                     source: Box::new(source),
                 }
             })?,
             gates: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            opening: Mutex::new(()),
         });
         registry.insert(key, Arc::downgrade(&locks));
         Ok(locks)
@@ -644,7 +660,7 @@ impl DiskImage {
             }
             _ => None,
         };
-        Ok(Self {
+        let image = Self {
             path: path.to_path_buf(),
             data_file,
             crc_file,
@@ -660,7 +676,158 @@ impl DiskImage {
             sidecar_version: header.version,
             pending_base: header.has_pending().then(|| header.pending_base() as usize),
             block_locks,
-        })
+            regions: Regions::for_blocks(header.block_count),
+            keeps_intent: writable && stores == Stores::File,
+            suspect: [AtomicU64::new(0), AtomicU64::new(0)],
+        };
+        image.take_over_intent()?;
+        Ok(image)
+    }
+
+    /// The write-intent record in the sidecar header: host bits, repair bits
+    /// and the boot that set them.
+    fn intent_record(&self) -> (u64, u64, u64) {
+        (
+            self.crcs.load_u64_le(intent::HOST_OFFSET),
+            self.crcs.load_u64_le(intent::REPAIR_OFFSET),
+            self.crcs.load_u64_le(intent::STAMP_OFFSET),
+        )
+    }
+
+    /// Reads the write-intent record when the image is opened (see
+    /// [`crate::intent`]). Bits set under another boot name regions a power
+    /// loss may have left half-written: this process treats a block there that
+    /// fails its CRC as a write cut short. A first opener (no other process has
+    /// the image open; the others wait) that writes settles them for good: it
+    /// checks every block of those regions, syncs what earlier processes left
+    /// in the page cache, and clears the record.
+    fn take_over_intent(&self) -> Result<(), ImageError> {
+        let (host, repair, stamp) = self.intent_record();
+        let lost = host | repair != 0 && intent::this_boot() != Some(stamp);
+        if lost {
+            self.suspect[0].store(host, Ordering::Relaxed);
+            self.suspect[1].store(repair, Ordering::Relaxed);
+        }
+        let shared = &self.block_locks.shared;
+        let _opening = self.block_locks.opening.lock();
+        if !shared.is_holding() {
+            return Ok(());
+        }
+        let settled = if self.keeps_intent && host | repair != 0 {
+            let scanned = if lost {
+                self.settle_power_loss(host | repair)
+            } else {
+                Ok(())
+            };
+            scanned.and_then(|()| self.clear_intent())
+        } else {
+            Ok(())
+        };
+        let shared_now = shared.share().map_err(|source| ImageError::LockTable {
+            image: self.path.clone(),
+            source: Box::new(source),
+        });
+        settled.and(shared_now)
+    }
+
+    /// Checks every block of the regions of `bits` after a power loss and
+    /// settles those that fail their CRC (see [`Self::settle_interrupted_write`]).
+    fn settle_power_loss(&self, bits: u64) -> Result<(), ImageError> {
+        let (mut checked, mut kept, mut unreadable) = (0u64, 0u64, 0u64);
+        let mut buf = [0u8; BLOCK_BYTES];
+        for range in self.regions.blocks(bits) {
+            for block in range {
+                let _guard = self.lock_stripe_exclusive(stripe_of(block));
+                let before = self.stored_crc(block);
+                checked += 1;
+                match self.read_checked_block(block, &mut buf, Held::Exclusive) {
+                    Ok(crc) if crc != before => kept += 1,
+                    Ok(_) => {}
+                    Err(_) => unreadable += 1,
+                }
+            }
+        }
+        tracing::warn!(
+            image = %self.path.display(),
+            blocks_checked = checked,
+            kept,
+            unreadable,
+            "the image was being written when the host lost power (or its kernel crashed): \
+             blocks written since the last flush were checked; those half on the disk are \
+             kept as they were left, repairs cut short read as media errors"
+        );
+        Ok(())
+    }
+
+    /// Makes what every earlier process wrote durable, then clears the
+    /// write-intent record: by a first opener, alone with the image.
+    fn clear_intent(&self) -> Result<(), ImageError> {
+        self.data_file
+            .sync_data()
+            .map_err(io_error(&self.path, "fdatasync image"))?;
+        self.crc_file
+            .sync_data()
+            .map_err(io_error(&self.path, "fdatasync checksum file"))?;
+        for at in [
+            intent::HOST_OFFSET,
+            intent::REPAIR_OFFSET,
+            intent::STAMP_OFFSET,
+        ] {
+            self.crcs.store_u64_le(at, 0);
+        }
+        self.block_locks.shared.forget_intent();
+        self.suspect[0].store(0, Ordering::Relaxed);
+        self.suspect[1].store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes sure the write-intent record names the regions of
+    /// `[offset, offset+len)` for `kind` durably, before anything there is
+    /// changed (see [`crate::intent`]): one atomic load when some process
+    /// already did, else the bits are set and the header synced.
+    fn intend(&self, offset: u64, len: u64, kind: Kind) -> Result<(), ImageError> {
+        if !self.keeps_intent || len == 0 {
+            return Ok(());
+        }
+        let which = kind.index();
+        let mask = self.regions.mask(offset, len);
+        let shared = &self.block_locks.shared;
+        if shared.intent_durable(which) & mask == mask {
+            return Ok(());
+        }
+        let (host, repair, _) = self.intent_record();
+        if host | repair == 0 {
+            // A fresh record: stamp it with this boot. (A record left by
+            // another boot keeps its stamp: its regions are still to settle.)
+            let boot = intent::this_boot().unwrap_or(0);
+            self.crcs.store_u64_le(intent::STAMP_OFFSET, boot);
+        }
+        let at = kind.offset();
+        let mut current = self.crcs.load_u64_le(at);
+        while current & mask != mask {
+            match self
+                .crcs
+                .compare_exchange_u64_le(at, current, current | mask)
+            {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        self.crcs
+            .flush_range(0, HEADER_LEN)
+            .map_err(io_error(&self.path, "sync write-intent record"))?;
+        shared.mark_intent_durable(which, mask);
+        Ok(())
+    }
+
+    /// Whether a power loss left block `block` possibly half-written by a host
+    /// write (and not by a repair), unsettled.
+    fn power_cut_host_write(&self, block: u64) -> bool {
+        self.regions
+            .holds(self.suspect[0].load(Ordering::Relaxed), block)
+            && !self
+                .regions
+                .holds(self.suspect[1].load(Ordering::Relaxed), block)
     }
 
     /// Image path.
@@ -955,20 +1122,31 @@ impl DiskImage {
     /// its word, before changing a byte, damage to the block before it is
     /// written again would be taken for a cut-short write. Both windows are a
     /// few instructions wide.)
+    ///
+    /// With no write recorded, a block in a region where a power loss caught
+    /// host writes not yet flushed ([`Self::power_cut_host_write`]) is kept as
+    /// it was left too: its pending word, like its bytes or its CRC, may never
+    /// have reached the disk.
     fn settle_interrupted_write(&self, block: u64, actual: u32) -> bool {
-        let Some(at) = self.pending_offset(block) else {
+        let at = self.pending_offset(block);
+        let word = at.map_or(0, |at| self.crcs.load_u64_le(at));
+        let power_cut = word & PENDING == 0;
+        let accepted = if !power_cut {
+            let new_crc = (word & CRC_UNKNOWN == 0).then_some(word as u32);
+            let completed = new_crc == Some(self.stored_crc(block));
+            new_crc == Some(actual) || (word & TRUSTED != 0 && !completed)
+        } else if self.power_cut_host_write(block) {
+            // No write recorded, but the power went while host writes to this
+            // region were not yet flushed (see [`crate::intent`]).
+            true
+        } else {
             return false;
         };
-        let word = self.crcs.load_u64_le(at);
-        if word & PENDING == 0 {
-            return false;
-        }
-        let new_crc = (word & CRC_UNKNOWN == 0).then_some(word as u32);
-        let completed = new_crc == Some(self.stored_crc(block));
-        let accepted = new_crc == Some(actual) || (word & TRUSTED != 0 && !completed);
         if self.is_writable() {
+            let block_bytes = u64::from(BLOCK_SIZE);
             match accepted.then(|| {
-                self.store_crcs(block, &[actual])
+                self.intend(block * block_bytes, block_bytes, Kind::Host)
+                    .and_then(|()| self.store_crcs(block, &[actual]))
                     .inspect(|()| self.note_write())
             }) {
                 Some(Err(err)) => {
@@ -976,14 +1154,19 @@ impl DiskImage {
                     tracing::warn!(image = %self.path.display(), block, "cannot settle a write cut short: {err}");
                     return false;
                 }
-                _ => self.crcs.store_u64_le(at, 0),
+                _ => {
+                    if let Some(at) = at.filter(|_| !power_cut) {
+                        self.crcs.store_u64_le(at, 0);
+                    }
+                }
             }
         }
         tracing::warn!(
             image = %self.path.display(),
             block,
             accepted,
-            "found a write cut short by a process that died: {}",
+            "found a write cut short by {}: {}",
+            if power_cut { "a power loss" } else { "a process that died" },
             if accepted {
                 "its block is kept as it was left"
             } else {
@@ -1166,6 +1349,11 @@ impl DiskImage {
     fn write_with(&self, offset: u64, data: &[u8], trust: Trust) -> Result<(), ImageError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
+        let kind = match trust {
+            Trust::OldBytes => Kind::Host,
+            Trust::NewBytesOnly => Kind::Repair,
+        };
+        self.intend(offset, data.len() as u64, kind)?;
         let block_bytes = u64::from(BLOCK_SIZE);
         let end = offset + data.len() as u64;
         let whole_start = offset.next_multiple_of(block_bytes);
@@ -1392,6 +1580,7 @@ impl DiskImage {
     pub fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check_writable()?;
         self.check_whole_blocks(offset, len)?;
+        self.intend(offset, len, Kind::Repair)?;
         let block_size = u64::from(BLOCK_SIZE);
         let mut bytes = [0u8; BLOCK_BYTES];
         let result = (offset / block_size..(offset + len) / block_size).try_for_each(|block| {
@@ -1426,6 +1615,7 @@ impl DiskImage {
         if let Some(crcs) = crcs {
             assert_eq!(crcs.len(), data.len() / BLOCK_BYTES, "one CRC per block");
         }
+        self.intend(offset, data.len() as u64, Kind::Repair)?;
         let first_block = offset / u64::from(BLOCK_SIZE);
         let mut computed = [0u32; BULK_BLOCKS];
         for (batch, bytes) in data.chunks(BULK_BLOCKS * BLOCK_BYTES).enumerate() {
@@ -1507,7 +1697,13 @@ impl DiskImage {
         if tail > 0 {
             self.write_at(end_full * block_size, &vec![0u8; tail as usize])?;
         }
-        let result = self.zero_whole_blocks(first_full, end_full, punch_hole);
+        let result = self
+            .intend(
+                first_full * block_size,
+                (end_full - first_full) * block_size,
+                Kind::Host,
+            )
+            .and_then(|()| self.zero_whole_blocks(first_full, end_full, punch_hole));
         self.note_write();
         result
     }

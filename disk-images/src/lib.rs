@@ -8,6 +8,7 @@
 //! - [`sidecar`]: the checksum file's byte format.
 //! - [`process`]: process identities and liveness, for cross-process locks.
 //! - [`blocklocks`]: the block locks every process with the image open shares.
+//! - [`intent`]: the write-intent record that survives a power loss.
 //! - [`image`]: [`DiskImage`], which keeps data and checksums in step.
 //!
 //! This crate knows nothing of RAID or NBD; higher crates build on it.
@@ -15,6 +16,7 @@
 pub mod blocklocks;
 pub mod fault;
 pub mod image;
+pub mod intent;
 pub mod mapping;
 pub mod process;
 pub mod sidecar;

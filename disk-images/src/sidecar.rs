@@ -12,7 +12,8 @@
 //! | 16       | 8    | image_size    | length of the raw image in bytes            |
 //! | 24       | 8    | block_count   | `n = image_size / block_size`               |
 //! | 32       | 4    | header_crc    | CRC32 (IEEE) of bytes 0..32                  |
-//! | 36       | 28   | reserved      | zero                                        |
+//! | 36       | 4    | reserved      | zero                                        |
+//! | 40       | 24   | intent        | the write-intent record: a boot stamp and two region bitmaps, zero when nothing is unflushed; see [`crate::intent`] (not covered by `header_crc`) |
 //! | 64       | 4·n  | entries       | CRC32 (IEEE) of block *i* at `64 + 4·i`     |
 //! | P        | 8·n  | pending       | block *i*'s write-in-flight word at `P + 8·i`, where `P` is `64 + 4·n` rounded up to a multiple of 8 |
 //!
@@ -263,6 +264,7 @@ mod tests {
         assert_eq!(bytes[12..16], 4096u32.to_le_bytes());
         assert_eq!(bytes[16..24], 8192u64.to_le_bytes());
         assert_eq!(bytes[24..32], 2u64.to_le_bytes());
+        // Reserved, and the write-intent record, zero in a new header.
         assert!(bytes[36..].iter().all(|&b| b == 0));
         assert_eq!(SidecarHeader::entry_offset(1), 68);
         // 64 + 4·2 = 72 is already a multiple of 8; 3 blocks: 76 rounds up to 80.

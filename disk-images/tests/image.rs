@@ -697,3 +697,164 @@ fn a_flush_skips_an_image_nobody_wrote_since_the_last_one(stores: Stores) {
         "a write after a flush started needs a flush of its own"
     );
 }
+
+// The write-intent record and power loss (see `disk_images::intent`). A power
+// loss is staged on the files the way the page cache would leave them on the
+// disk: the process is gone (its lock table with it), a block's new bytes are
+// there without their CRC (or the other way round), and the record carries the
+// stamp of a boot that is not this one. On a disk file system only: on tmpfs a
+// power loss leaves nothing, so no record is kept there.
+
+/// Blocks in the power-loss tests' images: 4 blocks a region.
+const INTENT_BLOCKS: u64 = 256;
+
+/// The write-intent record: (host bits, repair bits, stamp).
+fn intent_record(path: &Path) -> (u64, u64, u64) {
+    let header = std::fs::read(sidecar_path(path)).expect("sidecar");
+    let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    (
+        word(disk_images::intent::HOST_OFFSET),
+        word(disk_images::intent::REPAIR_OFFSET),
+        word(disk_images::intent::STAMP_OFFSET),
+    )
+}
+
+/// Gives the record the stamp of another boot: what the disk shows after a
+/// power loss and a reboot.
+fn stage_reboot(path: &Path) {
+    let this = disk_images::intent::this_boot().expect("boot id");
+    poke(
+        &sidecar_path(path),
+        disk_images::intent::STAMP_OFFSET as u64,
+        &(this ^ 2).to_le_bytes(),
+    );
+}
+
+fn read_block(image: &DiskImage, block: u64) -> Result<Vec<u8>, ImageError> {
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    image
+        .read_at(block * BLOCK_BYTES as u64, &mut buf)
+        .map(|()| buf)
+}
+
+fn open_file_stores(path: &Path, access: Access) -> DiskImage {
+    DiskImage::open_storing(path, access, Some(Stores::File)).expect("open")
+}
+
+#[test]
+fn writes_record_their_regions_before_they_land_and_a_first_opener_clears_them() {
+    let (_dir, path, image) = temp_image(INTENT_BLOCKS * BLOCK_BYTES as u64, Stores::File);
+    assert_eq!(intent_record(&path), (0, 0, 0), "a new image has no record");
+    image
+        .write_at(10 * BLOCK_BYTES as u64, &[1u8; 100])
+        .expect("host write");
+    image
+        .rewrite_at(20 * BLOCK_BYTES as u64, &vec![2u8; BLOCK_BYTES])
+        .expect("repair");
+    image
+        .write_blocks(40 * BLOCK_BYTES as u64, &vec![3u8; 2 * BLOCK_BYTES], None)
+        .expect("rebuild write");
+    let this = disk_images::intent::this_boot().expect("boot id");
+    assert_eq!(intent_record(&path), (1 << 2, 1 << 5 | 1 << 10, this));
+    // A second opener (another process, in effect) keeps it: writes are open.
+    let second = open_file_stores(&path, Access::ReadWrite);
+    assert_eq!(intent_record(&path).0, 1 << 2);
+    drop((image, second));
+    assert_eq!(intent_record(&path).0, 1 << 2, "closing keeps the record");
+    // The next first opener, in the same boot, syncs and clears it.
+    let image = open_file_stores(&path, Access::ReadWrite);
+    assert_eq!(intent_record(&path), (0, 0, 0));
+    assert_eq!(read_block(&image, 10).expect("read")[..100], [1u8; 100]);
+}
+
+#[test]
+fn after_a_power_loss_a_host_write_half_on_the_disk_is_kept_as_left() {
+    let (_dir, path, image) = temp_image(INTENT_BLOCKS * BLOCK_BYTES as u64, Stores::File);
+    image
+        .write_at(10 * BLOCK_BYTES as u64, &vec![0xAA; BLOCK_BYTES])
+        .expect("write");
+    image.flush().expect("flush");
+    image
+        .write_at(10 * BLOCK_BYTES as u64, &vec![0xBB; BLOCK_BYTES])
+        .expect("write, never flushed");
+    drop(image);
+    // On the disk: half of the new bytes, the CRC of neither, no pending word.
+    poke(&path, 10 * BLOCK_BYTES as u64, &[0xCC; 2048]);
+    // Damage at rest, in a region nobody wrote: not excused.
+    poke(&path, 100 * BLOCK_BYTES as u64 + 7, &[0x5A]);
+    stage_reboot(&path);
+
+    let image = open_file_stores(&path, Access::ReadWrite);
+    let mut expected = vec![0xBB; BLOCK_BYTES];
+    expected[..2048].fill(0xCC);
+    assert_eq!(read_block(&image, 10).expect("kept as left"), expected);
+    match read_block(&image, 100) {
+        Err(ImageError::Media(err)) => assert_eq!(err.block, 100),
+        other => panic!("damage outside the record must stay a media error: {other:?}"),
+    }
+    assert_eq!(intent_record(&path), (0, 0, 0), "settled and cleared");
+    // Settled for good: the CRC was stored, and damage to that block now is
+    // a media error again.
+    drop(image);
+    let image = open_file_stores(&path, Access::ReadWrite);
+    assert_eq!(read_block(&image, 10).expect("still kept"), expected);
+    drop(image);
+    poke(&path, 10 * BLOCK_BYTES as u64, &[0xDD]);
+    let image = open_file_stores(&path, Access::ReadWrite);
+    assert!(matches!(read_block(&image, 10), Err(ImageError::Media(_))));
+}
+
+#[test]
+fn after_a_power_loss_a_repair_half_on_the_disk_stays_a_media_error() {
+    let (_dir, path, image) = temp_image(INTENT_BLOCKS * BLOCK_BYTES as u64, Stores::File);
+    image
+        .rewrite_at(20 * BLOCK_BYTES as u64, &vec![0x11; BLOCK_BYTES])
+        .expect("repair");
+    // A host write into the same region does not make the repair trusted.
+    image
+        .write_at(21 * BLOCK_BYTES as u64, &vec![0x22; BLOCK_BYTES])
+        .expect("host write");
+    drop(image);
+    poke(&path, 20 * BLOCK_BYTES as u64, &[0x99; 100]);
+    stage_reboot(&path);
+    let image = open_file_stores(&path, Access::ReadWrite);
+    match read_block(&image, 20) {
+        Err(ImageError::Media(err)) => assert_eq!(err.block, 20),
+        other => panic!("a repair cut short by a power loss is never blessed: {other:?}"),
+    }
+    assert_eq!(
+        read_block(&image, 21).expect("untouched"),
+        vec![0x22; BLOCK_BYTES]
+    );
+}
+
+#[test]
+fn a_read_only_opener_after_a_power_loss_reads_what_was_left_and_changes_nothing() {
+    let (_dir, path, image) = temp_image(INTENT_BLOCKS * BLOCK_BYTES as u64, Stores::File);
+    image
+        .write_at(30 * BLOCK_BYTES as u64, &vec![0x44; BLOCK_BYTES])
+        .expect("write");
+    drop(image);
+    poke(&path, 30 * BLOCK_BYTES as u64, &[0x45; 10]);
+    stage_reboot(&path);
+    let sidecar_before = std::fs::read(sidecar_path(&path)).expect("sidecar");
+    let reader = open_file_stores(&path, Access::ReadOnly);
+    assert_eq!(
+        read_block(&reader, 30).expect("kept")[..11],
+        [0x45; 10]
+            .iter()
+            .chain(&[0x44])
+            .copied()
+            .collect::<Vec<_>>()[..]
+    );
+    assert!(reader.verify(|_| {}).bad_blocks.is_empty());
+    assert_eq!(
+        std::fs::read(sidecar_path(&path)).expect("sidecar"),
+        sidecar_before
+    );
+    drop(reader);
+    // The first writer settles it.
+    let writer = open_file_stores(&path, Access::ReadWrite);
+    assert_eq!(intent_record(&path), (0, 0, 0));
+    assert!(writer.verify(|_| {}).bad_blocks.is_empty());
+}
