@@ -29,10 +29,11 @@
 #   the power-loss round, two more boots on two persistent virtual disks:
 #     boot "power-write": mounts the ext4 (made by the host) of /dev/vda (the
 #     data disk) and of /dev/vdb (the record disk, -o sync), emulator image
-#     create on vda,
-#     emulator serve --image on a Unix socket, and the write oracle
-#     (emulator workload run --qd 16 --fua-every 7 --flush-every 32) with its
-#     record on vdb. Once the record holds a seeded number of acknowledged
+#     create and emulator array create (RAID-5, 4 members) on vda,
+#     emulator serve --image and serve --array on Unix sockets, and the write
+#     oracle (emulator workload run --qd 16 --fua-every 7 --flush-every 32) on
+#     the image and on the array's volume at once, each with its record on vdb.
+#     Once each record holds a seeded number of acknowledged
 #     writes and at least one acknowledged FLUSH, the guest prints
 #     `PASS power-armed` and the host kills QEMU with SIGKILL at once: the
 #     plug is pulled in the middle of the workload.
@@ -42,7 +43,11 @@
 #     write-intent record let it keep as a power cut left them), emulator serve
 #     on the image again, emulator workload verify against the record through
 #     it (exit 0: every write acknowledged with FUA, or acknowledged before an
-#     acknowledged FLUSH, is there), SIGTERM (exit 0).
+#     acknowledged FLUSH, is there), SIGTERM (exit 0); then the array: image
+#     verify of every member, serve --array again (its open resyncs the stripes
+#     the members' write-intent records name), workload verify of the volume,
+#     a member failed (chosen by the seed) and workload verify again, through
+#     the parity, SIGTERM (exit 0).
 #
 # Why the power loss is honest (what survives `kill -9` of QEMU):
 #   The virtual disks are raw files given to QEMU with cache=writethrough. The
@@ -127,6 +132,7 @@ DOMAIN_PORT=10811
 # and of the record disk; seconds the host waits for `PASS power-armed`.
 POWER_DATA_MIB=96
 POWER_IMAGE_MIB=32
+POWER_ARRAY_DISK_MIB=8
 POWER_RECORD_MIB=16
 POWER_ARM_TIMEOUT=150
 case $TIMEOUT in '' | *[!0-9]*) echo "linux-host-test: error: LINUX_HOST_TIMEOUT must be whole seconds" >&2; exit 2 ;; esac
@@ -155,11 +161,15 @@ EXPECTED=(
     all
 )
 # The power-loss round's two boots.
-EXPECTED_POWER_WRITE=(modules power-disks power-image-create power-serve power-armed)
+EXPECTED_POWER_WRITE=(
+    modules power-disks power-image-create power-serve power-array-create power-serve-array
+    power-armed
+)
 EXPECTED_POWER_VERIFY=(
     modules power-mount-replay power-fsck power-record power-image-verify
-    power-serve-again power-workload-verify power-sigterm-exit-0 power-kernel-log
-    power-all
+    power-members-verify power-serve-again power-workload-verify power-sigterm-exit-0
+    power-serve-array-again power-array-verify power-array-degraded-verify
+    power-array-sigterm-exit-0 power-kernel-log power-all
 )
 
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -391,6 +401,7 @@ MODULES="${MOD_ORDER[*]}"
 WATCHDOG=$GUEST_WATCHDOG
 POWER_DATA_MIB=$POWER_DATA_MIB
 POWER_IMAGE_MIB=$POWER_IMAGE_MIB
+POWER_ARRAY_DISK_MIB=$POWER_ARRAY_DISK_MIB
 POWER_RECORD_MIB=$POWER_RECORD_MIB
 EOF
     write_guest_init >"$INITRD_ROOT/init"
@@ -739,6 +750,12 @@ PDATA=/pdata
 PRECORD_DIR=/precord
 PRECORD=$PRECORD_DIR/power.jsonl
 PURI="nbd+unix:///power?socket=/run/power.sock"
+# The array beside the image: RAID-5 over 4 members, its volume vol0 written
+# by a second workload with a record of its own.
+PARRAY=$PDATA/parray
+PRECORD_ARRAY=$PRECORD_DIR/power-array.jsonl
+PASOCKET=/run/parray.sock
+PURI_ARRAY="nbd+unix:///vol0?socket=$PASOCKET"
 
 # Both virtual disks are there, with the sizes the host gave them, and without
 # a volatile write cache (see the host side for why that keeps the test honest).
@@ -759,22 +776,54 @@ power_disks() {
         mount -t ext4 -o sync /dev/vdb "$PRECORD_DIR" && grep -E " $PDATA | $PRECORD_DIR " /proc/mounts
 }
 
-workload_alive() {
-    pid=$(cat /tmp/workload.pid)
+# Whether the process whose pid is in file $1 runs.
+pid_alive() {
+    pid=$(cat "$1")
     state=$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
-# Counts the record's lines of one kind: acked, flush_acked, fua.
+workload_alive() {
+    pid_alive /tmp/workload.pid && pid_alive /tmp/workload-array.pid
+}
+
+# Counts the lines of one kind (acked, flush_acked, fua) of a record ($2,
+# default the image's).
 record_count() {
     case $1 in
-    fua) grep -c '"fua":true' "$PRECORD" ;;
-    *) grep -c "\"$1\":" "$PRECORD" ;;
+    fua) grep -c '"fua":true' "${2:-$PRECORD}" ;;
+    *) grep -c "\"$1\":" "${2:-$PRECORD}" ;;
     esac
 }
 
+record_reached() {
+    [ -s "$1" ] && [ "$(record_count acked "$1")" -ge "$CUT" ] && [ "$(record_count flush_acked "$1")" -ge 1 ]
+}
+
 power_cut_reached() {
-    [ -s "$PRECORD" ] && [ "$(record_count acked)" -ge "$CUT" ] && [ "$(record_count flush_acked)" -ge 1 ]
+    record_reached "$PRECORD" && record_reached "$PRECORD_ARRAY"
+}
+
+array_server_alive() {
+    pid_alive /tmp/emulator-array.pid
+}
+
+# emulator serve --array on the power-loss round's array, over a Unix socket.
+serve_array() {
+    emulator serve --array "$PARRAY" --socket "$PASOCKET" >>/tmp/emulator-array.log 2>&1 &
+    echo $! >/tmp/emulator-array.pid
+    wait_for '[ -S "$PASOCKET" ] || ! array_server_alive' 300
+    array_server_alive && [ -S "$PASOCKET" ] || { echo "the array server is not listening"; tail -n 20 /tmp/emulator-array.log; return 1; }
+}
+
+stop_array_server() {
+    pid=$(cat /tmp/emulator-array.pid)
+    kill -TERM "$pid" || return 1
+    wait_for '! array_server_alive' 300 || { echo "the array server still runs 30s after SIGTERM"; return 1; }
+    wait "$pid"
+    rc=$?
+    echo "array server exit status $rc"
+    [ "$rc" -eq 0 ]
 }
 
 # Starts the workload and waits (up to 120 s) until the record holds $CUT
@@ -783,16 +832,23 @@ power_armed() {
     emulator workload run --uri "$PURI" --seed "$SEED" --duration 900s --qd 16 \
         --fua-every 7 --flush-every 32 --record "$PRECORD" >/tmp/workload.log 2>&1 &
     echo $! >/tmp/workload.pid
+    emulator workload run --uri "$PURI_ARRAY" --seed "$((SEED + 1))" --duration 900s --qd 16 \
+        --fua-every 7 --flush-every 32 --record "$PRECORD_ARRAY" >/tmp/workload-array.log 2>&1 &
+    echo $! >/tmp/workload-array.pid
     wait_for 'power_cut_reached || ! workload_alive' 1200
     if ! workload_alive; then
-        wait "$(cat /tmp/workload.pid)"
-        echo "the workload exited with status $?"
-        cat /tmp/workload.log
+        for w in workload workload-array; do
+            pid_alive /tmp/$w.pid && continue
+            wait "$(cat /tmp/$w.pid)"
+            echo "$w exited with status $?"
+            cat /tmp/$w.log
+        done
         return 1
     fi
-    power_cut_reached || { echo "the record holds $(record_count acked) acked writes after 120 s, want $CUT"; return 1; }
-    echo "power: the record holds $(record_count acked) acked writes ($(record_count fua) sent with FUA)," \
-        "$(record_count flush_acked) acked FLUSHes: pulling the plug" >/dev/console
+    power_cut_reached || { echo "the records hold $(record_count acked) and $(record_count acked "$PRECORD_ARRAY") acked writes after 120 s, want $CUT each"; return 1; }
+    echo "power: the records hold $(record_count acked) acked writes ($(record_count fua) sent with FUA)," \
+        "$(record_count flush_acked) acked FLUSHes on the image; $(record_count acked "$PRECORD_ARRAY") acked writes," \
+        "$(record_count flush_acked "$PRECORD_ARRAY") acked FLUSHes on the array: pulling the plug" >/dev/console
 }
 
 round_power_write() {
@@ -803,6 +859,9 @@ round_power_write() {
     SOCKET=/run/power.sock
     step power-image-create emulator image create "$IMAGE" --size "${POWER_IMAGE_MIB}MiB"
     step power-serve serve_unix
+    step power-array-create emulator array create "$PARRAY" --level raid5 --disks 4 \
+        --disk-size "${POWER_ARRAY_DISK_MIB}MiB"
+    step power-serve-array serve_array
     step power-armed power_armed
     # The host kills QEMU as soon as it reads PASS power-armed: nothing after
     # this line may run, unless the workload ends first.
@@ -829,10 +888,13 @@ power_fsck() {
 
 # The record made it, and it claims durable writes (else verify proves nothing).
 power_record() {
-    echo "power: the record has $(grep -c '' "$PRECORD") lines: $(record_count sent) writes sent," \
-        "$(record_count acked) acked ($(record_count fua) sent with FUA), $(record_count flush_acked) FLUSHes acked;" \
-        "last line: $(tail -n 1 "$PRECORD" | cut -c1-100)" | tee /dev/console
-    [ "$(record_count flush_acked)" -ge 1 ]
+    for record in "$PRECORD" "$PRECORD_ARRAY"; do
+        echo "power: $record has $(grep -c '' "$record") lines: $(record_count sent "$record") writes sent," \
+            "$(record_count acked "$record") acked ($(record_count fua "$record") sent with FUA)," \
+            "$(record_count flush_acked "$record") FLUSHes acked; last line: $(tail -n 1 "$record" | cut -c1-100)" |
+            tee /dev/console
+        [ "$(record_count flush_acked "$record")" -ge 1 ] || return 1
+    done
 }
 
 # emulator image verify of the image left by the power cut: every block must
@@ -871,17 +933,45 @@ power_image_verify() {
     return 1
 }
 
-# The oracle over the image, through `emulator serve` on it (which, as the
-# first process to open it for writing, settles the record's regions).
+# The oracle over an export ($1: URI, default the image's; $2: record,
+# default the image's): exit 0, and some durable write was checked.
 power_workload_verify() {
-    uri=$PURI
-    emulator workload verify --uri "$uri" --record "$PRECORD" >/tmp/verify.out 2>&1
+    emulator workload verify --uri "${1:-$PURI}" --record "${2:-$PRECORD}" >/tmp/verify.out 2>&1
     rc=$?
     sed 's/^/  | /' /tmp/verify.out >/dev/console
     echo "workload verify exit status $rc"
     [ "$rc" -eq 0 ] || return 1
     durable=$(sed -n 's/^writes: .* acked, \([0-9]*\) durable$/\1/p' /tmp/verify.out)
     [ -n "$durable" ] && [ "$durable" -gt 0 ] || { echo "no durable write was checked"; return 1; }
+}
+
+# Every member of the array passes its checksums (read-only: nothing changes).
+power_members_verify() {
+    for member in "$PARRAY"/disk*.img; do
+        emulator image verify "$member" >/tmp/member-verify.out 2>&1 ||
+            { echo "$member:"; cat /tmp/member-verify.out; return 1; }
+        echo "$member: $(tail -n 1 /tmp/member-verify.out)" \
+            "($(grep -c 'cut short by a power loss' /tmp/member-verify.out) blocks kept as left)"
+    done
+}
+
+# The array server, opening the array first after the cut, resynced the
+# stripes its members' write-intent records name (the log says how many).
+power_serve_array_again() {
+    serve_array || return 1
+    grep -E 'resync' /tmp/emulator-array.log | tail -n 3
+    echo "power: the array server resynced after the power loss:" \
+        "$(sed -n 's/.*resyncing the stripes.* stripes=\([0-9]*\).*/\1/p' /tmp/emulator-array.log | head -n 1) stripes" |
+        tee /dev/console
+}
+
+# A member fails (one chosen by the seed): every durable write must still read
+# back, now reconstructed from the parity the resync made consistent.
+power_array_degraded_verify() {
+    disk=$((SEED % 4))
+    emulator array fail "$PARRAY" --disk "$disk" || return 1
+    echo "power: disk $disk of the array failed; reading through its parity" | tee /dev/console
+    power_workload_verify "$PURI_ARRAY" "$PRECORD_ARRAY"
 }
 
 round_power_verify() {
@@ -893,9 +983,14 @@ round_power_verify() {
     IMAGE=$PDATA/power.img
     SOCKET=/run/power.sock
     step power-image-verify power_image_verify
+    step power-members-verify power_members_verify
     step power-serve-again serve_unix
     step power-workload-verify power_workload_verify
     step power-sigterm-exit-0 stop_server
+    step power-serve-array-again power_serve_array_again
+    step power-array-verify power_workload_verify "$PURI_ARRAY" "$PRECORD_ARRAY"
+    step power-array-degraded-verify power_array_degraded_verify
+    step power-array-sigterm-exit-0 stop_array_server
     step power-kernel-log kernel_log_clean
     umount "$PDATA" && umount "$PRECORD_DIR"
     echo "PASS power-all"
@@ -1100,7 +1195,8 @@ if [ "$armed" = yes ]; then
     # A copy of the record, for a look at what was cut (debugfs reads the file
     # system image without mounting it).
     debugfs -R "dump /power.jsonl $PDIR/record.jsonl" "$PDIR/record.raw" >/dev/null 2>&1 &&
-        log "the power-loss round's record: $PDIR/record.jsonl"
+        debugfs -R "dump /power-array.jsonl $PDIR/record-array.jsonl" "$PDIR/record.raw" >/dev/null 2>&1 &&
+        log "the power-loss round's records: $PDIR/record.jsonl, $PDIR/record-array.jsonl"
 else
     failed+=(power-verify)
 fi

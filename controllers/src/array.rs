@@ -638,7 +638,7 @@ fn view_source(dir: &Path, faults: Arc<crate::faults::FaultLayer>) -> ViewSource
                     let image = faults.wrap(
                         &member.file,
                         Arc::new(
-                            DiskImage::open(&dir.join(&member.file), Access::ReadWrite)
+                            DiskImage::open_member(&dir.join(&member.file))
                                 .map_err(|err| RaidError::Config(err.to_string()))?,
                         ),
                     );

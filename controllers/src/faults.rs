@@ -556,6 +556,12 @@ impl Member for FaultyMember {
         self.check(Op::Flush, 0, 0)?;
         self.inner.finish_flush(started)
     }
+    fn power_lost(&self) -> Vec<std::ops::Range<u64>> {
+        self.inner.power_lost()
+    }
+    fn power_loss_handled(&self) -> Result<(), ImageError> {
+        self.inner.power_loss_handled()
+    }
 }
 
 /// A rule's byte range from an LBA and a sector count (None: to the end).

@@ -27,8 +27,9 @@
 //! before clearing the lock, so nobody reads or reconstructs from a torn stripe.
 //!
 //! What this protects against: the crash of any process at any instant. The
-//! file lives in the page cache like the images; a crash of the machine itself
-//! is not a failure this emulator models.
+//! file lives in the page cache like the images; after a power loss the stripes
+//! to resync come from the members' own write-intent bitmaps instead (see
+//! `RaidEngine::shared`).
 //!
 //! ## File format (little-endian), 20 KiB
 //!

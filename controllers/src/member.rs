@@ -5,6 +5,7 @@
 //! through this trait, so faults are layers configured by data, never
 //! branches in the engine's paths.
 
+use std::ops::Range;
 use std::path::Path;
 
 use disk_images::{DiskImage, FlushStarted, ImageError};
@@ -43,6 +44,10 @@ pub trait Member: Send + Sync + std::fmt::Debug {
     fn start_flush(&self) -> Option<FlushStarted>;
     /// See [`DiskImage::finish_flush`].
     fn finish_flush(&self, started: Option<FlushStarted>) -> Result<(), ImageError>;
+    /// See [`DiskImage::power_lost`].
+    fn power_lost(&self) -> Vec<Range<u64>>;
+    /// See [`DiskImage::power_loss_handled`].
+    fn power_loss_handled(&self) -> Result<(), ImageError>;
 }
 
 impl Member for DiskImage {
@@ -83,5 +88,11 @@ impl Member for DiskImage {
     }
     fn finish_flush(&self, started: Option<FlushStarted>) -> Result<(), ImageError> {
         DiskImage::finish_flush(self, started)
+    }
+    fn power_lost(&self) -> Vec<Range<u64>> {
+        DiskImage::power_lost(self)
+    }
+    fn power_loss_handled(&self) -> Result<(), ImageError> {
+        DiskImage::power_loss_handled(self)
     }
 }

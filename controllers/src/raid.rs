@@ -544,6 +544,7 @@ impl RaidEngine {
         live.register()
             .map_err(|err| RaidError::Config(err.to_string()))?;
         engine.shared = Some(Shared { live, source });
+        engine.resync_after_power_loss();
         Ok(engine)
     }
 
@@ -926,7 +927,31 @@ impl RaidEngine {
     /// [`DiskImage::rewrite_at`]. A resync that fails is logged, and its journal
     /// entry cleared.
     pub(crate) fn resync_stripe(&self, stripe: u64) {
-        let result = self.view().and_then(|view| {
+        if self.resync_or_log(stripe) {
+            tracing::warn!(stripe, "resynced a stripe a dead process was writing");
+        }
+    }
+
+    /// [`Self::try_resync_stripe`]; a failure is logged and the stripe's
+    /// journal entry cleared (the stripe's lock is released after this either
+    /// way, and an entry left behind would later be applied to a stripe that
+    /// has moved on). Whether it succeeded.
+    fn resync_or_log(&self, stripe: u64) -> bool {
+        let Err(err) = self.try_resync_stripe(stripe) else {
+            return true;
+        };
+        tracing::error!(stripe, %err, "could not resync a stripe");
+        if let Some(journal) = &self.journal {
+            if let Err(err) = journal.clear(Self::lock_index(stripe)) {
+                tracing::error!(stripe, %err, "could not clear the stripe's journal entry");
+            }
+        }
+        false
+    }
+
+    /// The work of [`Self::resync_stripe`].
+    fn try_resync_stripe(&self, stripe: u64) -> Result<(), RaidError> {
+        self.view().and_then(|view| {
             let chunk = self.geometry.chunk_bytes;
             if stripe >= self.geometry.disk_bytes / chunk {
                 return Ok(());
@@ -962,19 +987,61 @@ impl RaidEngine {
                     .map_err(|err| journal_error(journal, err))?;
             }
             Ok(())
+        })
+    }
+
+    /// After a power loss (or a crash of the host's kernel), a write that was
+    /// not flushed may have reached one member and not another: data without
+    /// its parity, one mirror and not the other. Each member's write-intent
+    /// record names the regions that were being written when it happened (see
+    /// `disk_images::intent`; members are opened with
+    /// [`DiskImage::open_member`], which leaves the record to this). Every
+    /// stripe there is resynced under its exclusive lock, as after the death of
+    /// a process, the members are flushed, and their records released. Until
+    /// then, every process that opens the array does it again: a process that
+    /// dies half-way leaves the records for the next.
+    fn resync_after_power_loss(&self) {
+        // The view as opened: asking the members whether they answer (as
+        // `view()` does) would load the fault book for nothing.
+        let view = self.view.read().clone();
+        let chunk = self.geometry.chunk_bytes;
+        let stripe_count = self.geometry.disk_bytes / chunk;
+        let mut stripes = std::collections::BTreeSet::new();
+        for member in &view.images {
+            for range in member.power_lost() {
+                stripes.extend(range.start / chunk..range.end.div_ceil(chunk).min(stripe_count));
+            }
+        }
+        if stripes.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            stripes = stripes.len(),
+            "the array was being written when the host lost power (or its kernel crashed): \
+             resyncing the stripes its members' write-intent records name"
+        );
+        let mut failed = 0usize;
+        for &stripe in &stripes {
+            let _guard = self.lock_stripe_exclusive(stripe);
+            failed += usize::from(!self.resync_or_log(stripe));
+        }
+        if failed > 0 {
+            tracing::error!(
+                failed,
+                "stripes not resynced after the power loss: they are tried again at the next open"
+            );
+            return;
+        }
+        let released = self.flush().map_err(|err| err.to_string()).and_then(|()| {
+            view.images
+                .iter()
+                .try_for_each(|member| member.power_loss_handled())
+                .map_err(|err| err.to_string())
         });
-        match result {
-            Ok(()) => tracing::warn!(stripe, "resynced a stripe a dead process was writing"),
+        match released {
+            Ok(()) => tracing::info!(stripes = stripes.len(), "resynced after the power loss"),
             Err(err) => {
-                tracing::error!(stripe, %err, "could not resync a stripe a dead process was writing");
-                // The stripe's lock is released after this either way, and an
-                // entry left behind would later be applied to a stripe that
-                // has moved on.
-                if let Some(journal) = &self.journal {
-                    if let Err(err) = journal.clear(Self::lock_index(stripe)) {
-                        tracing::error!(stripe, %err, "could not clear the stripe's journal entry");
-                    }
-                }
+                tracing::error!(%err, "resynced after the power loss, but cannot say so: it is done again at the next open")
             }
         }
     }

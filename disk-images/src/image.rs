@@ -366,6 +366,13 @@ pub struct DiskImage {
     /// process found them when it opened the image (0 once it settled them):
     /// a block there that fails its CRC is a write cut short by the power loss.
     suspect: [AtomicU64; 2],
+    /// The regions (host and repair bits together) that the record named from
+    /// another boot when this process opened the image: see
+    /// [`Self::power_lost`].
+    power_lost: u64,
+    /// Opened by [`Self::open_member`]: a record from another boot is left for
+    /// the caller to finish ([`Self::power_loss_handled`]).
+    defers_power_loss: bool,
 }
 
 /// The block locks of one image file, one set per process (see
@@ -528,6 +535,18 @@ impl DiskImage {
         Self::open_storing(path, access, None)
     }
 
+    /// Opens a member of a group of images kept consistent with each other
+    /// (an array's disks: parity, mirrors), for writing. Like [`Self::open`],
+    /// except for what a power loss left (see [`crate::intent`]): this image's
+    /// blocks are settled as usual, but the record of the regions that were
+    /// being written stays until the caller, having made those regions
+    /// consistent across the group ([`Self::power_lost`]), calls
+    /// [`Self::power_loss_handled`]. A caller that dies before that finds
+    /// them again when it next opens the image.
+    pub fn open_member(path: &Path) -> Result<Self, ImageError> {
+        Self::open_with(path, Access::ReadWrite, None, true)
+    }
+
     /// Like [`Self::open`], storing writes as `stores` says instead of as the
     /// file system suggests (`None`): for tests of both ways on one machine.
     #[doc(hidden)]
@@ -535,6 +554,21 @@ impl DiskImage {
         path: &Path,
         access: Access,
         stores: Option<Stores>,
+    ) -> Result<Self, ImageError> {
+        Self::open_with(path, access, stores, false)
+    }
+
+    /// Like [`Self::open_member`], storing as `stores` says: for tests.
+    #[doc(hidden)]
+    pub fn open_member_storing(path: &Path, stores: Stores) -> Result<Self, ImageError> {
+        Self::open_with(path, Access::ReadWrite, Some(stores), true)
+    }
+
+    fn open_with(
+        path: &Path,
+        access: Access,
+        stores: Option<Stores>,
+        defers_power_loss: bool,
     ) -> Result<Self, ImageError> {
         let writable = access == Access::ReadWrite;
         let open = |p: &Path| OpenOptions::new().read(true).write(writable).open(p);
@@ -660,7 +694,7 @@ impl DiskImage {
             }
             _ => None,
         };
-        let image = Self {
+        let mut image = Self {
             path: path.to_path_buf(),
             data_file,
             crc_file,
@@ -679,6 +713,8 @@ impl DiskImage {
             regions: Regions::for_blocks(header.block_count),
             keeps_intent: writable && stores == Stores::File,
             suspect: [AtomicU64::new(0), AtomicU64::new(0)],
+            power_lost: 0,
+            defers_power_loss,
         };
         image.take_over_intent()?;
         Ok(image)
@@ -701,27 +737,35 @@ impl DiskImage {
     /// the image open; the others wait) that writes settles them for good: it
     /// checks every block of those regions, syncs what earlier processes left
     /// in the page cache, and clears the record.
-    fn take_over_intent(&self) -> Result<(), ImageError> {
+    fn take_over_intent(&mut self) -> Result<(), ImageError> {
         let (host, repair, stamp) = self.intent_record();
         let lost = host | repair != 0 && intent::this_boot() != Some(stamp);
         if lost {
             self.suspect[0].store(host, Ordering::Relaxed);
             self.suspect[1].store(repair, Ordering::Relaxed);
+            self.power_lost = host | repair;
         }
         let shared = &self.block_locks.shared;
         let _opening = self.block_locks.opening.lock();
         if !shared.is_holding() {
             return Ok(());
         }
-        let settled = if self.keeps_intent && host | repair != 0 {
-            let scanned = if lost {
-                self.settle_power_loss(host | repair)
-            } else {
-                Ok(())
-            };
-            scanned.and_then(|()| self.clear_intent())
-        } else {
+        let settled = if !self.keeps_intent || host | repair == 0 {
             Ok(())
+        } else if !lost {
+            self.clear_intent()
+        } else if self.defers_power_loss {
+            // Settled block by block, made durable; the record stays for the
+            // caller (see [`Self::open_member`]).
+            self.settle_power_loss(host | repair)
+                .and_then(|()| self.sync_files())
+                .inspect(|()| {
+                    self.suspect[0].store(0, Ordering::Relaxed);
+                    self.suspect[1].store(0, Ordering::Relaxed);
+                })
+        } else {
+            self.settle_power_loss(host | repair)
+                .and_then(|()| self.clear_intent())
         };
         let shared_now = shared.share().map_err(|source| ImageError::LockTable {
             image: self.path.clone(),
@@ -762,12 +806,7 @@ impl DiskImage {
     /// Makes what every earlier process wrote durable, then clears the
     /// write-intent record: by a first opener, alone with the image.
     fn clear_intent(&self) -> Result<(), ImageError> {
-        self.data_file
-            .sync_data()
-            .map_err(io_error(&self.path, "fdatasync image"))?;
-        self.crc_file
-            .sync_data()
-            .map_err(io_error(&self.path, "fdatasync checksum file"))?;
+        self.sync_files()?;
         for at in [
             intent::HOST_OFFSET,
             intent::REPAIR_OFFSET,
@@ -779,6 +818,47 @@ impl DiskImage {
         self.suspect[0].store(0, Ordering::Relaxed);
         self.suspect[1].store(0, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// `fdatasync` of the image and of the sidecar.
+    fn sync_files(&self) -> Result<(), ImageError> {
+        self.data_file
+            .sync_data()
+            .map_err(io_error(&self.path, "fdatasync image"))?;
+        self.crc_file
+            .sync_data()
+            .map_err(io_error(&self.path, "fdatasync checksum file"))
+    }
+
+    /// The byte ranges of the regions that a power loss left marked in the
+    /// write-intent record, as found when this image was opened (each block
+    /// there is settled already): where a group of images (an array) must make
+    /// its members consistent with each other again. Empty when the record was
+    /// this boot's, or clear.
+    pub fn power_lost(&self) -> Vec<std::ops::Range<u64>> {
+        let block = u64::from(BLOCK_SIZE);
+        self.regions
+            .blocks(self.power_lost)
+            .map(|blocks| blocks.start * block..blocks.end * block)
+            .collect()
+    }
+
+    /// Says that the regions of [`Self::power_lost`] are consistent across the
+    /// group again, once the caller's writes there are durable (this syncs the
+    /// image): the record is restamped with this boot, so that the next first
+    /// opener, in this boot, clears it as usual. (Bits are never cleared here:
+    /// other processes may be writing.) Nothing when the record is this boot's.
+    pub fn power_loss_handled(&self) -> Result<(), ImageError> {
+        let (host, repair, stamp) = self.intent_record();
+        let boot = intent::this_boot().unwrap_or(0);
+        if !self.is_writable() || host | repair == 0 || stamp == boot {
+            return Ok(());
+        }
+        self.sync_files()?;
+        self.crcs.store_u64_le(intent::STAMP_OFFSET, boot);
+        self.crcs
+            .flush_range(0, HEADER_LEN)
+            .map_err(io_error(&self.path, "sync write-intent record"))
     }
 
     /// Makes sure the write-intent record names the regions of
