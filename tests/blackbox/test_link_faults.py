@@ -6,6 +6,8 @@ through the API and the CLI, and what a user sees of them:
   naming server B, and the agent does not register again while the cut
   stands; cleared, the same agent process registers again by itself and a
   task through A completes;
+- a task in flight through that cut link fails with the failure information
+  of a lost agent, naming server B, and the same task through B completes;
 - a delayed agent link still carries tasks, each taking at least the delay
   (both ways);
 - the hosts' link to s0/c0's NBD address cut under a writer with requests in
@@ -93,6 +95,28 @@ def test_a_cut_agent_link_is_lost_pair_b_works_and_cleared_the_agent_registers_a
     log = faults(domain, "B")["log"]
     assert [(e["event"], e["id"]) for e in log] == [("injected", "f1"), ("cleared", "f1")], log
     assert faults(domain)["standing"] == []
+
+
+def test_a_task_in_flight_through_a_cut_agent_link_fails_naming_server_b_and_b_takes_it_up(domain):
+    """The link of agent A of s0/c0 is cut while a scrub submitted through
+    server A runs: server A ends the task as failed, its failure information
+    naming server B, as when the agent dies; the scrub itself goes on in the
+    controllers, and the same task through B follows it to its end."""
+    status, task = domain.submit("A", "c0", "scrub", rate_mib_s=8)
+    assert status == 202, task
+    wait_until(lambda: domain.get("A", f"/api/v1/tasks/{task['id']}")["state"] == "running", 10, "the scrub to run")
+    inject(domain, fault="link-cut", link="s0/c0/agent-a")
+    failed = domain.wait_task("A", task["id"], timeout=5)
+    assert failed["state"] == "failed", failed
+    assert "lost" in failed["failure"] and "server B" in failed["failure"], failed
+    status, again = domain.submit("B", "c0", "scrub", rate_mib_s=200)
+    assert status == 202, again
+    ended = domain.wait_task("B", again["id"], timeout=60)
+    assert ended["state"] == "complete", ended
+    status, cleared = domain.request("A", "DELETE", "/api/v1/faults")
+    assert status == 200, cleared
+    domain.wait_registered("A", "s0/c0/agent-a")
+    task_completes(domain, "A", "c0")
 
 
 def test_a_delayed_agent_link_carries_tasks_that_take_at_least_the_delay_both_ways(domain):
