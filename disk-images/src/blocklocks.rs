@@ -622,17 +622,7 @@ impl CrossLocks {
     /// Adds `bits` to [`Self::intent_durable`] of `kind`, after they are
     /// durable.
     pub fn mark_intent_durable(&self, kind: usize, bits: u64) {
-        let at = self.intent_at(kind);
-        let mut current = self.map.load_u64_le(at);
-        while current & bits != bits {
-            match self
-                .map
-                .compare_exchange_u64_le(at, current, current | bits)
-            {
-                Ok(_) => return,
-                Err(seen) => current = seen,
-            }
-        }
+        self.map.or_u64_le(self.intent_at(kind), bits);
     }
 
     /// Forgets every durable-intent bit: by a first opener that has cleared

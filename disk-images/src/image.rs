@@ -882,17 +882,7 @@ impl DiskImage {
             let boot = intent::this_boot().unwrap_or(0);
             self.crcs.store_u64_le(intent::STAMP_OFFSET, boot);
         }
-        let at = kind.offset();
-        let mut current = self.crcs.load_u64_le(at);
-        while current & mask != mask {
-            match self
-                .crcs
-                .compare_exchange_u64_le(at, current, current | mask)
-            {
-                Ok(_) => break,
-                Err(seen) => current = seen,
-            }
-        }
+        self.crcs.or_u64_le(kind.offset(), mask);
         self.crcs
             .flush_range(0, HEADER_LEN)
             .map_err(io_error(&self.path, "sync write-intent record"))?;

@@ -278,6 +278,15 @@ impl SharedMapping {
         }
     }
 
+    /// Atomically sets the bits of `bits` in the little-endian `u64` at
+    /// `offset` (a set that several processes add to).
+    pub fn or_u64_le(&self, offset: usize, bits: u64) {
+        assert!(self.writable, "write to a read-only mapping");
+        // OR commutes with the byte order: no conversion needed but of `bits`.
+        self.atomic_u64(offset)
+            .fetch_or(bits.to_le(), Ordering::AcqRel);
+    }
+
     /// Atomically raises the little-endian `u64` at `offset` to `value` if it
     /// is lower (a maximum that several processes advance).
     pub fn raise_u64_le(&self, offset: usize, value: u64) {
