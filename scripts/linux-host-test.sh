@@ -30,9 +30,11 @@
 #     boot "power-write": mounts the ext4 (made by the host) of /dev/vda (the
 #     data disk) and of /dev/vdb (the record disk, -o sync), emulator image
 #     create and emulator array create (RAID-5, 4 members) on vda,
-#     emulator serve --image and serve --array on Unix sockets, and the write
-#     oracle (emulator workload run --qd 16 --fua-every 7 --flush-every 32) on
-#     the image and on the array's volume at once, each with its record on vdb.
+#     emulator serve --image and serve --array on Unix sockets, a whole domain
+#     (emulator up, its run directory on vda), and the write oracle (emulator
+#     workload run --qd 16 --fua-every 7 --flush-every 32) on the image, on the
+#     array's volume and on the domain's volume at once, each with its record
+#     on vdb.
 #     Once each record holds a seeded number of acknowledged
 #     writes and at least one acknowledged FLUSH, the guest prints
 #     `PASS power-armed` and the host kills QEMU with SIGKILL at once: the
@@ -47,7 +49,9 @@
 #     verify of every member, serve --array again (its open resyncs the stripes
 #     the members' write-intent records name), workload verify of the volume,
 #     a member failed (chosen by the seed) and workload verify again, through
-#     the parity, SIGTERM (exit 0).
+#     the parity, SIGTERM (exit 0); then the domain: emulator up again on the
+#     run directory the cut left, workload verify of its volume, a disk failed
+#     through a task and workload verify again, emulator down.
 #
 # Why the power loss is honest (what survives `kill -9` of QEMU):
 #   The virtual disks are raw files given to QEMU with cache=writethrough. The
@@ -130,11 +134,11 @@ EXPORT=disk0
 DOMAIN_PORT=10811
 # The power-loss round: sizes of the data disk, of the emulator's image on it
 # and of the record disk; seconds the host waits for `PASS power-armed`.
-POWER_DATA_MIB=96
+POWER_DATA_MIB=192
 POWER_IMAGE_MIB=32
 POWER_ARRAY_DISK_MIB=8
 POWER_RECORD_MIB=16
-POWER_ARM_TIMEOUT=150
+POWER_ARM_TIMEOUT=300
 case $TIMEOUT in '' | *[!0-9]*) echo "linux-host-test: error: LINUX_HOST_TIMEOUT must be whole seconds" >&2; exit 2 ;; esac
 ROUNDS=${LINUX_HOST_ROUNDS:-main power}
 for r in $ROUNDS; do
@@ -143,7 +147,7 @@ done
 POWER_SEED=${POWER_SEED:-$(((RANDOM << 15 | RANDOM) % 1000000))}
 case $POWER_SEED in '' | *[!0-9]*) echo "linux-host-test: error: POWER_SEED must be a whole number" >&2; exit 2 ;; esac
 # The cut comes once the record holds this many acknowledged writes.
-POWER_CUT_ACKED=$((150 + POWER_SEED % 600))
+POWER_CUT_ACKED=$((100 + POWER_SEED % 400))
 # The guest gives up (printing FAIL watchdog) a little before QEMU is killed.
 GUEST_WATCHDOG=$((TIMEOUT > 60 ? TIMEOUT - 30 : TIMEOUT * 3 / 4 + 1))
 
@@ -163,13 +167,14 @@ EXPECTED=(
 # The power-loss round's two boots.
 EXPECTED_POWER_WRITE=(
     modules power-disks power-image-create power-serve power-array-create power-serve-array
-    power-armed
+    power-domain-up power-armed
 )
 EXPECTED_POWER_VERIFY=(
     modules power-mount-replay power-fsck power-record power-image-verify
     power-members-verify power-serve-again power-workload-verify power-sigterm-exit-0
     power-serve-array-again power-array-verify power-array-degraded-verify
-    power-array-sigterm-exit-0 power-kernel-log power-all
+    power-array-sigterm-exit-0 power-domain-up-again power-domain-verify
+    power-domain-degraded-verify power-domain-down power-kernel-log power-all
 )
 
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -756,6 +761,32 @@ PARRAY=$PDATA/parray
 PRECORD_ARRAY=$PRECORD_DIR/power-array.jsonl
 PASOCKET=/run/parray.sock
 PURI_ARRAY="nbd+unix:///vol0?socket=$PASOCKET"
+# And a whole domain (emulator up: drivers, agents, servers, persistent data)
+# whose volume a third workload writes over TCP.
+PDOMAIN=$PDATA/domain
+PRECORD_DOMAIN=$PRECORD_DIR/power-domain.jsonl
+PURI_DOMAIN="nbd://127.0.0.1:$DOMAIN_PORT/vol0"
+
+# Brings the power-loss round's domain up (the same configuration both boots).
+power_domain_up() {
+    loopback_up >/dev/null || return 1
+    cat >/tmp/pdomain.toml <<EOF
+[servers]
+a = "s0/c0"
+b = "s0/c1"
+[ports]
+nbd = $DOMAIN_PORT
+http = 8080
+[[systems]]
+disks = 4
+disk_size = "8MiB"
+raid = "raid5"
+spares = 0
+chunk = "64KiB"
+volumes = 1
+EOF
+    timeout 150 emulator up --config /tmp/pdomain.toml --run-dir "$PDOMAIN" --detach
+}
 
 # Both virtual disks are there, with the sizes the host gave them, and without
 # a volatile write cache (see the host side for why that keeps the test honest).
@@ -784,7 +815,7 @@ pid_alive() {
 }
 
 workload_alive() {
-    pid_alive /tmp/workload.pid && pid_alive /tmp/workload-array.pid
+    pid_alive /tmp/workload.pid && pid_alive /tmp/workload-array.pid && pid_alive /tmp/workload-domain.pid
 }
 
 # Counts the lines of one kind (acked, flush_acked, fua) of a record ($2,
@@ -801,7 +832,7 @@ record_reached() {
 }
 
 power_cut_reached() {
-    record_reached "$PRECORD" && record_reached "$PRECORD_ARRAY"
+    record_reached "$PRECORD" && record_reached "$PRECORD_ARRAY" && record_reached "$PRECORD_DOMAIN"
 }
 
 array_server_alive() {
@@ -826,8 +857,9 @@ stop_array_server() {
     [ "$rc" -eq 0 ]
 }
 
-# Starts the workload and waits (up to 120 s) until the record holds $CUT
-# acknowledged writes and an acknowledged FLUSH, the workload still running.
+# Starts the three workloads and waits (up to 240 s) until each record holds
+# $CUT acknowledged writes and an acknowledged FLUSH, the workloads still
+# running.
 power_armed() {
     emulator workload run --uri "$PURI" --seed "$SEED" --duration 900s --qd 16 \
         --fua-every 7 --flush-every 32 --record "$PRECORD" >/tmp/workload.log 2>&1 &
@@ -835,9 +867,12 @@ power_armed() {
     emulator workload run --uri "$PURI_ARRAY" --seed "$((SEED + 1))" --duration 900s --qd 16 \
         --fua-every 7 --flush-every 32 --record "$PRECORD_ARRAY" >/tmp/workload-array.log 2>&1 &
     echo $! >/tmp/workload-array.pid
-    wait_for 'power_cut_reached || ! workload_alive' 1200
+    emulator workload run --uri "$PURI_DOMAIN" --seed "$((SEED + 2))" --duration 900s --qd 16 \
+        --fua-every 7 --flush-every 32 --record "$PRECORD_DOMAIN" >/tmp/workload-domain.log 2>&1 &
+    echo $! >/tmp/workload-domain.pid
+    wait_for 'power_cut_reached || ! workload_alive' 2400
     if ! workload_alive; then
-        for w in workload workload-array; do
+        for w in workload workload-array workload-domain; do
             pid_alive /tmp/$w.pid && continue
             wait "$(cat /tmp/$w.pid)"
             echo "$w exited with status $?"
@@ -845,10 +880,16 @@ power_armed() {
         done
         return 1
     fi
-    power_cut_reached || { echo "the records hold $(record_count acked) and $(record_count acked "$PRECORD_ARRAY") acked writes after 120 s, want $CUT each"; return 1; }
+    power_cut_reached || {
+        echo "the records hold $(record_count acked), $(record_count acked "$PRECORD_ARRAY") and" \
+            "$(record_count acked "$PRECORD_DOMAIN") acked writes after 240 s, want $CUT each"
+        return 1
+    }
     echo "power: the records hold $(record_count acked) acked writes ($(record_count fua) sent with FUA)," \
         "$(record_count flush_acked) acked FLUSHes on the image; $(record_count acked "$PRECORD_ARRAY") acked writes," \
-        "$(record_count flush_acked "$PRECORD_ARRAY") acked FLUSHes on the array: pulling the plug" >/dev/console
+        "$(record_count flush_acked "$PRECORD_ARRAY") acked FLUSHes on the array;" \
+        "$(record_count acked "$PRECORD_DOMAIN") acked writes, $(record_count flush_acked "$PRECORD_DOMAIN")" \
+        "acked FLUSHes on the domain: pulling the plug" >/dev/console
 }
 
 round_power_write() {
@@ -862,6 +903,7 @@ round_power_write() {
     step power-array-create emulator array create "$PARRAY" --level raid5 --disks 4 \
         --disk-size "${POWER_ARRAY_DISK_MIB}MiB"
     step power-serve-array serve_array
+    step power-domain-up power_domain_up
     step power-armed power_armed
     # The host kills QEMU as soon as it reads PASS power-armed: nothing after
     # this line may run, unless the workload ends first.
@@ -888,7 +930,7 @@ power_fsck() {
 
 # The record made it, and it claims durable writes (else verify proves nothing).
 power_record() {
-    for record in "$PRECORD" "$PRECORD_ARRAY"; do
+    for record in "$PRECORD" "$PRECORD_ARRAY" "$PRECORD_DOMAIN"; do
         echo "power: $record has $(grep -c '' "$record") lines: $(record_count sent "$record") writes sent," \
             "$(record_count acked "$record") acked ($(record_count fua "$record") sent with FUA)," \
             "$(record_count flush_acked "$record") FLUSHes acked; last line: $(tail -n 1 "$record" | cut -c1-100)" |
@@ -965,6 +1007,25 @@ power_serve_array_again() {
         tee /dev/console
 }
 
+# The domain comes up again on the run directory the power cut left (its
+# processes' files name processes of another boot), and its drivers, opening
+# the array first, resync what its members' records name.
+power_domain_up_again() {
+    power_domain_up || { tail -n 30 "$PDOMAIN"/logs/*.log 2>/dev/null; return 1; }
+    grep -h 'resync' "$PDOMAIN"/logs/*driver*.log 2>/dev/null | tail -n 3
+    emulator status --run-dir "$PDOMAIN" | head -n 20
+}
+
+# A disk of the domain's system fails (a task through server B): every durable
+# write must still read back through the parity.
+power_domain_degraded_verify() {
+    disk=$(((SEED + 2) % 4))
+    emulator task submit --run-dir "$PDOMAIN" --system s0 --cluster c1 fail-disk --disk "$disk" --wait ||
+        return 1
+    echo "power: disk $disk of the domain's system failed; reading through its parity" | tee /dev/console
+    power_workload_verify "$PURI_DOMAIN" "$PRECORD_DOMAIN"
+}
+
 # A member fails (one chosen by the seed): every durable write must still read
 # back, now reconstructed from the parity the resync made consistent.
 power_array_degraded_verify() {
@@ -991,6 +1052,10 @@ round_power_verify() {
     step power-array-verify power_workload_verify "$PURI_ARRAY" "$PRECORD_ARRAY"
     step power-array-degraded-verify power_array_degraded_verify
     step power-array-sigterm-exit-0 stop_array_server
+    step power-domain-up-again power_domain_up_again
+    step power-domain-verify power_workload_verify "$PURI_DOMAIN" "$PRECORD_DOMAIN"
+    step power-domain-degraded-verify power_domain_degraded_verify
+    step power-domain-down timeout 60 emulator down --run-dir "$PDOMAIN"
     step power-kernel-log kernel_log_clean
     umount "$PDATA" && umount "$PRECORD_DIR"
     echo "PASS power-all"
@@ -1196,7 +1261,8 @@ if [ "$armed" = yes ]; then
     # system image without mounting it).
     debugfs -R "dump /power.jsonl $PDIR/record.jsonl" "$PDIR/record.raw" >/dev/null 2>&1 &&
         debugfs -R "dump /power-array.jsonl $PDIR/record-array.jsonl" "$PDIR/record.raw" >/dev/null 2>&1 &&
-        log "the power-loss round's records: $PDIR/record.jsonl, $PDIR/record-array.jsonl"
+        debugfs -R "dump /power-domain.jsonl $PDIR/record-domain.jsonl" "$PDIR/record.raw" >/dev/null 2>&1 &&
+        log "the power-loss round's records: $PDIR/record{,-array,-domain}.jsonl"
 else
     failed+=(power-verify)
 fi

@@ -37,8 +37,9 @@ pub(super) struct UpArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     run: RunDirArg,
-    /// Return once every agent has registered and reported, leaving the
-    /// domain running (stop it with `emulator down`).
+    /// Return once every driver serves its volumes and every agent has
+    /// registered and reported, leaving the domain running (stop it with
+    /// `emulator down`).
     #[arg(long)]
     detach: bool,
     /// Print the default configuration and exit.

@@ -74,13 +74,24 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct SupervisorFile {
     pid: u32,
+    /// The process's identity (pid and start time), so that another process
+    /// that has its pid now (after a reboot, say) is not taken for it.
+    #[serde(default)]
+    identity: Option<u64>,
+    /// The boot it ran in (see `disk_images::intent::this_boot`): a file left
+    /// by a domain that was running when the host lost power names a process
+    /// of another boot.
+    #[serde(default)]
+    boot: Option<u64>,
 }
 
 /// The pid of the supervisor running in `run`, if one is.
 pub fn running_supervisor(run: &RunDir) -> Option<u32> {
     let bytes = std::fs::read(run.supervisor()).ok()?;
     let file: SupervisorFile = serde_json::from_slice(&bytes).ok()?;
-    (liveness(file.pid) != "gone").then_some(file.pid)
+    let this_boot = file.boot.is_none() || file.boot == disk_images::intent::this_boot();
+    let same_process = file.identity.is_none_or(disk_images::process::alive);
+    (this_boot && same_process && liveness(file.pid) != "gone").then_some(file.pid)
 }
 
 /// Prepares `run` for the domain described by `config_text`: checks that no
@@ -201,8 +212,9 @@ pub fn start_daemon(run: &RunDir) -> Result<std::process::Child, SupervisorError
         .map_err(io("start the supervisor"))
 }
 
-/// Waits until every agent of every configured pair is registered with its
-/// server and has reported; returns each server's view of the domain.
+/// Waits until every driver listens for its agents and every agent of every
+/// configured pair is registered with its server and has reported; returns
+/// each server's view of the domain.
 pub fn wait_ready(
     run: &RunDir,
     domain: &Domain,
@@ -245,8 +257,16 @@ pub fn wait_ready(
                     .join("\n")
             )));
         }
+        // Every driver is listening for its agents: it binds that socket
+        // only once it has opened its array (after a power loss that
+        // includes resyncing it), bound its NBD address and stored fresh
+        // state. Until then agents may report what persistent data kept from
+        // before, which says nothing of what runs now.
+        let drivers_up = domain.clusters().all(|cluster| {
+            std::os::unix::net::UnixStream::connect(run.driver_socket(cluster)).is_ok()
+        });
         let mut views = Vec::new();
-        for pair in domain.pairs() {
+        for pair in domain.pairs().into_iter().filter(|_| drivers_up) {
             let Ok(client) = Client::new(run, pair) else {
                 break;
             };
@@ -575,6 +595,8 @@ pub fn supervise(run: &RunDir) -> Result<(), SupervisorError> {
         let mut terminate = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
         let pid_file = serde_json::to_vec(&SupervisorFile {
             pid: std::process::id(),
+            identity: disk_images::process::my_identity().ok(),
+            boot: disk_images::intent::this_boot(),
         })
         .map_err(|err| io("write the pid file")(err.into()))?;
         RunDir::write_atomically(&run.supervisor(), &pid_file).map_err(io("write the pid file"))?;
