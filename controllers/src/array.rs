@@ -283,7 +283,12 @@ impl Array {
         let faults = crate::faults::FaultLayer::open(dir).map_err(|err| {
             ArrayError::Invalid(format!("the fault book of {}: {err}", dir.display()))
         })?;
-        let engine = RaidEngine::shared(metadata.geometry, live, view_source(dir, faults))?;
+        let mut engine = RaidEngine::shared(
+            metadata.geometry,
+            live,
+            view_source(dir, Arc::clone(&faults)),
+        )?;
+        engine.journal_faults(faults);
         Ok(Self {
             dir: dir.to_path_buf(),
             metadata,

@@ -217,6 +217,61 @@ impl FaultLayer {
         })
     }
 
+    /// A crash point in a write to `file` of the array that is not a member
+    /// disk (the degraded-write journal, `array.journal`): the process making
+    /// the `nth` write a crash rule for `file` matches (host writers, the
+    /// range overlapping `[offset, offset+len)`) dies here, as
+    /// [`Effect::Crash`] says. `what` names the write in the message.
+    pub fn crash_point(&self, file: &str, what: &str, offset: u64, len: u64) {
+        let Some(rules) = self.current() else {
+            return;
+        };
+        for loaded in rules.iter() {
+            let rule = &loaded.rule;
+            let Effect::Crash { nth, stall_ms } = rule.effect else {
+                continue;
+            };
+            if rule.file != file
+                || rule.pid.is_some_and(|pid| pid != std::process::id())
+                || !rule.writers.host
+                || !rule.overlaps(offset, len)
+            {
+                continue;
+            }
+            if loaded.seen.fetch_add(1, Ordering::Relaxed) + 1 == nth {
+                self.die(rule, file, what, nth, stall_ms);
+            }
+        }
+    }
+
+    /// A crash rule fired: out of the book (it fires once), a word on stderr,
+    /// the stall, then SIGABRT.
+    fn die(&self, rule: &DiskRule, file: &str, what: &str, nth: u64, stall_ms: u64) -> ! {
+        let id = rule.id.clone();
+        if let Err(err) = self
+            .book
+            .change(|rules| rules.retain(|other| other.id != id))
+        {
+            eprintln!(
+                "fault {}: cannot take the rule out of the book: {err}",
+                rule.id
+            );
+        }
+        eprintln!(
+            "fault {}: dying at {what} {nth} to {file}{}",
+            rule.id,
+            if stall_ms > 0 {
+                format!(" after stalling {stall_ms} ms")
+            } else {
+                String::new()
+            }
+        );
+        if stall_ms > 0 {
+            std::thread::sleep(Duration::from_millis(stall_ms));
+        }
+        std::process::abort()
+    }
+
     /// The rules now, reloaded if the book changed. A book that cannot be read
     /// keeps the rules last loaded (and says so in the log).
     fn current(&self) -> Option<Arc<Vec<LoadedRule>>> {
@@ -340,7 +395,8 @@ impl FaultyMember {
             let seen = loaded.seen.fetch_add(1, Ordering::Relaxed);
             if let (Effect::Crash { nth, stall_ms }, Op::Write(writer)) = (rule.effect, op) {
                 if seen + 1 == nth {
-                    self.die(rule, writer, nth, stall_ms);
+                    self.layer
+                        .die(rule, &self.file, writer.name(), nth, stall_ms);
                 }
                 continue;
             }
@@ -370,37 +426,6 @@ impl FaultyMember {
             std::thread::sleep(Duration::from_millis(verdict.delay_ms));
         }
         any.then_some(verdict)
-    }
-
-    /// A crash rule fired: out of the book (it fires once), a word on stderr,
-    /// the stall, then SIGABRT.
-    fn die(&self, rule: &DiskRule, writer: Writer, nth: u64, stall_ms: u64) -> ! {
-        let id = rule.id.clone();
-        if let Err(err) = self
-            .layer
-            .book
-            .change(|rules| rules.retain(|other| other.id != id))
-        {
-            eprintln!(
-                "fault {}: cannot take the rule out of the book: {err}",
-                rule.id
-            );
-        }
-        eprintln!(
-            "fault {}: dying at {} {nth} to {}{}",
-            rule.id,
-            writer.name(),
-            self.file,
-            if stall_ms > 0 {
-                format!(" after stalling {stall_ms} ms")
-            } else {
-                String::new()
-            }
-        );
-        if stall_ms > 0 {
-            std::thread::sleep(Duration::from_millis(stall_ms));
-        }
-        std::process::abort()
     }
 
     fn error(&self, op: Op, offset: u64, id: &str, errno: i32) -> ImageError {

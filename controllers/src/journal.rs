@@ -34,11 +34,19 @@
 //!
 //! The saved bytes are written before the header, so an entry whose writer died
 //! half-way through recording it is not valid (and then no member was written).
+//!
+//! For tests of exactly that, a journal given the array's fault layer
+//! ([`Journal::with_faults`]) has two crash points: between an entry's bytes
+//! and its header, and before an entry is cleared (crash rules for the file
+//! `array.journal`, see [`crate::faults`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::faults::FaultLayer;
 
 /// The journal file in an array directory.
 pub const JOURNAL_FILE: &str = "array.journal";
@@ -65,6 +73,8 @@ pub struct Saved {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// The array's fault layer, for the crash points (see the module docs).
+    faults: Option<Arc<FaultLayer>>,
 }
 
 fn header_crc(fields: &[u8; 24], bytes: &[u8]) -> u32 {
@@ -84,7 +94,25 @@ impl Journal {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file,
+            faults: None,
+        })
+    }
+
+    /// The same journal, with the array's fault layer's crash points.
+    pub fn with_faults(self, faults: Arc<FaultLayer>) -> Self {
+        Self {
+            faults: Some(faults),
+            ..self
+        }
+    }
+
+    fn crash_point(&self, what: &str, at: u64) {
+        if let Some(faults) = &self.faults {
+            faults.crash_point(JOURNAL_FILE, what, at, ENTRY_BYTES);
+        }
     }
 
     /// The file.
@@ -101,6 +129,7 @@ impl Journal {
         );
         let at = lock as u64 * ENTRY_BYTES;
         self.file.write_all_at(bytes, at + HEADER_BYTES)?;
+        self.crash_point("journal write (bytes saved, header not)", at);
         let mut fields = [0u8; 24];
         fields[0..8].copy_from_slice(&stripe.to_le_bytes());
         fields[8..16].copy_from_slice(&offset.to_le_bytes());
@@ -114,7 +143,9 @@ impl Journal {
 
     /// Invalidates lock `lock`'s entry (the write it protected is done).
     pub fn clear(&self, lock: usize) -> io::Result<()> {
-        self.file.write_all_at(&[0u8; 8], lock as u64 * ENTRY_BYTES)
+        let at = lock as u64 * ENTRY_BYTES;
+        self.crash_point("journal clear", at);
+        self.file.write_all_at(&[0u8; 8], at)
     }
 
     /// Lock `lock`'s entry if it is valid and for `stripe`.

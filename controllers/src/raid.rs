@@ -585,6 +585,15 @@ impl RaidEngine {
         self.geometry
     }
 
+    /// Gives the degraded-write journal the array's fault layer, for its
+    /// crash points (see [`crate::journal`]).
+    pub fn journal_faults(&mut self, faults: Arc<crate::faults::FaultLayer>) {
+        self.journal = self
+            .journal
+            .take()
+            .map(|journal| journal.with_faults(faults));
+    }
+
     /// The live state, for an engine shared with other processes.
     pub fn live(&self) -> Option<&Live> {
         self.shared.as_ref().map(|s| &s.live)

@@ -9,8 +9,8 @@
 //! The killed process is this test binary run again (an ignored test) with
 //! `EMULATOR_FAULT_CRASH_IN_BLOCK_WRITE=N` (see `disk_images::DiskImage`), or
 //! with a crash rule in the array's fault book (`controllers::faults`): a
-//! process dying between member writes, and a process dying in the middle of
-//! the resync that recovers another one.
+//! process dying between member writes, in a write of the degraded-write
+//! journal, and in the middle of the resync that recovers another one.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -252,6 +252,58 @@ fn degraded_raid6_kill_in_any_block_write_loses_nothing_acknowledged() {
     check(Level::Raid6, 4, &[1, 2], After::Reopen);
     // P and a data member missing: Q alone carries the missing data.
     check(Level::Raid6, 4, &[3, 2], After::Reopen);
+}
+
+/// A writer on a degraded RAID-5 dies in a write of the degraded-write
+/// journal: in the middle of an entry (the missing member's bytes saved, the
+/// header not), and, at the next crash point, with the members written and the
+/// entry not yet cleared. Whatever the recovering process makes of the entry,
+/// every acknowledged byte outside the write reads back, the missing member's
+/// too (reconstructed through the parity), and every byte inside it is old or
+/// new.
+#[test]
+fn degraded_raid5_death_in_a_journal_write_loses_nothing_acknowledged() {
+    let mut kills = 0;
+    for nth in 1.. {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("array");
+        let geometry = array::geometry(Level::Raid5, 3, CHUNK, DISK);
+        let mut created = Array::create(&dir, geometry, 0, 1).expect("create");
+        let size = geometry.data_bytes() as usize;
+        let old = acknowledged(size);
+        created.engine().write_at(0, &old).expect("fill");
+        created.fail(1).expect("fail a disk");
+        drop(created);
+        crash_rule(&dir, "j1", controllers::journal::JOURNAL_FILE, HOST, nth, 0);
+        let (status, stderr) = run_child("child_writes_until_killed", &dir);
+        if status.success() {
+            break;
+        }
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "the child must die at the crash point: {stderr}"
+        );
+        assert!(
+            stderr.contains("fault j1: dying at journal") && stderr.contains("array.journal"),
+            "{stderr}"
+        );
+        kills += 1;
+        let array = Array::open(&dir).expect("reopen (recovers the dead process)");
+        let mut got = vec![0u8; size];
+        array.engine().read_at(0, &mut got).expect("read");
+        let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
+        for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
+            assert!(
+                g == o || (write.contains(&i) && g == NEW),
+                "killed at journal write {nth}: byte {i} is {g:#04x}, acknowledged {o:#04x}"
+            );
+        }
+    }
+    assert!(
+        kills >= 2,
+        "the write should record and clear journal entries, got {kills} deaths"
+    );
 }
 
 /// A writer stalls in the middle of a stripe write (data written, parity not)
