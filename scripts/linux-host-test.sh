@@ -646,8 +646,11 @@ kernel_log_clean() {
 
 # ---- Round 3: a whole domain, a disk failure and a controller failover.
 DOMAIN=/data/domain
-domain_up() {
-    cat >/tmp/domain.toml <<EOF
+
+# Writes a domain configuration to $1: servers A and B on s0's clusters, one
+# RAID-5 system of $2 disks of $3 each and $4 hot spares, one volume.
+domain_config() {
+    cat >"$1" <<EOF
 [servers]
 a = "s0/c0"
 b = "s0/c1"
@@ -655,14 +658,18 @@ b = "s0/c1"
 nbd = $DOMAIN_PORT
 http = 8080
 [[systems]]
-disks = 5
-disk_size = "24MiB"
+disks = $2
+disk_size = "$3"
 raid = "raid5"
-spares = 1
+spares = $4
 chunk = "64KiB"
 volumes = 1
 EOF
-    timeout 150 emulator up --config /tmp/domain.toml --run-dir "$DOMAIN" --detach
+}
+
+domain_up() {
+    domain_config /tmp/domain.toml 5 24MiB 1 &&
+        timeout 150 emulator up --config /tmp/domain.toml --run-dir "$DOMAIN" --detach
 }
 
 status() {
@@ -769,23 +776,8 @@ PURI_DOMAIN="nbd://127.0.0.1:$DOMAIN_PORT/vol0"
 
 # Brings the power-loss round's domain up (the same configuration both boots).
 power_domain_up() {
-    loopback_up >/dev/null || return 1
-    cat >/tmp/pdomain.toml <<EOF
-[servers]
-a = "s0/c0"
-b = "s0/c1"
-[ports]
-nbd = $DOMAIN_PORT
-http = 8080
-[[systems]]
-disks = 4
-disk_size = "8MiB"
-raid = "raid5"
-spares = 0
-chunk = "64KiB"
-volumes = 1
-EOF
-    timeout 150 emulator up --config /tmp/pdomain.toml --run-dir "$PDOMAIN" --detach
+    loopback_up >/dev/null && domain_config /tmp/pdomain.toml 4 8MiB 0 &&
+        timeout 150 emulator up --config /tmp/pdomain.toml --run-dir "$PDOMAIN" --detach
 }
 
 # Both virtual disks are there, with the sizes the host gave them, and without

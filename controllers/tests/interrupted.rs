@@ -42,6 +42,34 @@ fn acknowledged(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Creates a `level` array of `disks` members in `dir` and fills it with
+/// [`acknowledged`] bytes, which it returns with the array.
+fn filled(dir: &Path, level: Level, disks: usize) -> (Array, Vec<u8>) {
+    let geometry = array::geometry(level, disks, CHUNK, DISK);
+    let array = Array::create(dir, geometry, 0, 1).expect("create");
+    let old = acknowledged(geometry.data_bytes() as usize);
+    array.engine().write_at(0, &old).expect("fill");
+    (array, old)
+}
+
+/// Reads the whole array: every byte must be `old`, or, inside the
+/// interrupted write, new.
+fn assert_old_or_new(array: &Array, old: &[u8], context: &str) {
+    let mut got = vec![0u8; old.len()];
+    array
+        .engine()
+        .read_at(0, &mut got)
+        .unwrap_or_else(|err| panic!("{context}: read failed: {err}"));
+    let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
+    for (i, (&g, &o)) in got.iter().zip(old).enumerate() {
+        assert!(
+            g == o || (write.contains(&i) && g == NEW),
+            "{context}: byte {i} is {g:#04x}, acknowledged {o:#04x}{}",
+            if write.contains(&i) { " (or new)" } else { "" }
+        );
+    }
+}
+
 /// Child: opens the array and makes the write that the fault hook kills.
 #[test]
 #[ignore = "run as a child process by the tests below"]
@@ -158,11 +186,7 @@ fn check(level: Level, disks: usize, fail_first: &[usize], after: After) {
     for nth in 1.. {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("array");
-        let geometry = array::geometry(level, disks, CHUNK, DISK);
-        let mut created = Array::create(&dir, geometry, 0, 1).expect("create");
-        let size = geometry.data_bytes() as usize;
-        let old = acknowledged(size);
-        created.engine().write_at(0, &old).expect("fill");
+        let (mut created, old) = filled(&dir, level, disks);
         for &disk in fail_first {
             created.fail(disk).expect("fail a disk");
         }
@@ -189,20 +213,7 @@ fn check(level: Level, disks: usize, fail_first: &[usize], after: After) {
             }
         };
         let check_reads = |array: &Array, what: &str| {
-            let mut got = vec![0u8; size];
-            array
-                .engine()
-                .read_at(0, &mut got)
-                .unwrap_or_else(|err| panic!("{context}, {what}: read failed: {err}"));
-            let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
-            for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
-                let fine = g == o || (write.contains(&i) && g == NEW);
-                assert!(
-                    fine,
-                    "{context}, {what}: byte {i} is {g:#04x}, acknowledged {o:#04x}{}",
-                    if write.contains(&i) { " (or new)" } else { "" }
-                );
-            }
+            assert_old_or_new(array, &old, &format!("{context}, {what}"))
         };
         check_reads(&array, "after recovery");
         // The redundancy agrees with the data: read again with another
@@ -267,11 +278,7 @@ fn degraded_raid5_death_in_a_journal_write_loses_nothing_acknowledged() {
     for nth in 1.. {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("array");
-        let geometry = array::geometry(Level::Raid5, 3, CHUNK, DISK);
-        let mut created = Array::create(&dir, geometry, 0, 1).expect("create");
-        let size = geometry.data_bytes() as usize;
-        let old = acknowledged(size);
-        created.engine().write_at(0, &old).expect("fill");
+        let (mut created, old) = filled(&dir, Level::Raid5, 3);
         created.fail(1).expect("fail a disk");
         drop(created);
         crash_rule(&dir, "j1", controllers::journal::JOURNAL_FILE, HOST, nth, 0);
@@ -290,15 +297,7 @@ fn degraded_raid5_death_in_a_journal_write_loses_nothing_acknowledged() {
         );
         kills += 1;
         let array = Array::open(&dir).expect("reopen (recovers the dead process)");
-        let mut got = vec![0u8; size];
-        array.engine().read_at(0, &mut got).expect("read");
-        let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
-        for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
-            assert!(
-                g == o || (write.contains(&i) && g == NEW),
-                "killed at journal write {nth}: byte {i} is {g:#04x}, acknowledged {o:#04x}"
-            );
-        }
+        assert_old_or_new(&array, &old, &format!("killed at journal write {nth}"));
     }
     assert!(
         kills >= 2,
@@ -316,11 +315,7 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
     use std::io::BufRead;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("array");
-    let geometry = array::geometry(Level::Raid5, 3, CHUNK, DISK);
-    let created = Array::create(&dir, geometry, 0, 1).expect("create");
-    let size = geometry.data_bytes() as usize;
-    let old = acknowledged(size);
-    created.engine().write_at(0, &old).expect("fill");
+    let (created, old) = filled(&dir, Level::Raid5, 3);
     drop(created);
     // Stripe 0 is D0 on disk 0, D1 on disk 1, P on disk 2: the writer dies at
     // its first write to disk 1, after D0, stalling a second first.
@@ -368,15 +363,7 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
         Some(6),
         "the child dies in the fault hook: {said:?}"
     );
-    let mut got = vec![0u8; size];
-    array.engine().read_at(0, &mut got).expect("read");
-    let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
-    for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
-        assert!(
-            g == o || (write.contains(&i) && g == NEW),
-            "byte {i} is {g:#04x}, acknowledged {o:#04x}"
-        );
-    }
+    assert_old_or_new(&array, &old, "after the change");
 }
 
 /// A process dies in the middle of a stripe write; the next one to open the
@@ -388,11 +375,7 @@ fn a_disk_failed_while_a_write_is_in_flight_waits_for_it() {
 fn a_process_that_dies_resyncing_a_dead_writers_stripe_is_recovered_in_turn() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("array");
-    let geometry = array::geometry(Level::Raid5, 3, CHUNK, DISK);
-    let created = Array::create(&dir, geometry, 0, 1).expect("create");
-    let size = geometry.data_bytes() as usize;
-    let old = acknowledged(size);
-    created.engine().write_at(0, &old).expect("fill");
+    let (created, old) = filled(&dir, Level::Raid5, 3);
     drop(created);
     // The writer dies after D0 (disk 0), before D1 and P.
     crash_rule(&dir, "f1", "disk1.img", HOST, 1, 0);
@@ -430,21 +413,11 @@ fn a_process_that_dies_resyncing_a_dead_writers_stripe_is_recovered_in_turn() {
     );
     // The third recovers them both.
     let mut array = Array::open(&dir).expect("open (recovers both)");
-    let write = WRITE_AT as usize..WRITE_AT as usize + WRITE_LEN;
-    let check = |array: &Array, what: &str| {
-        let mut got = vec![0u8; size];
-        array.engine().read_at(0, &mut got).expect("read");
-        for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
-            assert!(
-                g == o || (write.contains(&i) && g == NEW),
-                "{what}: byte {i} is {g:#04x}, acknowledged {o:#04x}"
-            );
-        }
-    };
-    check(&array, "after recovery");
+    assert_old_or_new(&array, &old, "after recovery");
     array.fail(0).expect("fail disk 0");
-    check(
+    assert_old_or_new(
         &array,
+        &old,
         "after recovery, disk 0 failed (read through parity)",
     );
 }

@@ -754,18 +754,15 @@ impl DiskImage {
             Ok(())
         } else if !lost {
             self.clear_intent()
-        } else if self.defers_power_loss {
-            // Settled block by block, made durable; the record stays for the
-            // caller (see [`Self::open_member`]).
-            self.settle_power_loss(host | repair)
-                .and_then(|()| self.sync_files())
-                .inspect(|()| {
-                    self.suspect[0].store(0, Ordering::Relaxed);
-                    self.suspect[1].store(0, Ordering::Relaxed);
-                })
         } else {
-            self.settle_power_loss(host | repair)
-                .and_then(|()| self.clear_intent())
+            self.settle_power_loss(host | repair);
+            if self.defers_power_loss {
+                // Settled block by block, made durable; the record stays for
+                // the caller (see [`Self::open_member`]).
+                self.sync_files().inspect(|()| self.forget_suspects())
+            } else {
+                self.clear_intent()
+            }
         };
         let shared_now = shared.share().map_err(|source| ImageError::LockTable {
             image: self.path.clone(),
@@ -776,7 +773,7 @@ impl DiskImage {
 
     /// Checks every block of the regions of `bits` after a power loss and
     /// settles those that fail their CRC (see [`Self::settle_interrupted_write`]).
-    fn settle_power_loss(&self, bits: u64) -> Result<(), ImageError> {
+    fn settle_power_loss(&self, bits: u64) {
         let (mut checked, mut kept, mut unreadable) = (0u64, 0u64, 0u64);
         let mut buf = [0u8; BLOCK_BYTES];
         for range in self.regions.blocks(bits) {
@@ -800,7 +797,6 @@ impl DiskImage {
              blocks written since the last flush were checked; those half on the disk are \
              kept as they were left, repairs cut short read as media errors"
         );
-        Ok(())
     }
 
     /// Makes what every earlier process wrote durable, then clears the
@@ -815,9 +811,15 @@ impl DiskImage {
             self.crcs.store_u64_le(at, 0);
         }
         self.block_locks.shared.forget_intent();
+        self.forget_suspects();
+        Ok(())
+    }
+
+    /// Settled: a block failing its CRC is no longer taken for a write the
+    /// power loss cut short.
+    fn forget_suspects(&self) {
         self.suspect[0].store(0, Ordering::Relaxed);
         self.suspect[1].store(0, Ordering::Relaxed);
-        Ok(())
     }
 
     /// `fdatasync` of the image and of the sidecar.

@@ -26,21 +26,10 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 from bbhelpers import emulator, nbd_connect, run, wait_until
-from test_domain import Domain
+from test_domain import Domain, domain  # noqa: F401 (the fixture)
 from test_failover import finish, verify_nothing_lost, volumes, writer_going
-
-
-def inject(domain: Domain, pair: str = "A", **fault) -> dict:
-    status, record = domain.request(pair, "POST", "/api/v1/faults", fault)
-    assert status == 201, (status, record)
-    return record
-
-
-def faults(domain: Domain, pair: str = "A") -> dict:
-    return domain.get(pair, "/api/v1/faults")
+from test_faults import faults, inject
 
 
 def agent_state(domain: Domain, pair: str, name: str) -> str | None:
@@ -54,17 +43,6 @@ def task_completes(domain: Domain, pair: str, cluster: str) -> dict:
     ended = domain.wait_task(pair, task["id"])
     assert ended["state"] == "complete", ended
     return ended
-
-
-@pytest.fixture
-def domain(tmp_path):
-    d = Domain(tmp_path)
-    d.up()
-    yield d
-    d.down()
-    # Nothing was killed: every process stopped in order and exited cleanly.
-    for name, process in d.processes().items():
-        assert process["ended"] == "exited 0", f"{name}: {process['ended']}"
 
 
 def test_a_cut_agent_link_is_lost_pair_b_works_and_cleared_the_agent_registers_again(domain):
