@@ -29,7 +29,9 @@
 #   the power-loss round, two more boots on two persistent virtual disks:
 #     boot "power-write": mounts the ext4 (made by the host) of /dev/vda (the
 #     data disk) and of /dev/vdb (the record disk, -o sync), emulator image
-#     create and emulator array create (RAID-5, 4 members) on vda,
+#     create and emulator array create (RAID-6, 5 members, one of them
+#     failed at once, so that its writes go through the degraded-write
+#     journal) on vda,
 #     emulator serve --image and serve --array on Unix sockets, a whole domain
 #     (emulator up, its run directory on vda), and the write oracle (emulator
 #     workload run --qd 16 --fua-every 7 --flush-every 32) on the image, on the
@@ -47,9 +49,10 @@
 #     it (exit 0: every write acknowledged with FUA, or acknowledged before an
 #     acknowledged FLUSH, is there), SIGTERM (exit 0); then the array: image
 #     verify of every member, serve --array again (its open resyncs the stripes
-#     the members' write-intent records name), workload verify of the volume,
-#     a member failed (chosen by the seed) and workload verify again, through
-#     the parity, SIGTERM (exit 0); then the domain: emulator up again on the
+#     the members' write-intent records name, with the journal where a data
+#     member is missing), workload verify of the volume, a second member
+#     failed (chosen by the seed) and workload verify again, through the
+#     parity, SIGTERM (exit 0); then the domain: emulator up again on the
 #     run directory the cut left, workload verify of its volume, a disk failed
 #     through a task and workload verify again, emulator down.
 #
@@ -166,8 +169,8 @@ EXPECTED=(
 )
 # The power-loss round's two boots.
 EXPECTED_POWER_WRITE=(
-    modules power-disks power-image-create power-serve power-array-create power-serve-array
-    power-domain-up power-armed
+    modules power-disks power-image-create power-serve power-array-create power-array-degrade
+    power-serve-array power-domain-up power-armed
 )
 EXPECTED_POWER_VERIFY=(
     modules power-mount-replay power-fsck power-record power-image-verify
@@ -762,8 +765,11 @@ PDATA=/pdata
 PRECORD_DIR=/precord
 PRECORD=$PRECORD_DIR/power.jsonl
 PURI="nbd+unix:///power?socket=/run/power.sock"
-# The array beside the image: RAID-5 over 4 members, its volume vol0 written
-# by a second workload with a record of its own.
+# The array beside the image: RAID-6 over 5 members, degraded from the start
+# (member PARRAY_FAILED failed), so that a write to a stripe whose data is on
+# that member saves its bytes in the degraded-write journal first; its volume
+# vol0 written by a second workload with a record of its own.
+PARRAY_FAILED=2
 PARRAY=$PDATA/parray
 PRECORD_ARRAY=$PRECORD_DIR/power-array.jsonl
 PASOCKET=/run/parray.sock
@@ -892,8 +898,9 @@ round_power_write() {
     SOCKET=/run/power.sock
     step power-image-create emulator image create "$IMAGE" --size "${POWER_IMAGE_MIB}MiB"
     step power-serve serve_unix
-    step power-array-create emulator array create "$PARRAY" --level raid5 --disks 4 \
+    step power-array-create emulator array create "$PARRAY" --level raid6 --disks 5 \
         --disk-size "${POWER_ARRAY_DISK_MIB}MiB"
+    step power-array-degrade emulator array fail "$PARRAY" --disk "$PARRAY_FAILED"
     step power-serve-array serve_array
     step power-domain-up power_domain_up
     step power-armed power_armed
@@ -995,7 +1002,8 @@ power_serve_array_again() {
     serve_array || return 1
     grep -E 'resync' /tmp/emulator-array.log | tail -n 3
     echo "power: the array server resynced after the power loss:" \
-        "$(sed -n 's/.*resyncing the stripes.* stripes=\([0-9]*\).*/\1/p' /tmp/emulator-array.log | head -n 1) stripes" |
+        "$(sed -n 's/.*resyncing the stripes.* stripes=\([0-9]*\).*/\1/p' /tmp/emulator-array.log | head -n 1) stripes," \
+        "$(grep -c 'from the journal' /tmp/emulator-array.log) of them from the degraded-write journal" |
         tee /dev/console
 }
 
@@ -1018,10 +1026,11 @@ power_domain_degraded_verify() {
     power_workload_verify "$PURI_DOMAIN" "$PRECORD_DOMAIN"
 }
 
-# A member fails (one chosen by the seed): every durable write must still read
-# back, now reconstructed from the parity the resync made consistent.
+# A second member fails (one chosen by the seed): every durable write must
+# still read back, now reconstructed from the parity the resync (and the
+# journal, where the first failed member held data) made consistent.
 power_array_degraded_verify() {
-    disk=$((SEED % 4))
+    disk=$(((PARRAY_FAILED + 1 + SEED % 4) % 5))
     emulator array fail "$PARRAY" --disk "$disk" || return 1
     echo "power: disk $disk of the array failed; reading through its parity" | tee /dev/console
     power_workload_verify "$PURI_ARRAY" "$PRECORD_ARRAY"

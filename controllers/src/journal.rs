@@ -35,6 +35,24 @@
 //! The saved bytes are written before the header, so an entry whose writer died
 //! half-way through recording it is not valid (and then no member was written).
 //!
+//! ## Power loss
+//!
+//! A power cut loses whatever of the page cache had not reached the device, in
+//! any order, so the order of the writes above is not enough for it:
+//!
+//! - an entry is synced (`fdatasync`) before any member is written: a member's
+//!   new bytes can reach the device only after the entry that can undo them
+//!   has;
+//! - the writer makes the members' written ranges durable before it clears the
+//!   entry ([`crate::raid`]): a clear can reach the device only after the
+//!   writes it ends. After the cut, the resync of the regions the members'
+//!   write-intent records name finds a valid entry for every stripe that was
+//!   half-written;
+//! - a clear is made durable by the next flush of a degraded array
+//!   ([`Journal::sync`]): until then an entry may survive a cut its write had
+//!   completed before, and applying it puts back the missing members' bytes as
+//!   they were before that write, which was not flushed, so that is allowed.
+//!
 //! For tests of exactly that, a journal given the array's fault layer
 //! ([`Journal::with_faults`]) has two crash points: between an entry's bytes
 //! and its header, and before an entry is cleared (crash rules for the file
@@ -138,7 +156,14 @@ impl Journal {
         header[0..8].copy_from_slice(&MAGIC);
         header[8..32].copy_from_slice(&fields);
         header[32..36].copy_from_slice(&header_crc(&fields, bytes).to_le_bytes());
-        self.file.write_all_at(&header, at)
+        self.file.write_all_at(&header, at)?;
+        // On the device before any member write can be (see "Power loss").
+        self.sync()
+    }
+
+    /// Makes the entries recorded and cleared so far durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
     }
 
     /// Invalidates lock `lock`'s entry (the write it protected is done).

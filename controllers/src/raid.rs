@@ -921,6 +921,16 @@ impl RaidEngine {
                 .finish_flush(started)
                 .map_err(|source| RaidError::Member { index, source })?;
         }
+        // A degraded array's journal clears, once the writes they end are:
+        // an entry left on the device could undo a flushed write to a missing
+        // member (see `crate::journal`).
+        if let Some(journal) = &self.journal {
+            if self.geometry.level != Level::Raid1
+                && (0..self.geometry.disks).any(|disk| !view.readable(disk))
+            {
+                journal.sync().map_err(|err| journal_error(journal, err))?;
+            }
+        }
         Ok(())
     }
 
@@ -1648,22 +1658,25 @@ impl RaidEngine {
             Some(_) => self.journal_missing(view, stripe, lo, len)?,
             None => None,
         };
+        let mut written_disks = Vec::with_capacity(touched.len() + 1);
         let written = (|| {
             for t in &touched {
                 if view.writable(t.disk) {
+                    written_disks.push(t.disk);
                     view.images[t.disk]
                         .write_at(offset, &t.new)
                         .map_err(|source| Self::member_error(t.disk, source))?;
                 }
             }
             if let Some(parity) = &parity {
+                written_disks.push(parity_disk);
                 view.images[parity_disk]
                     .write_at(offset, parity)
                     .map_err(|source| Self::member_error(parity_disk, source))?;
             }
             Ok(())
         })();
-        self.clear_journal(journaled, written)
+        self.clear_journal(view, journaled, written, &written_disks, offset, len)
     }
 
     /// RAID-6: the rest of a segment write, once `touched` holds the new bytes
@@ -1694,34 +1707,56 @@ impl RaidEngine {
             None
         };
         let offset = stripe * g.chunk_bytes + lo;
+        let mut written_disks = Vec::with_capacity(g.disks);
         let written = (|| {
             for t in touched.iter().filter(|t| view.writable(t.disk)) {
+                written_disks.push(t.disk);
                 view.images[t.disk]
                     .write_at(offset, &t.new)
                     .map_err(|source| Self::member_error(t.disk, source))?;
             }
             for disk in self.parity_disks(stripe).filter(|&d| view.writable(d)) {
+                written_disks.push(disk);
                 view.images[disk]
                     .write_at(offset, &chunks[disk])
                     .map_err(|source| Self::member_error(disk, source))?;
             }
             Ok(())
         })();
-        self.clear_journal(journaled, written)
+        self.clear_journal(view, journaled, written, &written_disks, offset, len)
     }
 
-    /// Clears the journal entry a segment write made (if any), whether or not
-    /// the writes succeeded: an entry is only ever for a process that died
-    /// holding the stripe's lock; left behind by one that returned, it would
-    /// later be applied to a stripe that has moved on.
-    fn clear_journal(&self, journaled: Option<usize>, written: StepResult<()>) -> StepResult<()> {
-        if let (Some(lock), Some(journal)) = (journaled, &self.journal) {
-            let cleared = journal
-                .clear(lock)
-                .map_err(|err| Fault::Raid(journal_error(journal, err)));
-            return written.and(cleared);
-        }
-        written
+    /// Ends the journal entry a segment write made (if any): the members it
+    /// wrote (`disks`, at `[offset, offset+len)`) are made durable first, so
+    /// that the clear cannot reach the device before the writes it ends (a
+    /// power cut in between would leave a half-written stripe and no entry:
+    /// the write hole; see [`crate::journal`]). The entry is cleared whether or
+    /// not the writes succeeded: an entry is only ever for a process that died
+    /// holding the stripe's lock (or for the power cut); left behind by one
+    /// that returned, it would later be applied to a stripe that has moved on.
+    fn clear_journal(
+        &self,
+        view: &View,
+        journaled: Option<usize>,
+        written: StepResult<()>,
+        disks: &[usize],
+        offset: u64,
+        len: usize,
+    ) -> StepResult<()> {
+        let (Some(lock), Some(journal)) = (journaled, &self.journal) else {
+            return written;
+        };
+        let written = written.and_then(|()| {
+            disks.iter().try_for_each(|&disk| {
+                view.images[disk]
+                    .flush_range(offset, len as u64)
+                    .map_err(|source| Self::member_error(disk, source))
+            })
+        });
+        let cleared = journal
+            .clear(lock)
+            .map_err(|err| Fault::Raid(journal_error(journal, err)));
+        written.and(cleared)
     }
 
     /// Before a write to `[lo, lo+len)` of a degraded RAID-5/6 stripe changes

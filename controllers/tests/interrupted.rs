@@ -421,3 +421,155 @@ fn a_process_that_dies_resyncing_a_dead_writers_stripe_is_recovered_in_turn() {
         "after recovery, disk 0 failed (read through parity)",
     );
 }
+
+/// Dirty plus writeback pages of `path` in the page cache: `cachestat(2)`
+/// (Linux 6.5 or later).
+fn unsynced_pages(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    // The same number on every architecture (the generic syscall table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = std::fs::File::open(path).expect("open for cachestat");
+    let range = Range { off: 0, len: 0 };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of the
+    // layout the kernel's `struct cachestat_range` / `struct cachestat` have,
+    // for the duration of the call; `file` keeps the descriptor open.
+    let done = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Cachestat,
+            0,
+        )
+    };
+    assert_eq!(
+        done,
+        0,
+        "cachestat {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    stat.dirty + stat.writeback
+}
+
+/// A degraded RAID-5 write survives a power cut at any point, not only the
+/// death of its process: the journal entry that can undo it is on the device
+/// before any member is written (the writer dies at its first member write:
+/// nothing of the journal is left in the page cache), and the members' new
+/// bytes are on the device before the entry is cleared (a write that returned
+/// left nothing of them unsynced, only the clear, which the next flush makes
+/// durable). Without either, the cut can leave data and parity out of step
+/// with no entry to restore the missing member's bytes: the write hole.
+///
+/// On a disk file system (the target directory): tmpfs writes nothing back.
+#[test]
+fn degraded_raid5_write_is_on_the_device_journal_first_then_members() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch");
+    let dir = tmp.path().join("array");
+    let (mut created, old) = filled(&dir, Level::Raid5, 3);
+    let view = created.engine().view().expect("view");
+    assert!(
+        view.images.iter().all(|m| {
+            disk_images::DiskImage::open(m.path(), disk_images::Access::ReadOnly)
+                .expect("open")
+                .stores()
+                == disk_images::Stores::File
+        }),
+        "{} must be on a disk file system",
+        dir.display()
+    );
+    drop(view);
+    let g = created.engine().geometry();
+    // Stripe 0 is D0 on disk 0, D1 on disk 1, P on disk 2; disk 1 fails.
+    assert_eq!(
+        (g.data_disk(0, 0), g.data_disk(0, 1), g.parity_disk(0)),
+        (0, 1, 2)
+    );
+    created.fail(1).expect("fail disk 1");
+    created.engine().flush().expect("flush");
+    drop(created);
+    let journal = dir.join(controllers::journal::JOURNAL_FILE);
+
+    // The writer dies at its first member write, after its journal entry.
+    crash_rule(&dir, "f1", "disk0.img", HOST, 1, 0);
+    let (status, said) = run_child("child_writes_until_killed", &dir);
+    assert_eq!(status.signal(), Some(6), "the writer dies: {said}");
+    assert!(
+        said.contains("fault f1: dying at host write 1 to disk0.img"),
+        "{said}"
+    );
+    assert!(
+        controllers::journal::Journal::open(&dir)
+            .expect("journal")
+            .saved(0, 0)
+            .expect("read the entry")
+            .is_some(),
+        "the dead writer's entry is there"
+    );
+    assert_eq!(
+        unsynced_pages(&journal),
+        0,
+        "the entry was not on the device before a member was written"
+    );
+    let array = Array::open(&dir).expect("open (recovers the dead writer)");
+    assert_old_or_new(&array, &old, "after the writer died");
+    array.engine().flush().expect("flush");
+
+    // The probe sees unsynced writes: a stripe whose parity was on the failed
+    // disk has no missing data, no entry, and is written as any other. More
+    // than a few writes between two flushes, so that the members do not start
+    // writing back each write at once (as they do when flushes come often).
+    let plain = (0..g.disk_bytes / CHUNK)
+        .find(|&stripe| g.parity_disk(stripe) == 1)
+        .expect("a stripe with its parity on disk 1");
+    for i in 0..2 * (CHUNK / 4096) * 4 {
+        let at = plain * g.row_bytes() + (i % (2 * CHUNK / 4096)) * 4096;
+        array.engine().write_at(at, &[NEW; 4096]).expect("write");
+    }
+    let members: Vec<_> = ["disk0.img", "disk2.img"]
+        .iter()
+        .flat_map(|m| [dir.join(m), disk_images::sidecar_path(&dir.join(m))])
+        .collect();
+    assert!(
+        members.iter().any(|m| unsynced_pages(m) > 0),
+        "the probe must see a write that was not flushed"
+    );
+    array.engine().flush().expect("flush");
+
+    // A degraded write that returns has its members on the device; only the
+    // clear of its entry waits for the next flush.
+    array
+        .engine()
+        .write_at(WRITE_AT, &[NEW; WRITE_LEN])
+        .expect("degraded write");
+    for member in &members {
+        assert_eq!(
+            unsynced_pages(member),
+            0,
+            "{} was not on the device before the entry was cleared",
+            member.display()
+        );
+    }
+    assert!(unsynced_pages(&journal) > 0, "the clear waits for a flush");
+    array.engine().flush().expect("flush");
+    assert_eq!(
+        unsynced_pages(&journal),
+        0,
+        "a flush makes the clear durable"
+    );
+}
