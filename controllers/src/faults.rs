@@ -11,9 +11,15 @@
 //!   nothing more is paid while no fault stands), reloads the book when it
 //!   moved, and applies the rules for its disk: the disk does not answer
 //!   ([`Effect::Absent`]), errors, latency, bit flips in what is read, writes
-//!   acknowledged and dropped, writes torn. The RAID engine holds members only
+//!   acknowledged and dropped, writes torn, the host file system under the
+//!   image full ([`Effect::FsFull`]: a write into a block the image file has
+//!   not allocated fails with ENOSPC). The RAID engine holds members only
 //!   as [`crate::member::Member`]s; [`crate::array::Array::open`] wraps every
 //!   member in this layer.
+//!
+//! A rule names its disk by file, or every disk file of the array with
+//! [`ANY_FILE`] (`*`: members, spares, disks added later; never the
+//! degraded-write journal, whose [`FaultLayer::crash_point`] wants its name).
 //!
 //! Random choices (which I/O a rule with a rate below 1 hits, which bits flip)
 //! come from the rule's seed and a count of the I/Os the rule has seen in this
@@ -36,6 +42,9 @@ pub const GENERATION_FILE: &str = "faults.live";
 
 /// Bytes in a sector, the unit of LBA ranges.
 pub const SECTOR: u64 = 512;
+
+/// The `file` of a rule for every disk file of the array.
+pub const ANY_FILE: &str = "*";
 
 /// What a rule does to the I/Os it hits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -79,6 +88,13 @@ pub enum Effect {
         /// How long it hangs before it dies, ms.
         stall_ms: u64,
     },
+    /// The host file system under the image is full: a write (host write,
+    /// rebuild write, repair) whose bytes touch a block the image file has
+    /// not allocated (a hole, found with SEEK_DATA/SEEK_HOLE) fails with
+    /// ENOSPC and stores nothing; one that only overwrites allocated blocks
+    /// is stored. Reads, flushes and marking blocks unreadable (checksums
+    /// only) are untouched.
+    FsFull,
 }
 
 /// Who writes: which writes a rule on writes applies to.
@@ -132,7 +148,9 @@ impl OpSet {
 pub struct DiskRule {
     /// The fault's id (`f3`), for clearing it.
     pub id: String,
-    /// The disk: its file in the array's directory (`disk2.img`).
+    /// The disk: its file in the array's directory (`disk2.img`), or
+    /// [`ANY_FILE`] (`*`) for every disk file of the array (members, spares,
+    /// disks added later; not `array.journal`).
     pub file: String,
     /// What it does.
     #[serde(flatten)]
@@ -325,6 +343,8 @@ struct Verdict {
     corrupt: Option<(u32, u64)>,
     lost: Option<String>,
     torn: Option<String>,
+    /// An [`Effect::FsFull`] rule hit the write.
+    fs_full: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -360,9 +380,11 @@ pub fn mix(mut x: u64) -> u64 {
 }
 
 impl FaultyMember {
-    /// Whether `rule` is for this disk, in this process.
+    /// Whether `rule` is for this disk (by its file, or every disk with
+    /// [`ANY_FILE`]), in this process.
     fn mine(&self, rule: &DiskRule) -> bool {
-        rule.file == self.file && rule.pid.is_none_or(|pid| pid == std::process::id())
+        (rule.file == self.file || rule.file == ANY_FILE)
+            && rule.pid.is_none_or(|pid| pid == std::process::id())
     }
 
     /// What the standing rules do to an `op` of `len` bytes at `offset`.
@@ -380,7 +402,7 @@ impl FaultyMember {
             let applies = match rule.effect {
                 Effect::Absent { .. } => true,
                 Effect::Corrupt { .. } => op == Op::Read,
-                Effect::LostWrites | Effect::TornWrites | Effect::Crash { .. } => {
+                Effect::LostWrites | Effect::TornWrites | Effect::Crash { .. } | Effect::FsFull => {
                     matches!(op, Op::Write(writer) if by(writer))
                 }
                 Effect::Error { .. } | Effect::Delay { .. } => match op {
@@ -419,6 +441,7 @@ impl FaultyMember {
                 Effect::TornWrites => {
                     verdict.torn.get_or_insert(rule.id.clone());
                 }
+                Effect::FsFull => verdict.fs_full = true,
                 Effect::Crash { .. } => {}
             }
         }
@@ -492,10 +515,39 @@ impl FaultyMember {
             return Ok(());
         }
         let blocks = data.len() / disk_images::BLOCK_BYTES;
-        if verdict.torn.is_some() && blocks >= 2 {
-            return store(&data[..blocks / 2 * disk_images::BLOCK_BYTES]);
+        let data = if verdict.torn.is_some() && blocks >= 2 {
+            &data[..blocks / 2 * disk_images::BLOCK_BYTES]
+        } else {
+            data
+        };
+        if verdict.fs_full {
+            self.space_for(offset, data.len() as u64)?;
         }
         store(data)
+    }
+
+    /// What a full host file system says to a write of `len` bytes at
+    /// `offset`: ENOSPC if they touch a block the image file has not
+    /// allocated, nothing if every block they touch is allocated.
+    fn space_for(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        let block = disk_images::BLOCK_BYTES as u64;
+        let start = offset / block * block;
+        let end = offset
+            .saturating_add(len)
+            .div_ceil(block)
+            .saturating_mul(block);
+        if end <= start {
+            return Ok(());
+        }
+        let extents = self.inner.allocation(start, end - start)?;
+        if extents.iter().any(|extent| extent.hole) {
+            return Err(ImageError::Io {
+                path: self.inner.path().to_path_buf(),
+                operation: "write (injected fault: the host file system is full)",
+                source: std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use controllers::array::{geometry, Array};
-use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers};
-use controllers::raid::{ArrayState, Level, MemberState};
+use controllers::faults::{DiskRule, Effect, FaultBook, FaultLayer, OpSet, Writers, ANY_FILE};
+use controllers::raid::{ArrayState, Level, MemberState, RaidError};
 use disk_images::{Access, DiskImage, ImageError};
 
 const CHUNK: u64 = 64 * 1024;
@@ -46,6 +46,36 @@ fn stored(dir: &Path, file: &str, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     image.read_at(offset, &mut buf).expect("read the member");
     buf
+}
+
+/// Whether member `file` has no block allocated in `[offset, offset+len)`,
+/// asked of the host file system past the layer.
+fn hole(dir: &Path, file: &str, offset: u64, len: u64) -> bool {
+    let image = DiskImage::open(&dir.join(file), Access::ReadOnly).expect("open the member");
+    let extents = image.allocation(offset, len).expect("SEEK_DATA/SEEK_HOLE");
+    extents.iter().all(|extent| extent.hole)
+}
+
+/// Asserts that `result` is the full host file system's ENOSPC, as the NBD
+/// layer recognises it (an I/O error whose source is StorageFull).
+fn assert_no_space(result: Result<(), ImageError>, what: &str) {
+    match result {
+        Err(ImageError::Io {
+            operation, source, ..
+        }) => {
+            assert_eq!(
+                source.raw_os_error(),
+                Some(nix::errno::Errno::ENOSPC as i32),
+                "{what}: {source}"
+            );
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{what}");
+            assert!(
+                operation.contains("injected") && operation.contains("file system is full"),
+                "{what}: {operation}"
+            );
+        }
+        other => panic!("{what}: expected ENOSPC from the full file system, got {other:?}"),
+    }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -269,4 +299,120 @@ fn a_delayed_disk_takes_at_least_the_delay() {
     let mut buf = [0u8; 4096];
     view.images[0].read_at(0, &mut buf).expect("the I/O");
     assert!(started.elapsed() >= std::time::Duration::from_millis(30));
+}
+
+#[test]
+fn a_full_host_file_system_refuses_writes_into_holes_and_takes_overwrites() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let view = engine.view().expect("the I/O");
+    const HOLE: u64 = 1 << 20;
+    let old = pattern(10, 4096);
+    view.images[0].write_at(0, &old).expect("the I/O");
+    assert!(
+        !hole(dir.path(), "disk0.img", 0, 4096),
+        "a written block is allocated"
+    );
+    for file in ["disk0.img", "disk1.img", "disk2.img", "disk3.img"] {
+        assert!(hole(dir.path(), file, HOLE, 4096), "{file}: a hole before");
+    }
+    set(dir.path(), vec![rule("f10", ANY_FILE, Effect::FsFull)]);
+
+    // Overwrites of allocated blocks are stored, whole or in part.
+    let new = pattern(11, 4096);
+    view.images[0].write_at(0, &new).expect("an overwrite");
+    assert_eq!(stored(dir.path(), "disk0.img", 0, 4096), new);
+    view.images[0]
+        .write_at(100, &old[..50])
+        .expect("part of an allocated block");
+    let mut expected = new.clone();
+    expected[100..150].copy_from_slice(&old[..50]);
+    assert_eq!(stored(dir.path(), "disk0.img", 0, 4096), expected);
+
+    // A write into a hole fails and stores nothing; so does one that is half
+    // overwrite, half hole: not even its allocated block changes.
+    assert_no_space(
+        view.images[0].write_at(HOLE, &pattern(12, 4096)),
+        "a host write into a hole",
+    );
+    assert_no_space(
+        view.images[0].write_at(0, &pattern(13, 2 * 4096)),
+        "a write of an allocated block and a hole",
+    );
+    assert_eq!(
+        stored(dir.path(), "disk0.img", 0, 4096),
+        expected,
+        "nothing stored"
+    );
+    assert!(hole(dir.path(), "disk0.img", 4096, 4096), "still a hole");
+    assert_no_space(
+        view.images[1].write_blocks(HOLE, &pattern(14, 2 * 4096), None),
+        "a rebuild write into a hole",
+    );
+    assert_no_space(
+        view.images[2].rewrite_at(HOLE, &pattern(15, 4096)),
+        "a repair into a hole",
+    );
+    for (index, file) in ["disk0.img", "disk1.img", "disk2.img"].iter().enumerate() {
+        assert!(
+            hole(dir.path(), file, HOLE, 2 * 4096),
+            "{file}: still a hole"
+        );
+        // Reads are untouched: the hole reads as zeros through the layer.
+        let mut back = vec![1u8; 2 * 4096];
+        view.images[index].read_at(HOLE, &mut back).expect("a read");
+        assert!(back.iter().all(|&b| b == 0), "{file}: zeros");
+    }
+    // Flushes and checksum-only marks are untouched too.
+    engine.flush().expect("a flush");
+    view.images[3]
+        .mark_unreadable(HOLE, 4096)
+        .expect("marking a block unreadable writes no data block");
+
+    // Through the engine: the host's write fails with ENOSPC (what the NBD
+    // layer answers), and the array reads as before.
+    let row = engine.geometry().row_bytes();
+    match engine.write_at(4 * row, &pattern(16, 4096)) {
+        Err(RaidError::Member {
+            source: ImageError::Io { source, .. },
+            ..
+        }) => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{source}"),
+        other => panic!("expected a member's ENOSPC, got {other:?}"),
+    }
+    let mut back = vec![1u8; 4096];
+    engine.read_at(4 * row, &mut back).expect("a read");
+    assert!(back.iter().all(|&b| b == 0), "never written: zeros");
+
+    // Cleared: the file system has room again.
+    set(dir.path(), Vec::new());
+    let data = pattern(17, 4096);
+    view.images[0].write_at(HOLE, &data).expect("room again");
+    assert_eq!(stored(dir.path(), "disk0.img", HOLE, 4096), data);
+    view.images[1]
+        .write_blocks(HOLE, &data, None)
+        .expect("room again");
+    assert_eq!(stored(dir.path(), "disk1.img", HOLE, 4096), data);
+    engine.write_at(4 * row, &data).expect("room again");
+    engine.read_at(4 * row, &mut back).expect("a read");
+    assert_eq!(back, data);
+}
+
+#[test]
+fn a_rule_for_any_file_covers_spares_and_disks_added_later_but_a_rule_for_one_disk_does_not() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let _array = array(dir.path());
+    let spare = DiskImage::create(&dir.path().join("spare9.img"), DISK, false).expect("an image");
+    let layer = FaultLayer::open(dir.path()).expect("the fault layer");
+    let spare = layer.wrap("spare9.img", Arc::new(spare));
+    set(dir.path(), vec![rule("f11", "disk0.img", Effect::FsFull)]);
+    spare
+        .write_at(0, &pattern(18, 4096))
+        .expect("a rule for disk0.img leaves spare9.img alone");
+    set(dir.path(), vec![rule("f12", ANY_FILE, Effect::FsFull)]);
+    assert_no_space(spare.write_at(4096, &pattern(19, 4096)), "the spare");
+    assert!(hole(dir.path(), "spare9.img", 4096, 4096));
+    spare
+        .write_at(0, &pattern(20, 4096))
+        .expect("an overwrite of the spare");
 }

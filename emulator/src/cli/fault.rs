@@ -18,19 +18,21 @@ use crate::scenario::report::utc_timestamp;
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(super) enum FaultCommand {
-    /// Inject a fault: a disk or link fault stands until cleared (but bit rot,
-    /// which flips stored bits once); a process fault happens once. Prints its
-    /// id.
+    /// Inject a fault: a disk, host or link fault stands until cleared (but
+    /// bit rot, which flips stored bits once); a process fault happens once.
+    /// Prints its id.
     Inject {
         /// What: disk-fail, disk-pull, disk-error, disk-delay, disk-corrupt,
-        /// disk-lost-writes, disk-torn-writes, disk-crash, link-cut, link-delay,
+        /// disk-lost-writes, disk-torn-writes, disk-crash, host-fs-full (the
+        /// host file system under a system's disks is full: writes to blocks
+        /// never written fail with ENOSPC), link-cut, link-delay,
         /// process-kill, process-hang, process-resume, process-restart.
         #[arg(value_parser = PossibleValuesParser::new(FaultSpec::KINDS))]
         kind: String,
         /// Disk: its slot in the array (members first, then spares).
         #[arg(long)]
         disk: Option<u64>,
-        /// Server system of the disk (default s0).
+        /// Server system of a disk fault or of host-fs-full (default s0).
         #[arg(long)]
         system: Option<String>,
         /// Operations a disk-error or disk-delay applies to (default: all),

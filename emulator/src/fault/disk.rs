@@ -105,7 +105,7 @@ pub(super) fn inject(
 ) -> Result<(String, bool), FaultError> {
     let (fault, kind) = disk_of(spec);
     check_fields(kind, fault)?;
-    let (system, dir) = system_dir(run, fault)?;
+    let (system, dir) = system_dir(run, fault.system.as_deref())?;
     let metadata = read_metadata(&dir)?;
     // Slots as the console numbers them: members, then hot spares.
     let slots = metadata.members.len() + metadata.spares.len();
@@ -350,8 +350,13 @@ fn fail_if_survivable(dir: &std::path::Path, disk: usize) -> Result<String, Faul
 /// Removes a standing disk fault's rule from its book.
 pub(super) fn clear(run: &RunDir, fault: &FaultRecord) -> Result<(), FaultError> {
     let (spec, _) = disk_of(&fault.spec);
-    let (_, dir) = system_dir(run, spec)?;
-    FaultBook::open(&dir)?.change(|rules| rules.retain(|rule| rule.id != fault.id))?;
+    clear_rule(run, spec.system.as_deref(), &fault.id)
+}
+
+/// Removes rule `id` from the fault book of `system` (None: `s0`).
+pub(super) fn clear_rule(run: &RunDir, system: Option<&str>, id: &str) -> Result<(), FaultError> {
+    let (_, dir) = system_dir(run, system)?;
+    FaultBook::open(&dir)?.change(|rules| rules.retain(|rule| rule.id != id))?;
     Ok(())
 }
 
@@ -409,9 +414,12 @@ fn check_fields(kind: &str, fault: &DiskFault) -> Result<(), FaultError> {
     Ok(())
 }
 
-/// The system a disk fault names and its disks' directory.
-fn system_dir(run: &RunDir, fault: &DiskFault) -> Result<(String, std::path::PathBuf), FaultError> {
-    let system = fault.system.clone().unwrap_or_else(|| "s0".into());
+/// The system a fault names (None: `s0`) and its disks' directory.
+pub(super) fn system_dir(
+    run: &RunDir,
+    system: Option<&str>,
+) -> Result<(String, std::path::PathBuf), FaultError> {
+    let system = system.unwrap_or("s0").to_string();
     let index = system
         .strip_prefix('s')
         .and_then(|n| n.parse::<usize>().ok())

@@ -7,6 +7,10 @@
 //!   writes the member disks through. A disk fault stays until it is cleared.
 //!   Bit rot (`disk-corrupt` with `at_rest`) is the exception: it flips
 //!   stored bits once, as it is injected, and leaves nothing standing.
+//! - **Host faults** (`host-fs-full`) are a rule of the same fault book for
+//!   every disk file of a system (`host.rs`): the host file system under the
+//!   disks is full, so writes into blocks the image files have not allocated
+//!   fail with ENOSPC. It stays until it is cleared.
 //! - **Link faults** are data too: a rule in the run's link book
 //!   (`RUN/links.json`, `crate::link::book`), applied by the processes at
 //!   the link's ends (an agent's link to its server, the hosts' links to a
@@ -20,6 +24,7 @@
 //! scenario report show.
 
 mod disk;
+mod host;
 mod link;
 
 use std::io::Write;
@@ -31,10 +36,12 @@ use crate::persist::now_ms;
 use crate::rundir::RunDir;
 
 pub use disk::{DiskFault, Op, Writer};
+pub use host::HostFault;
 pub use link::{LinkFault, LinkName};
 
 /// A fault to inject. In TOML and JSON the `fault` field names the kind:
 /// `{ fault = "disk-error", disk = 2, ops = ["read"], lba = 0, sectors = 2048 }`,
+/// `{ fault = "host-fs-full", system = "s0" }`,
 /// `{ fault = "process-kill", process = "s0/c0/driver" }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "fault", rename_all = "kebab-case")]
@@ -66,6 +73,11 @@ pub enum FaultSpec {
     /// `stall_ms`: a controller dying in the middle of a rebuild, a scrub
     /// repair or a resync. It fires once.
     DiskCrash(DiskFault),
+    /// The host file system under the system's disks is full: every write
+    /// (host, rebuild, repair) touching a block an image file has not
+    /// allocated fails with ENOSPC and stores nothing; overwrites of
+    /// allocated blocks, reads and flushes go on. Cleared: room again.
+    HostFsFull(HostFault),
     /// The link is cut: an agent's connection to its server is closed and it
     /// cannot register again; a controller address's NBD connections are
     /// closed and new ones refused. Cleared: the agent registers again, hosts
@@ -107,7 +119,8 @@ pub struct FaultRecord {
     /// What it did, in words (`SIGKILL to pid 4242`, `disk 2 (disk2.img) of
     /// s0: reads of LBA 0..2048 fail with EIO`).
     pub effect: String,
-    /// Whether it stands until cleared (disk faults but bit rot, link faults).
+    /// Whether it stands until cleared (disk faults but bit rot, host and
+    /// link faults).
     pub standing: bool,
 }
 
@@ -164,6 +177,7 @@ impl FaultSpec {
             Self::DiskLostWrites(_) => "disk-lost-writes",
             Self::DiskTornWrites(_) => "disk-torn-writes",
             Self::DiskCrash(_) => "disk-crash",
+            Self::HostFsFull(_) => "host-fs-full",
             Self::LinkCut(_) => "link-cut",
             Self::LinkDelay(_) => "link-delay",
             Self::ProcessKill(_) => "process-kill",
@@ -174,7 +188,7 @@ impl FaultSpec {
     }
 
     /// Every kind, for help texts and errors.
-    pub const KINDS: [&'static str; 14] = [
+    pub const KINDS: [&'static str; 15] = [
         "disk-fail",
         "disk-pull",
         "disk-error",
@@ -183,6 +197,7 @@ impl FaultSpec {
         "disk-lost-writes",
         "disk-torn-writes",
         "disk-crash",
+        "host-fs-full",
         "link-cut",
         "link-delay",
         "process-kill",
@@ -207,6 +222,7 @@ pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, 
             (said, false)
         }
         FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::inject(run, &id, spec)?,
+        FaultSpec::HostFsFull(host) => host::inject(run, &id, host)?,
         disk => disk::inject(run, &id, disk, seed)?,
     };
     let record = FaultRecord {
@@ -247,6 +263,7 @@ pub fn clear(run: &RunDir, id: Option<&str>) -> Result<Vec<String>, FaultError> 
     for fault in chosen {
         match fault.spec {
             FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::clear(run, fault)?,
+            FaultSpec::HostFsFull(ref host) => host::clear(run, fault, host)?,
             FaultSpec::ProcessKill(_)
             | FaultSpec::ProcessHang(_)
             | FaultSpec::ProcessResume(_)

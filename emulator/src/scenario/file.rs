@@ -1438,6 +1438,22 @@ assert = "task r clean"
                 "not 5",
             ),
             (
+                SMALL.replace(
+                    "inject = { fault = \"process-hang\", process = \"s0/c1/agent-a\" }",
+                    "inject = { fault = \"host-fs-full\", system = \"s3\" }",
+                ),
+                "step 5 (inject).system",
+                "no system \"s3\"",
+            ),
+            (
+                SMALL.replace(
+                    "inject = { fault = \"process-hang\", process = \"s0/c1/agent-a\" }",
+                    "inject = { fault = \"host-fs-full\", disk = 1 }",
+                ),
+                "line 33, column 10",
+                "unknown field `disk`, expected `system`",
+            ),
+            (
                 format!("{SMALL}\n[[steps]]\nwait = \"rebuild >= 50%\"\nlabel = \"x\"\n"),
                 "step 8 (label)",
                 "names an injected fault",
