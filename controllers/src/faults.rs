@@ -536,7 +536,10 @@ impl FaultyMember {
             .saturating_add(len)
             .div_ceil(block)
             .saturating_mul(block);
-        if end <= start {
+        // Space reserved before the rule stood (a row's writes reserve it on
+        // every member first) is the writer's: `fallocate`d blocks may still
+        // look like holes to SEEK_DATA.
+        if end <= start || self.inner.is_reserved(start, end - start) {
             return Ok(());
         }
         let extents = self.inner.allocation(start, end - start)?;
@@ -621,6 +624,19 @@ impl Member for FaultyMember {
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check(Op::Flush, offset, len)?;
         self.inner.flush_range(offset, len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        let full = self.layer.current().is_some_and(|rules| {
+            rules.iter().any(|l| {
+                self.mine(&l.rule)
+                    && l.rule.effect == Effect::FsFull
+                    && l.rule.overlaps(offset, len)
+            })
+        });
+        if full {
+            self.space_for(offset, len)?;
+        }
+        self.inner.reserve(offset, len)
     }
     fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check(Op::Write(Writer::Rebuild), offset, len)?;

@@ -38,6 +38,8 @@ pub trait Member: Send + Sync + std::fmt::Debug {
     ) -> Result<(), ImageError>;
     /// See [`DiskImage::flush_range`].
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError>;
+    /// See [`DiskImage::reserve`].
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), ImageError>;
     /// See [`DiskImage::mark_unreadable`].
     fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError>;
     /// See [`DiskImage::start_flush`].
@@ -79,6 +81,9 @@ impl Member for DiskImage {
     }
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         DiskImage::flush_range(self, offset, len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        DiskImage::reserve(self, offset, len)
     }
     fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         DiskImage::mark_unreadable(self, offset, len)

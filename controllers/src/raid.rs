@@ -1291,7 +1291,9 @@ impl RaidEngine {
                     .copy_from_slice(window);
                 &buf
             };
-            for index in (0..view.images.len()).filter(|&i| view.writable(i)) {
+            let writing = (0..view.images.len()).filter(|&i| view.writable(i));
+            self.reserve(view, writing.clone(), lo, bytes.len())?;
+            for index in writing {
                 view.images[index]
                     .write_at(lo, bytes)
                     .map_err(|source| Self::member_error(index, source))?;
@@ -1654,6 +1656,12 @@ impl RaidEngine {
         };
 
         let offset = stripe * chunk + lo;
+        let writing = touched
+            .iter()
+            .map(|t| t.disk)
+            .filter(|&d| view.writable(d))
+            .chain(parity.as_ref().map(|_| parity_disk));
+        self.reserve(view, writing, offset, len)?;
         let journaled = match &parity {
             Some(_) => self.journal_missing(view, stripe, lo, len)?,
             None => None,
@@ -1701,12 +1709,18 @@ impl RaidEngine {
             }
         }
         self.compute_parity(stripe, &mut chunks);
+        let offset = stripe * g.chunk_bytes + lo;
+        let writing = touched
+            .iter()
+            .map(|t| t.disk)
+            .chain(self.parity_disks(stripe))
+            .filter(|&d| view.writable(d));
+        self.reserve(view, writing, offset, len)?;
         let journaled = if self.parity_disks(stripe).any(|d| view.writable(d)) {
             self.journal_missing(view, stripe, lo, len)?
         } else {
             None
         };
-        let offset = stripe * g.chunk_bytes + lo;
         let mut written_disks = Vec::with_capacity(g.disks);
         let written = (|| {
             for t in touched.iter().filter(|t| view.writable(t.disk)) {
@@ -1724,6 +1738,27 @@ impl RaidEngine {
             Ok(())
         })();
         self.clear_journal(view, journaled, written, &written_disks, offset, len)
+    }
+
+    /// Reserves `[offset, offset+len)` on every member of `disks` before any
+    /// of them is written (see [`DiskImage::reserve`]): on a full host file
+    /// system the write then fails before it stores anything, instead of
+    /// after one member stored its part and another could not, which would
+    /// leave the row's redundancy out of step with its data (a later disk
+    /// failure would reconstruct acknowledged data wrong).
+    fn reserve(
+        &self,
+        view: &View,
+        disks: impl Iterator<Item = usize>,
+        offset: u64,
+        len: usize,
+    ) -> StepResult<()> {
+        for disk in disks {
+            view.images[disk]
+                .reserve(offset, len as u64)
+                .map_err(|source| Self::member_error(disk, source))?;
+        }
+        Ok(())
     }
 
     /// Ends the journal entry a segment write made (if any): the members it

@@ -416,3 +416,74 @@ fn a_rule_for_any_file_covers_spares_and_disks_added_later_but_a_rule_for_one_di
         .write_at(0, &pattern(20, 4096))
         .expect("an overwrite of the spare");
 }
+
+/// A row write one member cannot store (its disk file has no block there and
+/// the file system is full) fails before any member stores its part: the row's
+/// parity stays the XOR of its data, so a later disk failure reconstructs what
+/// was acknowledged. Without the reservation of every member's range first,
+/// the first chunk's disk stored the new bytes and the parity did not change.
+#[test]
+fn a_row_write_one_member_cannot_store_changes_no_member() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let g = engine.geometry();
+    let row = g.row_bytes();
+    let at = 10 * row;
+    let first = pattern(21, CHUNK as usize);
+    engine
+        .write_at(at, &first)
+        .expect("chunk 0 of the row (and its parity)");
+    let (d0, d1, p) = (g.data_disk(10, 0), g.data_disk(10, 1), g.parity_disk(10));
+    let file = |disk: usize| format!("disk{disk}.img");
+    let offset = 10 * CHUNK;
+    assert!(
+        hole(dir.path(), &file(d1), offset, CHUNK),
+        "chunk 1's disk: a hole"
+    );
+    set(dir.path(), vec![rule("f13", ANY_FILE, Effect::FsFull)]);
+
+    match engine.write_at(at, &pattern(22, 2 * CHUNK as usize)) {
+        Err(RaidError::Member {
+            source: ImageError::Io { source, .. },
+            ..
+        }) => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{source}"),
+        other => panic!("expected a member's ENOSPC, got {other:?}"),
+    }
+    assert_eq!(
+        stored(dir.path(), &file(d0), offset, CHUNK as usize),
+        first,
+        "chunk 0's disk stored part of a write that failed"
+    );
+    let data: Vec<Vec<u8>> = (0..g.data_disks())
+        .map(|k| {
+            stored(
+                dir.path(),
+                &file(g.data_disk(10, k)),
+                offset,
+                CHUNK as usize,
+            )
+        })
+        .collect();
+    let mut xor = vec![0u8; CHUNK as usize];
+    for chunk in &data {
+        for (x, b) in xor.iter_mut().zip(chunk) {
+            *x ^= b;
+        }
+    }
+    assert_eq!(
+        stored(dir.path(), &file(p), offset, CHUNK as usize),
+        xor,
+        "the row's parity is not the XOR of its data"
+    );
+    set(dir.path(), Vec::new());
+    drop(engine);
+    let mut array = array;
+    array.fail(d0).expect("fail chunk 0's disk");
+    let mut back = vec![0u8; CHUNK as usize];
+    array
+        .engine()
+        .read_at(at, &mut back)
+        .expect("read through the parity");
+    assert_eq!(back, first, "the acknowledged chunk, reconstructed");
+}

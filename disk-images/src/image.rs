@@ -330,12 +330,13 @@ pub struct DiskImage {
     crc_file: File,
     /// How writes reach the files.
     stores: Stores,
-    /// With [`Stores::Mapping`]: the image blocks this process knows are
-    /// allocated on the host file system. A store through the mapping into a
-    /// hole of a full tmpfs would kill the process with SIGBUS, so the first
-    /// store into a block allocates it with `fallocate` first, which fails
-    /// cleanly with ENOSPC (see [`Self::ensure_allocated`]). None: not needed
-    /// (`pwrite` reports ENOSPC itself) or not possible.
+    /// The image blocks this process knows are allocated on the host file
+    /// system (writable images). With [`Stores::Mapping`], a store through
+    /// the mapping into a hole of a full tmpfs would kill the process with
+    /// SIGBUS, so the first store into a block allocates it with `fallocate`
+    /// first, which fails cleanly with ENOSPC (see [`Self::ensure_allocated`]);
+    /// with [`Stores::File`] `pwrite` reports ENOSPC itself, and the bitmap
+    /// only serves [`Self::reserve`]. None: read-only, or no `fallocate`.
     allocated: Option<Allocated>,
     /// How a flush makes CRC entries durable.
     crc_sync: CrcSync,
@@ -692,6 +693,7 @@ impl DiskImage {
                     Err(_) => None,
                 }
             }
+            Stores::File if writable => Some(Allocated::of_file(&data_file, header.block_count)),
             _ => None,
         };
         let mut image = Self {
@@ -985,15 +987,40 @@ impl DiskImage {
     /// is read with `pread` instead (which reads a hole as zeros, allocating
     /// nothing).
     fn mapped_readable(&self, block: u64) -> bool {
+        self.stores == Stores::File
+            || self
+                .allocated
+                .as_ref()
+                .is_none_or(|allocated| allocated.all(block, block + 1))
+    }
+
+    /// Makes sure `[offset, offset+len)` has its space on the host file
+    /// system before it is written, so that a write several images must all
+    /// store (a row of an array: data and parity) fails with ENOSPC before any
+    /// of them stores anything, instead of leaving one written and another
+    /// not. One bitmap check once this process knows the blocks are allocated
+    /// (it wrote or reserved them, or they held data when it opened the
+    /// image); else one `fallocate`. A block another process punched since is
+    /// not seen (see [`Allocated`]).
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.ensure_allocated(offset, len)
+    }
+
+    /// Whether this process knows every block of `[offset, offset+len)` to be
+    /// allocated on the host file system (see [`Self::reserve`]).
+    pub fn is_reserved(&self, offset: u64, len: u64) -> bool {
+        let block = u64::from(BLOCK_SIZE);
         self.allocated
             .as_ref()
-            .is_none_or(|allocated| allocated.all(block, block + 1))
+            .is_some_and(|allocated| allocated.all(offset / block, (offset + len).div_ceil(block)))
     }
 
     /// Makes sure the blocks covering `[position, position + len)` are
-    /// allocated on the host file system before a store through the mapping
-    /// (one `fallocate` the first time this process stores into them; ENOSPC
-    /// comes back as an error instead of a SIGBUS).
+    /// allocated on the host file system (one `fallocate` the first time this
+    /// process stores into them or reserves them; ENOSPC comes back as an
+    /// error, not a SIGBUS through the mapping).
     fn ensure_allocated(&self, position: u64, len: u64) -> Result<(), ImageError> {
         let Some(allocated) = &self.allocated else {
             return Ok(());
@@ -1006,15 +1033,20 @@ impl DiskImage {
         if allocated.all(first, end) {
             return Ok(());
         }
-        allocate(&self.data_file, first * block, (end - first) * block).map_err(|err| {
-            ImageError::Io {
+        match allocate(&self.data_file, first * block, (end - first) * block) {
+            Ok(()) => {
+                allocated.set(first, end);
+                Ok(())
+            }
+            // No `fallocate` here (a file system without it): `pwrite`
+            // reports a lack of space itself.
+            Err(nix::errno::Errno::EOPNOTSUPP) if self.stores == Stores::File => Ok(()),
+            Err(err) => Err(ImageError::Io {
                 path: self.path.clone(),
                 operation: "allocate image space",
                 source: err.into(),
-            }
-        })?;
-        allocated.set(first, end);
-        Ok(())
+            }),
+        }
     }
 
     /// Puts `bytes` at image offset `position`, as [`Self::stores`] says;

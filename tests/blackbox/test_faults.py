@@ -14,9 +14,9 @@ user sees of them:
 - a full host file system under the disks (`host-fs-full`), through real NBD
   clients: overwrites go on, a write to a block never written fails with
   ENOSPC and leaves zeros, the drivers keep serving, and once cleared the
-  write goes through and a scrub finds nothing (a write spanning two chunks
-  of a RAID-5 row whose second member refuses it is a known bug, kept as a
-  strict xfail);
+  write goes through and a scrub finds nothing; a write spanning two chunks
+  of a RAID-5 row whose second member has no room fails without changing
+  the first, so the row's parity stays in step;
 - bad requests are refused with a message naming what was wrong, and change
   nothing; every injection and clearing is in the fault log.
 """
@@ -288,13 +288,6 @@ def test_a_full_host_file_system_refuses_new_blocks_with_enospc_and_takes_overwr
         domain.down()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a RAID-5 write that one member refuses (ENOSPC) after another member stored its part is not "
-    "acknowledged but leaves the row's parity out of step with its data (here: a write over two chunks "
-    "whose second chunk's disk has no block there; also a write in flight as the file system fills, "
-    "and any write on a really full file system whose data block is allocated and parity block not): "
-    "a scrub finds parity mismatches, and a later disk failure reconstructs the row's other chunks, "
-    "acknowledged data included, wrong"))
 def test_a_write_over_two_chunks_refused_by_the_second_leaves_the_row_consistent(tmp_path, rng):
     domain = Domain(tmp_path)
     domain.up()
