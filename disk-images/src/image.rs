@@ -675,10 +675,12 @@ impl DiskImage {
             _ => CrcSync::Own,
         };
         let block_locks = BlockLocks::for_file(path, &data_file)?;
-        let allocated = match stores {
-            Stores::Mapping if writable => {
-                // The sidecar is small (4 bytes a block): allocate all of it
-                // now, so its stores through the mapping never meet a hole.
+        let allocated = if writable {
+            {
+                // The sidecar is small (12 bytes a block): allocate all of it
+                // now, so that its stores through the mapping (the pending
+                // words, whichever way the bytes are stored) never meet a
+                // hole, which on a full file system would be a SIGBUS.
                 match allocate(&crc_file, 0, header.file_len()) {
                     Ok(()) => Some(Allocated::of_file(&data_file, header.block_count)),
                     Err(nix::errno::Errno::ENOSPC) => {
@@ -693,8 +695,8 @@ impl DiskImage {
                     Err(_) => None,
                 }
             }
-            Stores::File if writable => Some(Allocated::of_file(&data_file, header.block_count)),
-            _ => None,
+        } else {
+            None
         };
         let mut image = Self {
             path: path.to_path_buf(),
@@ -987,11 +989,9 @@ impl DiskImage {
     /// is read with `pread` instead (which reads a hole as zeros, allocating
     /// nothing).
     fn mapped_readable(&self, block: u64) -> bool {
-        self.stores == Stores::File
-            || self
-                .allocated
-                .as_ref()
-                .is_none_or(|allocated| allocated.all(block, block + 1))
+        self.allocated
+            .as_ref()
+            .is_none_or(|allocated| allocated.all(block, block + 1))
     }
 
     /// Makes sure `[offset, offset+len)` has its space on the host file
@@ -1061,13 +1061,25 @@ impl DiskImage {
             }
             Stores::Mapping => self.data.write_from(position as usize, bytes),
             Stores::File => {
-                return self
-                    .data_file
+                self.data_file
                     .write_all_at(bytes, position)
-                    .map_err(io_error(&self.path, "write image"))
+                    .map_err(io_error(&self.path, "write image"))?;
+                self.note_allocated(position, bytes.len() as u64);
             }
         }
         Ok(())
+    }
+
+    /// Notes that `[position, position+len)` was stored with `pwrite`, which
+    /// allocated it (a load per block once they are known).
+    fn note_allocated(&self, position: u64, len: u64) {
+        if let Some(allocated) = &self.allocated {
+            let block = u64::from(BLOCK_SIZE);
+            let (first, end) = (position / block, (position + len).div_ceil(block));
+            if !allocated.all(first, end) {
+                allocated.set(first, end);
+            }
+        }
     }
 
     /// Puts `len` zero bytes at image offset `position`.
@@ -1197,8 +1209,7 @@ impl DiskImage {
     fn abandon_writes(&self, first: u64, count: u64) {
         let mut bytes = [0u8; BLOCK_BYTES];
         for block in first..first + count {
-            self.data
-                .read_into((block * u64::from(BLOCK_SIZE)) as usize, &mut bytes);
+            self.copy_block(block, self.mapped_readable(block), &mut bytes);
             let actual = crc32fast::hash(&bytes);
             if actual == self.stored_crc(block) {
                 self.clear_pending(block);
@@ -1330,17 +1341,24 @@ impl DiskImage {
         held: Held,
     ) -> Result<u32, MediaError> {
         debug_assert_eq!(dst.len(), BLOCK_BYTES);
-        let offset = (block * u64::from(BLOCK_SIZE)) as usize;
         let mapped = self.mapped_readable(block);
         self.reread_until_valid(block, held, || {
-            if mapped {
-                self.data.read_into(offset, dst);
-            } else if self.data_file.read_exact_at(dst, offset as u64).is_err() {
-                // Unreadable: the CRC check fails and says so.
-                dst.fill(0xff);
-            }
+            self.copy_block(block, mapped, dst);
             crc32fast::hash(dst)
         })
+    }
+
+    /// Copies block `block` into `dst` (one block long): through the mapping
+    /// if `mapped` (see [`Self::mapped_readable`]), else with `pread`; a block
+    /// that cannot be read is copied as 0xff bytes, which fail any CRC check
+    /// that follows.
+    fn copy_block(&self, block: u64, mapped: bool, dst: &mut [u8]) {
+        let offset = block * u64::from(BLOCK_SIZE);
+        if mapped {
+            self.data.read_into(offset as usize, dst);
+        } else if self.data_file.read_exact_at(dst, offset).is_err() {
+            dst.fill(0xff);
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset`, checking the CRC of every block touched.
@@ -1888,7 +1906,13 @@ impl DiskImage {
             0,
             self.size as i64,
         ) {
-            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Ok(()) => {
+                if let Some(allocated) = &self.allocated {
+                    allocated.set(0, self.block_count);
+                }
+                Ok(())
+            }
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
             Err(err) => Err(ImageError::Io {
                 path: self.path.clone(),
                 operation: "allocate image",

@@ -858,3 +858,89 @@ fn a_read_only_opener_after_a_power_loss_reads_what_was_left_and_changes_nothing
     assert_eq!(intent_record(&path), (0, 0, 0));
     assert!(writer.verify(|_| {}).bad_blocks.is_empty());
 }
+
+/// On a full file system a write to a block never written fails with ENOSPC,
+/// whichever way bytes are stored, and the process lives on: with `pwrite`
+/// (`Stores::File`) the bytes' own `ENOSPC` says so, and the sidecar's pending
+/// words, stored through the mapping for every block write, never meet a hole
+/// (which would be a SIGBUS): the sidecar is allocated whole when the image is
+/// opened for writing. In a 1 MiB tmpfs filled up to the last page; needs
+/// root (it mounts the tmpfs).
+#[test]
+fn a_full_file_system_fails_a_new_block_with_enospc_not_sigbus() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a mount point");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount a 1 MiB tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let path = dir.path().join("disk.img");
+    DiskImage::create(&path, 8 << 20, false).expect("a sparse 8 MiB image");
+    // As created on a disk file system: past the checksums (4 bytes a block,
+    // after the 64-byte header), the sidecar's pending table is a hole (the
+    // tmpfs opener above allocated it).
+    {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        use std::os::fd::AsRawFd;
+        let sidecar = std::fs::OpenOptions::new()
+            .write(true)
+            .open(sidecar_path(&path))
+            .expect("the sidecar");
+        let pending = (64 + 4 * 2048u64).next_multiple_of(4096) as i64;
+        let len = sidecar.metadata().expect("sidecar size").len() as i64 - pending;
+        fallocate(
+            sidecar.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            pending,
+            len,
+        )
+        .expect("punch the pending table");
+    }
+    let image = DiskImage::open_storing(&path, Access::ReadWrite, Some(Stores::File))
+        .expect("open, storing with pwrite");
+    let old = vec![0x5Au8; BLOCK_BYTES];
+    image
+        .write_at(0, &old)
+        .expect("block 0, while there is room");
+    // Fill the file system to the last page.
+    let file = std::fs::File::create(dir.path().join("filler")).expect("filler");
+    let page = [0xA5u8; 4096];
+    let mut pages = 0u64;
+    while file.write_all_at(&page, pages * 4096).is_ok() {
+        pages += 1;
+    }
+    assert!(pages > 0, "the filler took some pages");
+    // Block 1000: its bytes are a hole, and so, unless the sidecar was
+    // allocated whole, is the page of its pending word (block 0's is another).
+    let far = 1000 * BLOCK_BYTES as u64;
+    match image.write_at(far, &[0x77u8; BLOCK_BYTES]) {
+        Err(ImageError::Io { source, .. }) => assert_eq!(
+            source.raw_os_error(),
+            Some(nix::errno::Errno::ENOSPC as i32),
+            "{source}"
+        ),
+        other => panic!("expected ENOSPC for a new block, got {other:?}"),
+    }
+    let new = vec![0x3Cu8; BLOCK_BYTES];
+    image.write_at(0, &new).expect("an overwrite needs no room");
+    let mut back = vec![0u8; BLOCK_BYTES];
+    image.read_at(0, &mut back).expect("read block 0");
+    assert_eq!(back, new);
+    image.read_at(far, &mut back).expect("read block 1000");
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the refused block reads as zeros"
+    );
+}
