@@ -289,6 +289,7 @@ impl Array {
             view_source(dir, Arc::clone(&faults)),
         )?;
         engine.journal_faults(faults);
+        engine.fail_members_with(member_failer(dir));
         Ok(Self {
             dir: dir.to_path_buf(),
             metadata,
@@ -327,25 +328,8 @@ impl Array {
         &mut self,
         change: impl FnOnce(&mut ArrayMetadata, &Self) -> Result<T, ArrayError>,
     ) -> Result<T, ArrayError> {
-        let live = self
-            .engine
-            .live()
-            .ok_or_else(|| ArrayError::Invalid("the array is not open for changes".into()))?;
-        let _guard = live.lock_metadata()?;
-        // Stripes a dead process left half-written are resynced under the
-        // configuration they were written with, not the new one.
-        live.recover_all_dead(&|stripe| self.engine.resync_stripe(stripe));
-        let mut metadata = read_metadata(&self.dir)?;
-        let out = change(&mut metadata, self)?;
-        metadata.changes += 1;
-        // No write in flight anywhere from here until the change is announced:
-        // each write runs whole under the configuration before or the one
-        // after (a degraded one journals what the failed disk held). Taken
-        // only now, so that the change's own work (allocating a disk) does
-        // not hold up the hosts.
-        let _quiet = self.engine.quiesce();
-        write_metadata(&self.dir, &metadata)?;
-        live.announce(metadata.changes);
+        let (out, metadata) =
+            change_metadata(&self.dir, &self.engine, |metadata| change(metadata, self))?;
         self.metadata = metadata;
         Ok(out)
     }
@@ -562,22 +546,68 @@ impl Array {
     /// when the index is out of range, the member is already failed, or the
     /// array has already FAILED.
     pub fn fail(&mut self, index: usize) -> Result<(), ArrayError> {
-        self.change(|metadata, _| {
-            check_index(metadata, index)?;
-            if state_of(metadata) == ArrayState::Failed {
-                return Err(ArrayError::Invalid(
-                    "the array has already FAILED; failing more disks changes nothing".into(),
-                ));
-            }
-            if metadata.members[index].state == MemberState::Failed {
-                return Err(ArrayError::Invalid(format!(
-                    "disk {index} is already failed"
-                )));
-            }
-            metadata.members[index].state = MemberState::Failed;
-            Ok(())
-        })
+        self.change(|metadata, _| mark_failed(metadata, index))
     }
+}
+
+/// Marks member `index` failed in `metadata`. Refused when the index is out of
+/// range, the member is already failed, or the array has already FAILED.
+fn mark_failed(metadata: &mut ArrayMetadata, index: usize) -> Result<(), ArrayError> {
+    check_index(metadata, index)?;
+    if state_of(metadata) == ArrayState::Failed {
+        return Err(ArrayError::Invalid(
+            "the array has already FAILED; failing more disks changes nothing".into(),
+        ));
+    }
+    if metadata.members[index].state == MemberState::Failed {
+        return Err(ArrayError::Invalid(format!(
+            "disk {index} is already failed"
+        )));
+    }
+    metadata.members[index].state = MemberState::Failed;
+    Ok(())
+}
+
+/// Changes the array metadata in `dir` for every process that has it open:
+/// under the metadata lock, after recovering the stripes of dead processes,
+/// with every stripe of `engine` quiesced while it is written and announced.
+/// Returns `change`'s result and the new metadata.
+fn change_metadata<T>(
+    dir: &Path,
+    engine: &RaidEngine,
+    change: impl FnOnce(&mut ArrayMetadata) -> Result<T, ArrayError>,
+) -> Result<(T, ArrayMetadata), ArrayError> {
+    let live = engine
+        .live()
+        .ok_or_else(|| ArrayError::Invalid("the array is not open for changes".into()))?;
+    let _guard = live.lock_metadata()?;
+    // Stripes a dead process left half-written are resynced under the
+    // configuration they were written with, not the new one.
+    live.recover_all_dead(&|stripe| engine.resync_stripe(stripe));
+    let mut metadata = read_metadata(dir)?;
+    let out = change(&mut metadata)?;
+    metadata.changes += 1;
+    // No write in flight anywhere from here until the change is announced:
+    // each write runs whole under the configuration before or the one
+    // after (a degraded one journals what the failed disk held). Taken
+    // only now, so that the change's own work (allocating a disk) does
+    // not hold up the hosts.
+    let _quiet = engine.quiesce();
+    write_metadata(dir, &metadata)?;
+    live.announce(metadata.changes);
+    Ok((out, metadata))
+}
+
+/// How an open array's engine records a member that failed a write: failed in
+/// `dir`'s metadata for every process, as `array fail` does (see
+/// [`RaidEngine::fail_members_with`]).
+fn member_failer(dir: &Path) -> crate::raid::MemberFailer {
+    let dir = dir.to_path_buf();
+    Box::new(move |engine, index| {
+        change_metadata(&dir, engine, |metadata| mark_failed(metadata, index))
+            .map(|_| ())
+            .map_err(|err| RaidError::Config(err.to_string()))
+    })
 }
 
 /// Refuses a member index the array does not have.

@@ -383,6 +383,27 @@ impl View {
 pub type ViewSource =
     Box<dyn Fn() -> Result<(Vec<Arc<dyn Member>>, Vec<MemberState>), RaidError> + Send + Sync>;
 
+/// Records member `index` failed for every process that has the array open
+/// (what `Array::fail` does). Called by the engine with no stripe lock held,
+/// after a member failed a write (see [`RaidEngine::fail_members_with`]).
+pub type MemberFailer = Box<dyn Fn(&RaidEngine, usize) -> Result<(), RaidError> + Send + Sync>;
+
+/// Whether a member write that failed with `err` fails the member (md's rule:
+/// a disk that cannot store a write is out of the array). Not a full host file
+/// system (ENOSPC: the disk is fine, there is no room for its file to grow;
+/// arrays reserve before writing, so it stores nothing anywhere), and not a
+/// range or mode the caller got wrong.
+fn fails_member(err: &ImageError) -> bool {
+    match err {
+        ImageError::Io { source, .. } => {
+            source.raw_os_error() != Some(nix::errno::Errno::ENOSPC as i32)
+                && source.kind() != std::io::ErrorKind::StorageFull
+        }
+        ImageError::Media(_) => true,
+        _ => false,
+    }
+}
+
 /// The cross-process side: live state shared with the other processes that have
 /// the array open, and where to reload the configuration from.
 struct Shared {
@@ -399,6 +420,11 @@ pub struct RaidEngine {
     journal: Option<Journal>,
     locks: Box<[RwLock<()>]>,
     repaired: AtomicU64,
+    /// Records a member that failed a write failed for every process.
+    failer: Option<MemberFailer>,
+    /// Members that failed a write, failed in this engine's view under the
+    /// stripe lock and recorded through `failer` once no lock is held.
+    broken: parking_lot::Mutex<Vec<usize>>,
 }
 
 impl fmt::Debug for RaidEngine {
@@ -512,6 +538,8 @@ impl RaidEngine {
             journal: None,
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             repaired: AtomicU64::new(0),
+            failer: None,
+            broken: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -592,6 +620,12 @@ impl RaidEngine {
             .journal
             .take()
             .map(|journal| journal.with_faults(faults));
+    }
+
+    /// How a member that fails a write is recorded failed for every process
+    /// (without one, it is failed in this engine's view only).
+    pub fn fail_members_with(&mut self, failer: MemberFailer) {
+        self.failer = Some(failer);
     }
 
     /// The live state, for an engine shared with other processes.
@@ -873,14 +907,16 @@ impl RaidEngine {
         for (position, done, step) in split(offset, data.len(), unit) {
             let piece = &data[done..done + step];
             let region = position / unit;
-            match self.geometry.level {
+            let written = match self.geometry.level {
                 Level::Raid1 => {
-                    self.under_exclusive(region, |view| self.r1_write(view, position, piece))?
+                    self.under_exclusive(region, |view| self.r1_write(view, position, piece))
                 }
                 Level::Raid5 | Level::Raid6 => self.under_exclusive(region, |view| {
                     self.r5_write_stripe(view, region, position % unit, piece)
-                })?,
-            }
+                }),
+            };
+            self.record_broken();
+            written?;
         }
         Ok(())
     }
@@ -1293,11 +1329,8 @@ impl RaidEngine {
             };
             let writing = (0..view.images.len()).filter(|&i| view.writable(i));
             self.reserve(view, writing.clone(), lo, bytes.len())?;
-            for index in writing {
-                view.images[index]
-                    .write_at(lo, bytes)
-                    .map_err(|source| Self::member_error(index, source))?;
-            }
+            let writes = writing.map(|index| (index, bytes));
+            self.write_members(view, writes, lo, &mut Vec::new())?;
             window_start = window_end;
         }
         Ok(())
@@ -1667,23 +1700,12 @@ impl RaidEngine {
             None => None,
         };
         let mut written_disks = Vec::with_capacity(touched.len() + 1);
-        let written = (|| {
-            for t in &touched {
-                if view.writable(t.disk) {
-                    written_disks.push(t.disk);
-                    view.images[t.disk]
-                        .write_at(offset, &t.new)
-                        .map_err(|source| Self::member_error(t.disk, source))?;
-                }
-            }
-            if let Some(parity) = &parity {
-                written_disks.push(parity_disk);
-                view.images[parity_disk]
-                    .write_at(offset, parity)
-                    .map_err(|source| Self::member_error(parity_disk, source))?;
-            }
-            Ok(())
-        })();
+        let writes = touched
+            .iter()
+            .filter(|t| view.writable(t.disk))
+            .map(|t| (t.disk, &*t.new))
+            .chain(parity.as_deref().map(|parity| (parity_disk, parity)));
+        let written = self.write_members(view, writes, offset, &mut written_disks);
         self.clear_journal(view, journaled, written, &written_disks, offset, len)
     }
 
@@ -1722,22 +1744,92 @@ impl RaidEngine {
             None
         };
         let mut written_disks = Vec::with_capacity(g.disks);
-        let written = (|| {
-            for t in touched.iter().filter(|t| view.writable(t.disk)) {
-                written_disks.push(t.disk);
-                view.images[t.disk]
-                    .write_at(offset, &t.new)
-                    .map_err(|source| Self::member_error(t.disk, source))?;
-            }
-            for disk in self.parity_disks(stripe).filter(|&d| view.writable(d)) {
-                written_disks.push(disk);
-                view.images[disk]
-                    .write_at(offset, &chunks[disk])
-                    .map_err(|source| Self::member_error(disk, source))?;
-            }
-            Ok(())
-        })();
+        let writes = touched
+            .iter()
+            .filter(|t| view.writable(t.disk))
+            .map(|t| (t.disk, &*t.new))
+            .chain(
+                self.parity_disks(stripe)
+                    .filter(|&d| view.writable(d))
+                    .map(|disk| (disk, &chunks[disk][..])),
+            );
+        let written = self.write_members(view, writes, offset, &mut written_disks);
         self.clear_journal(view, journaled, written, &written_disks, offset, len)
+    }
+
+    /// Writes each `(disk, bytes)` at `offset`, in order, noting each disk in
+    /// `written` before its write. A member that fails its write (see
+    /// [`fails_member`]) while it answers is failed, md's rule: at once in
+    /// this engine's view, for every process once the stripe lock is released
+    /// ([`Self::record_broken`]). The other members are still written, so the
+    /// row ends in step without it (new data, parity for the new data) and
+    /// nothing reconstructed later from the row is stale; they are made
+    /// durable at once, since the row is now degraded without a journal entry
+    /// for the member that left. The write succeeds if the array can go on
+    /// without the members that failed it, as a write to a degraded array
+    /// does; else it fails with the first member's error.
+    fn write_members<'d>(
+        &self,
+        view: &View,
+        writes: impl Iterator<Item = (usize, &'d [u8])>,
+        offset: u64,
+        written: &mut Vec<usize>,
+    ) -> StepResult<()> {
+        let mut broken: Vec<(usize, ImageError)> = Vec::new();
+        let mut len = 0;
+        for (disk, bytes) in writes {
+            written.push(disk);
+            len = bytes.len() as u64;
+            if let Err(source) = view.images[disk].write_at(offset, bytes) {
+                if !fails_member(&source) || !view.images[disk].present() {
+                    return Err(Self::member_error(disk, source));
+                }
+                tracing::error!(disk, offset, %source, "a member failed a write: it is failed");
+                broken.push((disk, source));
+            }
+        }
+        if broken.is_empty() {
+            return Ok(());
+        }
+        let mut states = view.states.clone();
+        for &(disk, _) in &broken {
+            states[disk] = MemberState::Failed;
+            self.set_member_state(disk, MemberState::Failed)?;
+            self.broken.lock().push(disk);
+        }
+        written.retain(|&disk| states[disk] != MemberState::Failed);
+        for &disk in written.iter() {
+            view.images[disk]
+                .flush_range(offset, len)
+                .map_err(|source| Self::member_error(disk, source))?;
+        }
+        if self.state_of(&states) == ArrayState::Failed {
+            let (disk, source) = broken.swap_remove(0);
+            return Err(Self::member_error(disk, source));
+        }
+        Ok(())
+    }
+
+    /// Records the members that failed a write ([`Self::write_members`])
+    /// failed for every process, through the engine's [`MemberFailer`].
+    /// Called with no stripe lock held: recording a change quiesces the
+    /// engine.
+    fn record_broken(&self) {
+        let mut broken = std::mem::take(&mut *self.broken.lock());
+        broken.sort_unstable();
+        broken.dedup();
+        for disk in broken {
+            let Some(failer) = &self.failer else {
+                continue;
+            };
+            match failer(self, disk) {
+                Ok(()) => tracing::error!(
+                    disk,
+                    "disk failed: it could not store a write; the array goes on without it"
+                ),
+                Err(err) => tracing::warn!(disk, %err, "recording a disk that failed a write"),
+            }
+        }
     }
 
     /// Reserves `[offset, offset+len)` on every member of `disks` before any

@@ -487,3 +487,153 @@ fn a_row_write_one_member_cannot_store_changes_no_member() {
         .expect("read through the parity");
     assert_eq!(back, first, "the acknowledged chunk, reconstructed");
 }
+
+/// A rule that fails every write to `file` with EIO (reads and flushes work).
+fn write_errors(id: &str, file: &str) -> DiskRule {
+    DiskRule {
+        ops: OpSet {
+            read: false,
+            write: true,
+            flush: false,
+        },
+        ..rule(id, file, Effect::Error { errno: 5 })
+    }
+}
+
+/// md's rule: a member that cannot store a write is failed, and the row is
+/// written on without it, so its parity is the parity of the new data. The
+/// host's write succeeds, as one to a degraded array does; the failure is
+/// recorded in the array's metadata for every process (and a hot spare can
+/// then take its place). Before, the write failed with the member's EIO and
+/// left the member in: the row's other members held the new bytes and its
+/// parity the old, so a later failure of another disk reconstructed bytes no
+/// one wrote.
+#[test]
+fn a_member_that_fails_a_write_is_failed_and_the_row_written_without_it() {
+    for level in [Level::Raid5, Level::Raid6] {
+        for role in ["data", "parity"] {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let array = Array::create(dir.path(), geometry(level, 5, CHUNK, DISK), 1, 1)
+                .expect("create the array");
+            let engine = Arc::clone(array.engine());
+            let g = engine.geometry();
+            let row = g.row_bytes();
+            let old = pattern(30, 4 * row as usize);
+            engine.write_at(0, &old).expect("fill four rows");
+            // Row 2: a write over chunks 0 and 1; the failing disk holds chunk 1
+            // or the row's P.
+            let failing = match role {
+                "data" => g.data_disk(2, 1),
+                _ => g.parity_disk(2),
+            };
+            set(
+                dir.path(),
+                vec![write_errors("f20", &format!("disk{failing}.img"))],
+            );
+            let new = pattern(31, 2 * CHUNK as usize);
+            engine
+                .write_at(2 * row, &new)
+                .unwrap_or_else(|err| panic!("{level:?} {role}: the array absorbs it: {err}"));
+            assert_eq!(
+                engine.member_states()[failing],
+                MemberState::Failed,
+                "{level:?} {role}: the member that failed the write is failed"
+            );
+            let on_disk = controllers::array::read_metadata(dir.path()).expect("array.json");
+            assert_eq!(
+                on_disk.members[failing].state,
+                MemberState::Failed,
+                "{level:?} {role}: recorded for every process"
+            );
+            assert_eq!(engine.state(), ArrayState::Degraded, "{level:?} {role}");
+            set(dir.path(), Vec::new());
+            let mut expected = old.clone();
+            expected[2 * row as usize..][..new.len()].copy_from_slice(&new);
+            let mut back = vec![0u8; expected.len()];
+            engine.read_at(0, &mut back).expect("read back, degraded");
+            assert!(
+                back == expected,
+                "{level:?} {role}: the row reads as written, the missing chunk from the parity"
+            );
+            // Another disk of the row fails. RAID-6 reconstructs the data from
+            // a row in step; RAID-5 has nothing left to reconstruct from and
+            // says so (before, it reconstructed from the stale parity the
+            // member left in: bytes no one wrote).
+            engine
+                .fail_member(g.data_disk(2, 0))
+                .expect("fail another disk");
+            match (level, engine.read_at(0, &mut back)) {
+                (Level::Raid6, Ok(())) => assert!(
+                    back == expected,
+                    "{level:?} {role}: reconstructed from a row in step"
+                ),
+                (Level::Raid5, Err(RaidError::ArrayFailed)) => {}
+                (_, other) => panic!("{level:?} {role}: two disks out: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A mirror that fails a write is failed; the others hold the write.
+#[test]
+fn a_mirror_that_fails_a_write_is_failed_and_the_write_kept_on_the_others() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array =
+        Array::create(dir.path(), geometry(Level::Raid1, 2, CHUNK, DISK), 0, 1).expect("create");
+    let engine = Arc::clone(array.engine());
+    set(dir.path(), vec![write_errors("f21", "disk0.img")]);
+    let data = pattern(32, 3 * CHUNK as usize);
+    engine
+        .write_at(CHUNK, &data)
+        .expect("the other mirror stores it");
+    assert_eq!(
+        engine.member_states(),
+        vec![MemberState::Failed, MemberState::Active]
+    );
+    assert_eq!(stored(dir.path(), "disk1.img", CHUNK, data.len()), data);
+    set(dir.path(), vec![write_errors("f22", "disk1.img")]);
+    match engine.write_at(0, &data) {
+        Err(RaidError::Member { index: 1, source }) => {
+            assert!(source.to_string().contains("injected"), "{source}")
+        }
+        other => panic!("the last mirror failing a write fails it: {other:?}"),
+    }
+    assert_eq!(engine.state(), ArrayState::Failed);
+    let mut back = vec![0u8; 4096];
+    assert!(matches!(
+        engine.read_at(0, &mut back),
+        Err(RaidError::ArrayFailed)
+    ));
+}
+
+/// A degraded RAID-5 whose last redundancy fails a write cannot go on: the
+/// write fails, and so the array, with clear errors rather than a row
+/// reconstructed from stale parity.
+#[test]
+fn a_degraded_raid5_member_that_fails_a_write_fails_the_array() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    let g = engine.geometry();
+    engine
+        .write_at(0, &pattern(33, g.row_bytes() as usize))
+        .expect("fill row 0");
+    array.fail(g.data_disk(0, 2)).expect("degrade the array");
+    set(
+        dir.path(),
+        vec![write_errors(
+            "f23",
+            &format!("disk{}.img", g.parity_disk(0)),
+        )],
+    );
+    match engine.write_at(0, &pattern(34, CHUNK as usize)) {
+        Err(RaidError::Member { index, .. }) => assert_eq!(index, g.parity_disk(0)),
+        other => panic!("expected the parity disk's error, got {other:?}"),
+    }
+    assert_eq!(engine.state(), ArrayState::Failed);
+    let mut back = vec![0u8; CHUNK as usize];
+    assert!(matches!(
+        engine.read_at(2 * CHUNK, &mut back),
+        Err(RaidError::ArrayFailed)
+    ));
+}

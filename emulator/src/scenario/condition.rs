@@ -29,7 +29,7 @@ workload W running|ended, workload W writes >= N";
 
 /// What `assert` may say beyond a condition.
 pub const CHECK_FORMS: &str = "no loss [in W], loss in W, no garbage [in W], \
-workload W saw errors, scrub clean [on sN], every task via A|B complete";
+workload W saw [no] errors, scrub clean [on sN], every task via A|B complete";
 
 /// A rebuild or a scrub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,8 +234,9 @@ pub enum Check {
     /// No read-back of the workload (every one: None) returned other data
     /// than the last acknowledged write (errors are allowed).
     NoGarbage(Option<String>),
-    /// The workload saw I/O errors (failed writes, reads or flushes).
-    SawErrors(String),
+    /// The workload saw I/O errors (failed writes, reads or flushes), or
+    /// (`false`) saw none.
+    SawErrors(String, bool),
     /// A scrub (no repair) of the system, submitted now, finds nothing.
     ScrubClean(usize),
     /// Every task the scenario submitted through this server completed
@@ -320,7 +321,7 @@ impl Check {
         match self {
             Self::Condition(condition) => condition.workload(),
             Self::NoLoss(name) | Self::NoGarbage(name) => name.as_deref(),
-            Self::Loss(name) | Self::SawErrors(name) => Some(name),
+            Self::Loss(name) | Self::SawErrors(name, _) => Some(name),
             _ => None,
         }
     }
@@ -567,7 +568,8 @@ pub fn parse_check(text: &str) -> Result<Check, String> {
         ["loss", "in", name] => Check::Loss(name.to_string()),
         ["no", "garbage"] => Check::NoGarbage(None),
         ["no", "garbage", "in", name] => Check::NoGarbage(Some(name.to_string())),
-        ["workload", name, "saw", "errors"] => Check::SawErrors(name.to_string()),
+        ["workload", name, "saw", "errors"] => Check::SawErrors(name.to_string(), true),
+        ["workload", name, "saw", "no", "errors"] => Check::SawErrors(name.to_string(), false),
         ["scrub", "clean"] => Check::ScrubClean(0),
         ["scrub", "clean", "on", system] => Check::ScrubClean(system_index(system)?),
         ["every", "task", "via", pair, "complete"] => Check::EveryTaskVia(Pair::parse(pair)?),

@@ -926,14 +926,14 @@ impl Runner<'_> {
                 }
                 (all, said.join("; "))
             }
-            Check::SawErrors(name) => {
+            Check::SawErrors(name, expected) => {
                 let index = self.workload_index(name);
                 self.stop_and_join(index, step)?;
                 match &self.workloads[index].ended {
                     Some(Ok(s)) => {
                         let errors = s.writes_failed + s.reads_failed + s.flushes_failed;
                         (
-                            errors > 0,
+                            (errors > 0) == *expected,
                             format!(
                                 "{name}: {} writes, {} reads and {} flushes failed",
                                 s.writes_failed, s.reads_failed, s.flushes_failed
