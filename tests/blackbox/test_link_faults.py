@@ -16,6 +16,11 @@ through the API and the CLI, and what a user sees of them:
   oracle finds nothing acknowledged-and-flushed lost;
 - a delayed NBD link holds every reply back (lower bounds only), on a
   connection open before the fault and on one opened after it;
+- agent A of s0/c0's link to its driver cut: the agent stays registered, a
+  task through it waits, queued, while pair B carries one; cleared, the agent
+  reaches its driver again by itself and the task completes;
+- a delayed driver link still carries tasks, each taking at least the delay
+  both ways;
 - bad requests are refused with 400 naming what was wrong, and change nothing.
 
 Every fault is in the fault log and `fault list` while it stands.
@@ -202,3 +207,39 @@ def test_bad_link_fault_requests_are_refused_naming_what_was_wrong_and_change_no
     task_completes(domain, "A", "c0")
     info = run(["nbdinfo", "--size", volumes(domain)["vol0"]["uri"]], check=True)
     assert int(info.stdout) > 0
+
+
+def test_a_cut_driver_link_holds_tasks_through_that_agent_queued_and_cleared_they_complete(domain):
+    """Agent A of s0/c0 cut off from its driver (`sN/cM/agent-a/driver`): it
+    stays registered with server A, a task through it waits, queued, while a
+    task through pair B completes; cleared, the agent reaches its driver again
+    by itself and the waiting task completes."""
+    link = "s0/c0/agent-a/driver"
+    cut = inject(domain, fault="link-cut", link=link)
+    assert cut["standing"], cut
+    assert "link s0/c0/agent-a/driver (agent A of s0/c0 to its driver) cut" in cut["effect"], cut
+    log = domain.run_dir / "logs" / "s0-c0-agent-a.log"
+    wait_until(lambda: "lost the driver" in log.read_text(), 5, "agent A of s0/c0 to lose its driver")
+    status, waiting = domain.submit("A", "c0", "report")
+    assert status == 202, (status, waiting)
+    task_completes(domain, "B", "c0")
+    task_completes(domain, "A", "c1")
+    assert agent_state(domain, "A", "s0/c0/agent-a") == "registered"
+    now = domain.get("A", f"/api/v1/tasks/{waiting['id']}")
+    assert now["state"] == "queued", now
+    cleared = emulator("fault", "clear", cut["id"], "--run-dir", domain.run_dir)
+    assert cleared.returncode == 0, cleared.describe()
+    ended = domain.wait_task("A", waiting["id"], timeout=15)
+    assert ended["state"] == "complete", ended
+    task_completes(domain, "A", "c0")
+
+
+def test_a_delayed_driver_link_carries_tasks_that_take_at_least_the_delay_both_ways(domain):
+    delay = inject(domain, fault="link-delay", link="s0/c1/agent-b/driver", ms=300)
+    assert "every message, either way, arrives 300 ms late" in delay["effect"], delay
+    log = domain.run_dir / "logs" / "s0-c1-agent-b.log"
+    picked = lambda: any("link fault changed" in line and "agent-b/driver" in line for line in log.read_text().splitlines())  # noqa: E731
+    wait_until(picked, 5, "agent B of s0/c1 to pick the delay up")
+    started = time.monotonic()
+    task_completes(domain, "B", "c1")
+    assert time.monotonic() - started >= 0.6, "the task's request and its end each waited 300 ms"

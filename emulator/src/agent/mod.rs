@@ -21,13 +21,15 @@
 //! The link to the server goes through its fault layer (`link::shape`),
 //! which follows the link book for this agent's link (`s0/c1/agent-a`): a
 //! cut closes it and holds registration back until it is cleared (no
-//! attempt counts while it stands), a delay holds every message back.
+//! attempt counts while it stands), a delay holds every message back. The
+//! link to the driver goes through one too (`s0/c1/agent-a/driver`): a cut
+//! closes it and the agent connects again once it is cleared; tasks handed
+//! to the agent meanwhile wait for it, queued.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::domain::{ClusterName, Pair, ProcessName, Role};
@@ -76,6 +78,8 @@ struct Agent {
     persist: Mutex<Persist>,
     /// The link faults standing on this agent's link to its server.
     link: tokio::sync::watch::Receiver<LinkState>,
+    /// The link faults standing on this agent's link to its driver.
+    driver_link: tokio::sync::watch::Receiver<LinkState>,
 }
 
 impl Agent {
@@ -111,9 +115,10 @@ pub fn run(run: &RunDir, cluster: ClusterName, pair: Pair) -> Result<(), AgentEr
             cluster: Some(cluster),
             role: Role::Agent(pair),
         };
-        let link = crate::link::book::watch(run.root(), &[me.to_string()])
-            .pop()
-            .expect("one link watched");
+        let [link, driver_link]: [_; 2] =
+            crate::link::book::watch(run.root(), &[me.to_string(), format!("{me}/driver")])
+                .try_into()
+                .expect("two links watched");
         let agent = Arc::new(Agent {
             me,
             run: run.clone(),
@@ -121,6 +126,7 @@ pub fn run(run: &RunDir, cluster: ClusterName, pair: Pair) -> Result<(), AgentEr
             cluster,
             persist: Mutex::new(Persist::open(&run.persist(cluster))?),
             link,
+            driver_link,
         });
         let (to_driver, from_server) = mpsc::channel::<ToDriver>(64);
         let (to_server, from_driver) = mpsc::channel::<FromDriver>(64);
@@ -201,8 +207,8 @@ async fn driver_side(
 async fn connect_driver(
     agent: &Agent,
     socket: &std::path::Path,
-) -> Result<Link<UnixStream>, LinkError> {
-    let mut link = Link::new(UnixStream::connect(socket).await?);
+) -> Result<Link<Shaped>, LinkError> {
+    let mut link = Link::new(shape::connect(socket, agent.driver_link.clone()).await?);
     link.send(&ToDriver::Hello {
         version: PROTOCOL_VERSION,
         agent: agent.me,

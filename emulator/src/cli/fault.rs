@@ -79,8 +79,8 @@ pub(super) enum FaultCommand {
         #[arg(long)]
         process: Option<String>,
         /// The link of a link fault: s0/c1/agent-a (that agent's link to its
-        /// server), s0/c0/nbd (the hosts' links to controller s0/c0's NBD
-        /// address).
+        /// server), s0/c1/agent-a/driver (that agent's link to its driver),
+        /// s0/c0/nbd (the hosts' links to controller s0/c0's NBD address).
         #[arg(long)]
         link: Option<String>,
         #[command(flatten)]

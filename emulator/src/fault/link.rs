@@ -1,7 +1,7 @@
 //! Link faults: a [`LinkFault`] as users write it, turned into a rule of the
 //! run's link book (`crate::link::book`), which the processes at either end
 //! of the link apply: an agent's fault layer (`crate::link::shape`) for its
-//! link to its server, the drivers' NBD hooks (`crate::nbd::hook`) for the
+//! links to its server and to its driver, the drivers' NBD hooks (`crate::nbd::hook`) for the
 //! hosts' links to a controller address. Processes pick a change up within
 //! `crate::link::book::POLL` (20 ms).
 
@@ -17,7 +17,8 @@ use crate::rundir::RunDir;
 #[serde(deny_unknown_fields)]
 pub struct LinkFault {
     /// `sN/cM/agent-a` (that agent's link to server A; `agent-b`: to server
-    /// B), or `sN/cM/nbd` (the hosts' links to controller sN/cM's NBD
+    /// B), `sN/cM/agent-a/driver` (that agent's link to its cluster's
+    /// driver), or `sN/cM/nbd` (the hosts' links to controller sN/cM's NBD
     /// address: every connection open on it, and new ones).
     pub link: String,
     /// Added latency, ms (link-delay): every message of an agent link, either
@@ -31,16 +32,20 @@ pub struct LinkFault {
 pub enum LinkName {
     /// An agent's link to the server of its pair.
     Agent(ClusterName, Pair),
+    /// An agent's link to its cluster's driver.
+    Driver(ClusterName, Pair),
     /// The hosts' links to a controller's NBD address.
     Nbd(ClusterName),
 }
 
 impl LinkName {
-    /// Parses `sN/cM/agent-a`, `sN/cM/agent-b`, `sN/cM/nbd`.
+    /// Parses `sN/cM/agent-a`, `sN/cM/agent-b`, `sN/cM/agent-a/driver`,
+    /// `sN/cM/agent-b/driver`, `sN/cM/nbd`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "link {text:?}: links are sN/cM/agent-a, sN/cM/agent-b (that agent's link to its server) \
+                "link {text:?}: links are sN/cM/agent-a, sN/cM/agent-b (that agent's link to its server), \
+                 sN/cM/agent-a/driver, sN/cM/agent-b/driver (that agent's link to its cluster's driver) \
                  and sN/cM/nbd (the hosts' links to that controller's NBD address), e.g. s0/c1/agent-a"
             )
         };
@@ -49,7 +54,15 @@ impl LinkName {
                 .map(Self::Nbd)
                 .map_err(|_| bad());
         }
-        match ProcessName::parse(text) {
+        let (agent, to_driver) = match text.strip_suffix("/driver") {
+            Some(agent) => (agent, true),
+            None => (text, false),
+        };
+        match ProcessName::parse(agent) {
+            Ok(ProcessName {
+                cluster: Some(cluster),
+                role: Role::Agent(pair),
+            }) if to_driver => Ok(Self::Driver(cluster, pair)),
             Ok(ProcessName {
                 cluster: Some(cluster),
                 role: Role::Agent(pair),
@@ -61,7 +74,7 @@ impl LinkName {
     /// Refuses a link `domain` does not have.
     pub fn check(&self, domain: &Domain) -> Result<(), String> {
         let cluster = match self {
-            Self::Agent(cluster, _) | Self::Nbd(cluster) => cluster,
+            Self::Agent(cluster, _) | Self::Driver(cluster, _) | Self::Nbd(cluster) => cluster,
         };
         if cluster.system >= domain.systems.len() {
             return Err(format!(
@@ -70,7 +83,7 @@ impl LinkName {
                 domain.systems.len() - 1
             ));
         }
-        if let Self::Agent(_, Pair::B) = self {
+        if let Self::Agent(_, Pair::B) | Self::Driver(_, Pair::B) = self {
             if domain.server(Pair::B).is_none() {
                 return Err(format!(
                     "link {self}: the domain has no server B, so no agent B"
@@ -86,6 +99,9 @@ impl LinkName {
             Self::Agent(cluster, pair) => {
                 format!("link {self} (agent {pair} of {cluster} to server {pair})")
             }
+            Self::Driver(cluster, pair) => {
+                format!("link {self} (agent {pair} of {cluster} to its driver)")
+            }
             Self::Nbd(cluster) => {
                 format!("link {self} (hosts to controller {cluster}'s NBD address)")
             }
@@ -97,6 +113,7 @@ impl std::fmt::Display for LinkName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Agent(cluster, pair) => write!(f, "{cluster}/agent-{}", pair.lower()),
+            Self::Driver(cluster, pair) => write!(f, "{cluster}/agent-{}/driver", pair.lower()),
             Self::Nbd(cluster) => write!(f, "{cluster}/nbd"),
         }
     }
@@ -130,6 +147,10 @@ pub(super) fn inject(
                 LinkName::Agent(..) => format!(
                     "{what} cut: its connection closed; it cannot register again until cleared"
                 ),
+                LinkName::Driver(..) => format!(
+                    "{what} cut: its connection closed; the agent cannot reach its driver until \
+                     cleared (a task handed to it waits, queued)"
+                ),
                 LinkName::Nbd(_) => format!(
                     "{what} cut: its open NBD connections closed, new ones refused until cleared"
                 ),
@@ -148,7 +169,7 @@ pub(super) fn inject(
         (_, Some(ms)) => (
             LinkEffect::Delay { ms },
             match name {
-                LinkName::Agent(..) => {
+                LinkName::Agent(..) | LinkName::Driver(..) => {
                     format!("{what}: every message, either way, arrives {ms} ms late")
                 }
                 LinkName::Nbd(_) => format!("{what}: every NBD reply arrives {ms} ms late"),
@@ -183,7 +204,12 @@ mod tests {
 
     #[test]
     fn link_names_parse_and_print_back_and_bad_ones_say_what_links_are() {
-        for text in ["s0/c1/agent-a", "s2/c0/agent-b", "s0/c0/nbd"] {
+        for text in [
+            "s0/c1/agent-a",
+            "s2/c0/agent-b",
+            "s0/c0/nbd",
+            "s0/c1/agent-a/driver",
+        ] {
             assert_eq!(LinkName::parse(text).expect(text).to_string(), text);
         }
         for text in [
@@ -192,6 +218,8 @@ mod tests {
             "host/server-a",
             "nbd",
             "s0/c0/agent-c",
+            "s0/c0/driver/driver",
+            "s0/c0/server-a/driver",
         ] {
             let err = LinkName::parse(text).expect_err(text);
             assert!(err.contains("links are sN/cM/agent-a"), "{err}");
