@@ -410,6 +410,41 @@ impl Read for &Socket {
     }
 }
 
+/// What a connection's requests are read from: the bytes the handshake read
+/// past its end, then the socket. (`Read::chain` would do, but its
+/// `read_exact` is the default loop of `read`s, which would receive a large
+/// payload a segment at a time, polling between them, instead of with the
+/// socket's one blocking call.)
+struct Incoming<'a> {
+    early: io::Cursor<Vec<u8>>,
+    socket: &'a Socket,
+}
+
+impl Incoming<'_> {
+    fn early_left(&self) -> bool {
+        (self.early.position() as usize) < self.early.get_ref().len()
+    }
+}
+
+impl Read for Incoming<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.early_left() {
+            return self.early.read(buf);
+        }
+        let mut socket = self.socket;
+        socket.read(buf)
+    }
+
+    fn read_exact(&mut self, mut buf: &mut [u8]) -> io::Result<()> {
+        if self.early_left() {
+            let count = self.early.read(buf)?;
+            buf = &mut buf[count..];
+        }
+        let mut socket = self.socket;
+        socket.read_exact(buf)
+    }
+}
+
 /// Where a connection writes its replies: its socket, through its link
 /// hook's tap when it has one (a driver's address). With no delay standing
 /// the tap costs one atomic load per write.
@@ -553,7 +588,10 @@ async fn serve_connection(
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
                 let _entered = span.enter();
-                let requests = io::Cursor::new(early_requests).chain(&socket);
+                let requests = Incoming {
+                    early: io::Cursor::new(early_requests),
+                    socket: &socket,
+                };
                 let wire = Wire {
                     socket: &socket,
                     tap: tap.as_deref(),
@@ -593,5 +631,39 @@ async fn serve_connection(
         Ok(Ok(Ending::Shutdown)) => tracing::info!("closed for shutdown"),
         Ok(Err(err)) => tracing::warn!(%err, "connection dropped"),
         Err(_) => tracing::error!("connection thread panicked"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A request stream starts with what the handshake read past its end:
+    /// `read` and `read_exact` take those bytes first, then the socket's;
+    /// `read_exact` returns all that was asked for, however it arrives.
+    #[test]
+    fn incoming_reads_the_early_bytes_then_the_socket() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        let socket = Socket::Unix(ours);
+        let mut incoming = Incoming {
+            early: io::Cursor::new(b"early".to_vec()),
+            socket: &socket,
+        };
+        let sender = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            for piece in [&b"-late"[..], b" bytes", b" come in pieces"] {
+                theirs.write_all(piece).expect("send");
+                theirs.flush().expect("flush");
+                std::thread::yield_now();
+            }
+        });
+        let mut first = [0u8; 3];
+        assert_eq!(incoming.read(&mut first).expect("read"), 3);
+        assert_eq!(&first, b"ear");
+        let mut rest = [0u8; 28];
+        incoming.read_exact(&mut rest).expect("read_exact");
+        assert_eq!(&rest[..], b"ly-late bytes come in pieces");
+        sender.join().expect("the sender");
     }
 }
