@@ -637,3 +637,102 @@ fn a_degraded_raid5_member_that_fails_a_write_fails_the_array() {
         Err(RaidError::ArrayFailed)
     ));
 }
+
+/// A small seeded generator (xorshift64*), for the writers below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Four writers go on while a member of a RAID-6 starts failing every write:
+/// nothing hangs (recording the failure quiesces the engine while the others
+/// write), every write succeeds, the member is failed, a scrub finds every
+/// row in step, and what each writer wrote reads back, also with a second
+/// disk failed (so through rows the failure left consistent).
+#[test]
+fn writers_go_on_while_a_member_starts_failing_writes() {
+    let seed = std::env::var("FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+        | 1;
+    println!("seed {seed} (FAULTS_SEED={seed} replays it)");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let array = Array::create(dir.path(), geometry(Level::Raid6, 5, CHUNK, DISK), 0, 1)
+        .expect("create the array");
+    let engine = Arc::clone(array.engine());
+    let size = engine.geometry().data_bytes();
+    const WRITERS: u64 = 4;
+    let region = size / WRITERS;
+    let failing = 2;
+    let (done, finished) = std::sync::mpsc::channel();
+    for writer in 0..WRITERS {
+        let (engine, done) = (Arc::clone(&engine), done.clone());
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut rng = Rng(seed ^ (writer + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut model = vec![0u8; region as usize];
+            let outcome = (0..300).try_for_each(|i| {
+                if writer == 0 && i == 60 {
+                    set(
+                        &dir,
+                        vec![write_errors("f30", &format!("disk{failing}.img"))],
+                    );
+                }
+                let len = 1 + rng.below(48 * 1024);
+                let at = rng.below(region - len);
+                let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                engine
+                    .write_at(writer * region + at, &bytes)
+                    .map_err(|err| format!("writer {writer}, write {i}: {err}"))?;
+                model[at as usize..(at + len) as usize].copy_from_slice(&bytes);
+                Ok::<(), String>(())
+            });
+            let _ = done.send((writer, outcome.map(|()| model)));
+        });
+    }
+    drop(done);
+    let mut models = vec![Vec::new(); WRITERS as usize];
+    for _ in 0..WRITERS {
+        let (writer, model) = finished
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the writers end (seed {seed})");
+        models[writer as usize] = model.unwrap_or_else(|err| panic!("{err} (seed {seed})"));
+    }
+    assert_eq!(engine.member_states()[failing], MemberState::Failed);
+    let on_disk = controllers::array::read_metadata(dir.path()).expect("array.json");
+    assert_eq!(on_disk.members[failing].state, MemberState::Failed);
+    set(dir.path(), Vec::new());
+    let expected = models.concat();
+    let mut back = vec![0u8; size as usize];
+    engine.read_at(0, &mut back).expect("read back");
+    assert!(back == expected, "what the writers wrote (seed {seed})");
+    let disk_bytes = engine.geometry().disk_bytes;
+    let findings =
+        controllers::work::scrub_range(&engine, 0, disk_bytes, false, |_, _| true).expect("scrub");
+    assert_eq!(
+        (findings.checksum_errors, findings.parity_mismatches),
+        (0, 0),
+        "every row in step (seed {seed}): {findings:?}"
+    );
+    engine.fail_member(0).expect("fail a second disk");
+    engine
+        .read_at(0, &mut back)
+        .expect("read back, two disks out");
+    assert!(back == expected, "reconstructed (seed {seed})");
+}
