@@ -1,7 +1,8 @@
 //! The fault layer through an array's public API: rules written to the fault
 //! book change what the members do from the next I/O, and clearing them
 //! restores the disk. Each effect is checked against the member's own image
-//! (opened apart from the layer), so a layer that did nothing fails.
+//! (opened apart from the layer), so a layer that did nothing fails. The
+//! random test prints its seed; `RAID_TEST_SEED` replays it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use controllers::array::{geometry, Array};
 use controllers::faults::{DiskRule, Effect, FaultBook, FaultLayer, OpSet, Writers, ANY_FILE};
 use controllers::raid::{ArrayState, Level, MemberState, RaidError};
 use disk_images::{Access, DiskImage, ImageError};
+
+mod common;
+use common::{base_seed, Rng};
 
 const CHUNK: u64 = 64 * 1024;
 const DISK: u64 = 4 << 20;
@@ -638,22 +642,6 @@ fn a_degraded_raid5_member_that_fails_a_write_fails_the_array() {
     ));
 }
 
-/// A small seeded generator (xorshift64*), for the writers below.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Four writers go on while a member of a RAID-6 starts failing every write:
 /// nothing hangs (recording the failure quiesces the engine while the others
 /// write), every write succeeds, the member is failed, a scrub finds every
@@ -661,17 +649,7 @@ impl Rng {
 /// disk failed (so through rows the failure left consistent).
 #[test]
 fn writers_go_on_while_a_member_starts_failing_writes() {
-    let seed = std::env::var("FAULTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1;
-    println!("seed {seed} (FAULTS_SEED={seed} replays it)");
+    let seed = base_seed("writers while a member fails writes");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let array = Array::create(dir.path(), geometry(Level::Raid6, 5, CHUNK, DISK), 0, 1)
         .expect("create the array");
@@ -696,7 +674,7 @@ fn writers_go_on_while_a_member_starts_failing_writes() {
                 }
                 let len = 1 + rng.below(48 * 1024);
                 let at = rng.below(region - len);
-                let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let bytes = rng.bytes(len as usize);
                 engine
                     .write_at(writer * region + at, &bytes)
                     .map_err(|err| format!("writer {writer}, write {i}: {err}"))?;
