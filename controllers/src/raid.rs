@@ -953,6 +953,11 @@ impl RaidEngine {
             .map(|(index, member)| view.writable(index).then(|| member.start_flush()).flatten())
             .collect();
         for (index, (member, started)) in view.images.iter().zip(started).enumerate() {
+            // A failed member is not flushed: it holds nothing the array
+            // needs, and a disk that stopped answering would fail the flush.
+            if !view.writable(index) {
+                continue;
+            }
             member
                 .finish_flush(started)
                 .map_err(|source| RaidError::Member { index, source })?;

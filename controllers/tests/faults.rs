@@ -714,3 +714,25 @@ fn writers_go_on_while_a_member_starts_failing_writes() {
         .expect("read back, two disks out");
     assert!(back == expected, "reconstructed (seed {seed})");
 }
+
+/// A FLUSH of a degraded array does not ask the failed member: a disk that
+/// stopped answering (every I/O fails, flushes too) failed every FLUSH and
+/// FUA write of the array it was failed out of, until it was replaced.
+#[test]
+fn a_flush_of_a_degraded_array_leaves_the_failed_disk_alone() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut array = array(dir.path());
+    let engine = Arc::clone(array.engine());
+    engine
+        .write_at(0, &pattern(40, 3 * CHUNK as usize))
+        .expect("the I/O");
+    set(
+        dir.path(),
+        vec![rule("f40", "disk1.img", Effect::Error { errno: 5 })],
+    );
+    array.fail(1).expect("fail disk 1");
+    engine
+        .write_at(0, &pattern(41, 3 * CHUNK as usize))
+        .expect("a write to the degraded array");
+    engine.flush().expect("a flush of the degraded array");
+}
