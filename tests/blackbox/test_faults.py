@@ -187,6 +187,10 @@ def test_bad_fault_requests_are_refused_naming_what_was_wrong_and_change_nothing
             ({"fault": "host-fs-full", "disk": 1}, 400, "unknown field `disk`"),
             ({"fault": "host-fs-full", "lba": 0}, 400, "unknown field `lba`"),
             ({"fault": "host-fs-full", "system": "s7"}, 400, "no system s7"),
+            ({"fault": "journal-crash", "disk": 1}, 400, "unknown field `disk`"),
+            ({"fault": "journal-crash", "nth": 0}, 400, "nth = 0"),
+            ({"fault": "journal-crash", "process": "s0/c7/driver"}, 400, "s0/c7/driver"),
+            ({"fault": "journal-crash", "system": "s7"}, 400, "no system s7"),
         ]
         for body, expected, words in cases:
             status, reply = domain.request("A", "POST", "/api/v1/faults", body)

@@ -25,14 +25,17 @@ pub(super) enum FaultCommand {
         /// What: disk-fail, disk-pull, disk-error, disk-delay, disk-corrupt,
         /// disk-lost-writes, disk-torn-writes, disk-crash, host-fs-full (the
         /// host file system under a system's disks is full: writes to blocks
-        /// never written fail with ENOSPC), link-cut, link-delay,
+        /// never written fail with ENOSPC), journal-crash (the process making
+        /// the nth write of the degraded-write journal dies), link-cut,
+        /// link-delay,
         /// process-kill, process-hang, process-resume, process-restart.
         #[arg(value_parser = PossibleValuesParser::new(FaultSpec::KINDS))]
         kind: String,
         /// Disk: its slot in the array (members first, then spares).
         #[arg(long)]
         disk: Option<u64>,
-        /// Server system of a disk fault or of host-fs-full (default s0).
+        /// Server system of a disk fault, host-fs-full or journal-crash
+        /// (default s0).
         #[arg(long)]
         system: Option<String>,
         /// Operations a disk-error or disk-delay applies to (default: all),

@@ -307,7 +307,7 @@ pub(super) fn inject(
 }
 
 /// The pid of running process `name` of the domain.
-fn running_pid(run: &RunDir, name: &str) -> Result<u32, FaultError> {
+pub(super) fn running_pid(run: &RunDir, name: &str) -> Result<u32, FaultError> {
     let name = crate::domain::ProcessName::parse(name)
         .map_err(|err| FaultError::Invalid(format!("process {name:?}: {err}")))?
         .to_string();

@@ -11,6 +11,9 @@
 //!   every disk file of a system (`host.rs`): the host file system under the
 //!   disks is full, so writes into blocks the image files have not allocated
 //!   fail with ENOSPC. It stays until it is cleared.
+//! - **A death in a journal write** (`journal-crash`) is a crash rule of the
+//!   same book for the degraded-write journal (`journal.rs`): the process
+//!   making the nth journal write dies there. It fires once.
 //! - **Link faults** are data too: a rule in the run's link book
 //!   (`RUN/links.json`, `crate::link::book`), applied by the processes at
 //!   the link's ends (an agent's link to its server, the hosts' links to a
@@ -25,6 +28,7 @@
 
 mod disk;
 mod host;
+mod journal;
 mod link;
 
 use std::io::Write;
@@ -37,6 +41,7 @@ use crate::rundir::RunDir;
 
 pub use disk::{DiskFault, Op, Writer};
 pub use host::HostFault;
+pub use journal::JournalFault;
 pub use link::{LinkFault, LinkName};
 
 /// A fault to inject. In TOML and JSON the `fault` field names the kind:
@@ -78,6 +83,10 @@ pub enum FaultSpec {
     /// allocated fails with ENOSPC and stores nothing; overwrites of
     /// allocated blocks, reads and flushes go on. Cleared: room again.
     HostFsFull(HostFault),
+    /// The process making the `nth` write of the degraded-write journal (an
+    /// entry saved before a degraded row is written, or one cleared after)
+    /// dies there (SIGABRT), after `stall_ms`. It fires once.
+    JournalCrash(JournalFault),
     /// The link is cut: an agent's connection to its server is closed and it
     /// cannot register again; a controller address's NBD connections are
     /// closed and new ones refused. Cleared: the agent registers again, hosts
@@ -178,6 +187,7 @@ impl FaultSpec {
             Self::DiskTornWrites(_) => "disk-torn-writes",
             Self::DiskCrash(_) => "disk-crash",
             Self::HostFsFull(_) => "host-fs-full",
+            Self::JournalCrash(_) => "journal-crash",
             Self::LinkCut(_) => "link-cut",
             Self::LinkDelay(_) => "link-delay",
             Self::ProcessKill(_) => "process-kill",
@@ -188,7 +198,7 @@ impl FaultSpec {
     }
 
     /// Every kind, for help texts and errors.
-    pub const KINDS: [&'static str; 15] = [
+    pub const KINDS: [&'static str; 16] = [
         "disk-fail",
         "disk-pull",
         "disk-error",
@@ -198,6 +208,7 @@ impl FaultSpec {
         "disk-torn-writes",
         "disk-crash",
         "host-fs-full",
+        "journal-crash",
         "link-cut",
         "link-delay",
         "process-kill",
@@ -223,6 +234,7 @@ pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, 
         }
         FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::inject(run, &id, spec)?,
         FaultSpec::HostFsFull(host) => host::inject(run, &id, host)?,
+        FaultSpec::JournalCrash(journal) => journal::inject(run, &id, journal)?,
         disk => disk::inject(run, &id, disk, seed)?,
     };
     let record = FaultRecord {
@@ -264,6 +276,7 @@ pub fn clear(run: &RunDir, id: Option<&str>) -> Result<Vec<String>, FaultError> 
         match fault.spec {
             FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::clear(run, fault)?,
             FaultSpec::HostFsFull(ref host) => host::clear(run, fault, host)?,
+            FaultSpec::JournalCrash(ref journal) => journal::clear(run, fault, journal)?,
             FaultSpec::ProcessKill(_)
             | FaultSpec::ProcessHang(_)
             | FaultSpec::ProcessResume(_)
