@@ -175,6 +175,24 @@ pub struct DiskRule {
 }
 
 impl DiskRule {
+    /// A rule `id` with `effect` on `file`: every operation and writer, the
+    /// whole disk, every process, every I/O (seed 0). Narrow it with struct
+    /// update syntax.
+    pub fn everywhere(id: &str, file: &str, effect: Effect) -> Self {
+        Self {
+            id: id.to_string(),
+            file: file.to_string(),
+            effect,
+            ops: OpSet::ALL,
+            writers: Writers::ALL,
+            pid: None,
+            start: 0,
+            end: u64::MAX,
+            rate: 1.0,
+            seed: 0,
+        }
+    }
+
     fn overlaps(&self, offset: u64, len: u64) -> bool {
         offset < self.end && offset.saturating_add(len.max(1)) > self.start
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use controllers::array::{geometry, Array};
-use controllers::faults::{DiskRule, Effect, FaultBook, FaultLayer, OpSet, Writers, ANY_FILE};
+use controllers::faults::{DiskRule, Effect, FaultBook, FaultLayer, OpSet, ANY_FILE};
 use controllers::raid::{ArrayState, Level, MemberState, RaidError};
 use disk_images::{Access, DiskImage, ImageError};
 
@@ -24,16 +24,8 @@ fn array(dir: &Path) -> Array {
 
 fn rule(id: &str, file: &str, effect: Effect) -> DiskRule {
     DiskRule {
-        id: id.into(),
-        file: file.into(),
-        effect,
-        ops: OpSet::ALL,
-        writers: Writers::ALL,
-        pid: None,
-        start: 0,
-        end: u64::MAX,
-        rate: 1.0,
         seed: 7,
+        ..DiskRule::everywhere(id, file, effect)
     }
 }
 

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use controllers::array::{self, Array};
-use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers};
+use controllers::faults::{DiskRule, Effect, FaultBook, Writers};
 use controllers::raid::Level;
 
 const CHUNK: u64 = 8192;
@@ -101,16 +101,8 @@ fn crash_rule(dir: &Path, id: &str, file: &str, writers: Writers, nth: u64, stal
         .expect("the fault book")
         .change(|rules| {
             rules.push(DiskRule {
-                id: id.into(),
-                file: file.into(),
-                effect: Effect::Crash { nth, stall_ms },
-                ops: OpSet::ALL,
                 writers,
-                pid: None,
-                start: 0,
-                end: u64::MAX,
-                rate: 1.0,
-                seed: 0,
+                ..DiskRule::everywhere(id, file, Effect::Crash { nth, stall_ms })
             })
         })
         .expect("add the rule");

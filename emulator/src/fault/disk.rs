@@ -260,33 +260,18 @@ pub(super) fn inject(
             ),
         ),
         _ => {
-            let nth = fault.nth.unwrap_or(1);
-            if nth == 0 {
-                return Err(FaultError::Invalid("nth = 0: writes count from 1".into()));
-            }
-            let stall_ms = fault.stall_ms.unwrap_or(0);
+            let (effect, dies) = crash(fault.nth, fault.stall_ms)?;
             (
-                Effect::Crash { nth, stall_ms },
+                effect,
                 format!(
-                    "{what}: the process making {} number {nth}{range} dies there{}",
+                    "{what}: the process making {} number {}{range} {dies}",
                     writer_names(),
-                    if stall_ms > 0 {
-                        format!(", after hanging {stall_ms} ms")
-                    } else {
-                        String::new()
-                    }
+                    fault.nth.unwrap_or(1)
                 ),
             )
         }
     };
-    let pid = match &fault.process {
-        None => None,
-        Some(name) => {
-            let pid = running_pid(run, name)?;
-            said.push_str(&format!(", only in {name} (pid {pid})"));
-            Some(pid)
-        }
-    };
+    let pid = only_in(run, fault.process.as_deref(), &mut said)?;
     let rule = DiskRule {
         id: id.to_string(),
         file: file.clone(),
@@ -306,8 +291,43 @@ pub(super) fn inject(
     Ok((said, true))
 }
 
+/// A crash effect from a fault's `nth` (default 1; counted from 1) and
+/// `stall_ms` (default 0), and how it ends, in words (`dies there, after
+/// hanging 10 ms`).
+pub(super) fn crash(
+    nth: Option<u64>,
+    stall_ms: Option<u64>,
+) -> Result<(Effect, String), FaultError> {
+    let nth = nth.unwrap_or(1);
+    if nth == 0 {
+        return Err(FaultError::Invalid("nth = 0: writes count from 1".into()));
+    }
+    let stall_ms = stall_ms.unwrap_or(0);
+    let dies = if stall_ms > 0 {
+        format!("dies there, after hanging {stall_ms} ms")
+    } else {
+        "dies there".to_string()
+    };
+    Ok((Effect::Crash { nth, stall_ms }, dies))
+}
+
+/// The pid a rule limited to `process` applies in (None: every process),
+/// said in `said`.
+pub(super) fn only_in(
+    run: &RunDir,
+    process: Option<&str>,
+    said: &mut String,
+) -> Result<Option<u32>, FaultError> {
+    let Some(name) = process else {
+        return Ok(None);
+    };
+    let pid = running_pid(run, name)?;
+    said.push_str(&format!(", only in {name} (pid {pid})"));
+    Ok(Some(pid))
+}
+
 /// The pid of running process `name` of the domain.
-pub(super) fn running_pid(run: &RunDir, name: &str) -> Result<u32, FaultError> {
+fn running_pid(run: &RunDir, name: &str) -> Result<u32, FaultError> {
     let name = crate::domain::ProcessName::parse(name)
         .map_err(|err| FaultError::Invalid(format!("process {name:?}: {err}")))?
         .to_string();

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers, ANY_FILE};
+use controllers::faults::{DiskRule, Effect, FaultBook, ANY_FILE};
 
 use super::{disk, FaultError, FaultRecord};
 use crate::rundir::RunDir;
@@ -30,18 +30,7 @@ pub(super) fn inject(
     fault: &HostFault,
 ) -> Result<(String, bool), FaultError> {
     let (system, dir) = disk::system_dir(run, fault.system.as_deref())?;
-    let rule = DiskRule {
-        id: id.to_string(),
-        file: ANY_FILE.to_string(),
-        effect: Effect::FsFull,
-        ops: OpSet::ALL,
-        writers: Writers::ALL,
-        pid: None,
-        start: 0,
-        end: u64::MAX,
-        rate: 1.0,
-        seed: 0,
-    };
+    let rule = DiskRule::everywhere(id, ANY_FILE, Effect::FsFull);
     FaultBook::open(&dir)?.change(|rules| rules.push(rule))?;
     Ok((
         format!(

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use controllers::faults::{DiskRule, Effect, FaultBook, OpSet, Writers};
+use controllers::faults::{DiskRule, FaultBook};
 use controllers::journal::JOURNAL_FILE;
 
 use super::{disk, FaultError, FaultRecord};
@@ -41,41 +41,15 @@ pub(super) fn inject(
     fault: &JournalFault,
 ) -> Result<(String, bool), FaultError> {
     let (system, dir) = disk::system_dir(run, fault.system.as_deref())?;
-    let nth = fault.nth.unwrap_or(1);
-    if nth == 0 {
-        return Err(FaultError::Invalid(
-            "nth = 0: journal writes count from 1".into(),
-        ));
-    }
-    let stall_ms = fault.stall_ms.unwrap_or(0);
+    let (effect, dies) = disk::crash(fault.nth, fault.stall_ms)?;
     let mut said = format!(
         "{system}'s degraded-write journal ({JOURNAL_FILE}): the process making journal write \
-         number {nth} dies there{}",
-        if stall_ms > 0 {
-            format!(", after hanging {stall_ms} ms")
-        } else {
-            String::new()
-        }
+         number {} {dies}",
+        fault.nth.unwrap_or(1)
     );
-    let pid = match &fault.process {
-        None => None,
-        Some(name) => {
-            let pid = disk::running_pid(run, name)?;
-            said.push_str(&format!(", only in {name} (pid {pid})"));
-            Some(pid)
-        }
-    };
     let rule = DiskRule {
-        id: id.to_string(),
-        file: JOURNAL_FILE.to_string(),
-        effect: Effect::Crash { nth, stall_ms },
-        ops: OpSet::ALL,
-        writers: Writers::ALL,
-        pid,
-        start: 0,
-        end: u64::MAX,
-        rate: 1.0,
-        seed: 0,
+        pid: disk::only_in(run, fault.process.as_deref(), &mut said)?,
+        ..DiskRule::everywhere(id, JOURNAL_FILE, effect)
     };
     FaultBook::open(&dir)?.change(|rules| rules.push(rule))?;
     said.push_str(" (journal writes happen only while the array is degraded)");
