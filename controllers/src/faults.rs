@@ -34,6 +34,8 @@ use disk_images::{DiskImage, FlushStarted, ImageError, MediaError};
 use serde::{Deserialize, Serialize};
 
 use crate::member::Member;
+use crate::volatile::UndoLog;
+use disk_images::intent::Kind;
 
 /// The rules, next to the disks.
 pub const BOOK_FILE: &str = "faults.json";
@@ -95,6 +97,12 @@ pub enum Effect {
     /// is stored. Reads, flushes and marking blocks unreadable (checksums
     /// only) are untouched.
     FsFull,
+    /// The disk keeps what was written since its last flush in a volatile
+    /// cache, which a power cut loses: each block's bytes and CRC are saved
+    /// in the disk's undo log before its first write since the last flush
+    /// (`crate::volatile`), for the power-loss fault to put back. Writes
+    /// and flushes go on as before, a little slower.
+    VolatileCache,
 }
 
 /// Who writes: which writes a rule on writes applies to.
@@ -250,6 +258,8 @@ impl FaultLayer {
             inner: image,
             file: file.to_string(),
             layer: Arc::clone(self),
+            undo: parking_lot::Mutex::new(None),
+            flush_mark: AtomicU64::new(0),
         })
     }
 
@@ -351,6 +361,11 @@ pub struct FaultyMember {
     inner: Arc<DiskImage>,
     file: String,
     layer: Arc<FaultLayer>,
+    /// The undo log while an [`Effect::VolatileCache`] rule stands, with
+    /// that rule's id.
+    undo: parking_lot::Mutex<Option<(String, Arc<UndoLog>)>>,
+    /// Where the undo log ended when the latest whole flush began.
+    flush_mark: AtomicU64,
 }
 
 /// What the rules do to one I/O.
@@ -363,6 +378,8 @@ struct Verdict {
     torn: Option<String>,
     /// An [`Effect::FsFull`] rule hit the write.
     fs_full: bool,
+    /// An [`Effect::VolatileCache`] rule stands for the write.
+    cache: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -380,6 +397,14 @@ enum Writer {
 }
 
 impl Writer {
+    /// The write-intent kind of its writes.
+    fn kind(self) -> Kind {
+        match self {
+            Writer::Host => Kind::Host,
+            Writer::Rebuild | Writer::Repair => Kind::Repair,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Writer::Host => "host write",
@@ -423,6 +448,7 @@ impl FaultyMember {
                 Effect::LostWrites | Effect::TornWrites | Effect::Crash { .. } | Effect::FsFull => {
                     matches!(op, Op::Write(writer) if by(writer))
                 }
+                Effect::VolatileCache => matches!(op, Op::Write(_)),
                 Effect::Error { .. } | Effect::Delay { .. } => match op {
                     Op::Read => rule.ops.read,
                     Op::Write(_) => rule.ops.write,
@@ -460,6 +486,7 @@ impl FaultyMember {
                     verdict.torn.get_or_insert(rule.id.clone());
                 }
                 Effect::FsFull => verdict.fs_full = true,
+                Effect::VolatileCache => verdict.cache = true,
                 Effect::Crash { .. } => {}
             }
         }
@@ -541,7 +568,51 @@ impl FaultyMember {
         if verdict.fs_full {
             self.space_for(offset, data.len() as u64)?;
         }
+        if verdict.cache {
+            self.keep_in_cache(writer.kind(), offset, data.len() as u64)?;
+        }
         store(data)
+    }
+
+    /// The undo log, while an [`Effect::VolatileCache`] rule for this disk
+    /// stands (opened at its first use under that rule).
+    fn undo_log(&self) -> Option<Arc<UndoLog>> {
+        let rules = self.layer.current();
+        let rule = rules.as_ref().and_then(|rules| {
+            rules
+                .iter()
+                .find(|l| self.mine(&l.rule) && l.rule.effect == Effect::VolatileCache)
+        });
+        let mut undo = self.undo.lock();
+        let Some(rule) = rule else {
+            *undo = None;
+            return None;
+        };
+        if let Some((id, log)) = undo.as_ref() {
+            if *id == rule.rule.id {
+                return Some(Arc::clone(log));
+            }
+        }
+        match UndoLog::open(self.inner.path()) {
+            Ok(log) => {
+                let log = Arc::new(log);
+                *undo = Some((rule.rule.id.clone(), Arc::clone(&log)));
+                Some(log)
+            }
+            Err(err) => {
+                tracing::warn!(%err, rule = %rule.rule.id, "cannot keep the disk's volatile cache; its writes count as durable");
+                *undo = None;
+                None
+            }
+        }
+    }
+
+    /// Before a write of the disk's volatile cache: the blocks as they are.
+    fn keep_in_cache(&self, kind: Kind, offset: u64, len: u64) -> Result<(), ImageError> {
+        match self.undo_log() {
+            Some(log) => log.save(&self.inner, kind, offset, len),
+            None => Ok(()),
+        }
     }
 
     /// What a full host file system says to a write of `len` bytes at
@@ -641,7 +712,12 @@ impl Member for FaultyMember {
     }
     fn flush_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check(Op::Flush, offset, len)?;
-        self.inner.flush_range(offset, len)
+        let Some(log) = self.undo_log() else {
+            return self.inner.flush_range(offset, len);
+        };
+        let upto = log.mark();
+        self.inner.flush_range(offset, len)?;
+        log.flushed(offset, len, upto)
     }
     fn reserve(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         let full = self.layer.current().is_some_and(|rules| {
@@ -657,15 +733,32 @@ impl Member for FaultyMember {
         self.inner.reserve(offset, len)
     }
     fn mark_unreadable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.check(Op::Write(Writer::Rebuild), offset, len)?;
+        let op = Op::Write(Writer::Rebuild);
+        if let Some(verdict) = self.judge(op, offset, len) {
+            if let Some((id, errno)) = verdict.error {
+                return Err(self.error(op, offset, &id, errno));
+            }
+            if verdict.cache {
+                self.keep_in_cache(Kind::Repair, offset, len)?;
+            }
+        }
         self.inner.mark_unreadable(offset, len)
     }
     fn start_flush(&self) -> Option<FlushStarted> {
+        if let Some(log) = self.undo_log() {
+            // (Two flushes at once: the later start counts for both, which
+            // only takes more writes for durable, see `crate::volatile`.)
+            self.flush_mark.store(log.mark(), Ordering::SeqCst);
+        }
         self.inner.start_flush()
     }
     fn finish_flush(&self, started: Option<FlushStarted>) -> Result<(), ImageError> {
         self.check(Op::Flush, 0, 0)?;
-        self.inner.finish_flush(started)
+        self.inner.finish_flush(started)?;
+        match self.undo_log() {
+            Some(log) => log.flushed(0, u64::MAX, self.flush_mark.load(Ordering::SeqCst)),
+            None => Ok(()),
+        }
     }
     fn power_lost(&self) -> Vec<std::ops::Range<u64>> {
         self.inner.power_lost()

@@ -7,7 +7,9 @@
 //! that closes the RAID-5/6 write hole for a process dying mid-write on a degraded
 //! array ([`journal`]); the task coordination object through which controllers
 //! split rebuild and scrub into partitions and claim them ([`coordination`]); the
-//! work of one partition ([`work`]) and what it finds ([`findings`]).
+//! work of one partition ([`work`]) and what it finds ([`findings`]); the disk
+//! faults configured as data ([`faults`]) and the disks' volatile write caches
+//! that the power-loss fault loses ([`volatile`]).
 //!
 //! This crate sits on `disk-images` and never depends on the emulator's
 //! processes or protocols.
@@ -23,5 +25,6 @@ pub mod member;
 pub mod ownership;
 pub mod pq;
 pub mod raid;
+pub mod volatile;
 pub mod volume;
 pub mod work;

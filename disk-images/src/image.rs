@@ -1694,6 +1694,30 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Whole blocks at `offset` as they are stored, bytes and stored CRCs,
+    /// checked against nothing: what the power-loss fault saves before a
+    /// write it may have to undo (`controllers::volatile`). The caller keeps
+    /// other writers of these blocks out (the array's stripe lock); this
+    /// holds only this process's block locks.
+    pub fn read_stored(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        crcs: &mut [u32],
+    ) -> Result<(), ImageError> {
+        self.check_whole_blocks(offset, buf.len() as u64)?;
+        assert_eq!(crcs.len(), buf.len() / BLOCK_BYTES, "one CRC per block");
+        let first = offset / u64::from(BLOCK_SIZE);
+        let _guards = self.lock_blocks_shared(first, crcs.len() as u64);
+        self.data_file
+            .read_exact_at(buf, offset)
+            .map_err(io_error(&self.path, "read image"))?;
+        for (i, sum) in crcs.iter_mut().enumerate() {
+            *sum = self.stored_crc(first + i as u64);
+        }
+        Ok(())
+    }
+
     /// Makes the whole blocks of `[offset, offset+len)` read as media errors
     /// until they are written again, like a disk's bad-block list: for blocks of
     /// a rebuilt disk whose contents could not be reconstructed, which must

@@ -9,6 +9,8 @@
 //! - [`process`]: process identities and liveness, for cross-process locks.
 //! - [`blocklocks`]: the block locks every process with the image open shares.
 //! - [`intent`]: the write-intent record that survives a power loss.
+//! - [`powercut`]: a power loss staged on an image's files (the power-loss
+//!   fault).
 //! - [`image`]: [`DiskImage`], which keeps data and checksums in step.
 //!
 //! This crate knows nothing of RAID or NBD; higher crates build on it.
@@ -18,6 +20,7 @@ pub mod fault;
 pub mod image;
 pub mod intent;
 pub mod mapping;
+pub mod powercut;
 pub mod process;
 pub mod sidecar;
 
