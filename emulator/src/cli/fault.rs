@@ -26,16 +26,18 @@ pub(super) enum FaultCommand {
         /// disk-lost-writes, disk-torn-writes, disk-crash, host-fs-full (the
         /// host file system under a system's disks is full: writes to blocks
         /// never written fail with ENOSPC), journal-crash (the process making
-        /// the nth write of the degraded-write journal dies), link-cut,
-        /// link-delay,
+        /// the nth write of the degraded-write journal dies), power-loss (a
+        /// system loses power after --after-ms: its processes die, its disks
+        /// lose a share --lose of what was written since their last flush,
+        /// and it starts again), link-cut, link-delay,
         /// process-kill, process-hang, process-resume, process-restart.
         #[arg(value_parser = PossibleValuesParser::new(FaultSpec::KINDS))]
         kind: String,
         /// Disk: its slot in the array (members first, then spares).
         #[arg(long)]
         disk: Option<u64>,
-        /// Server system of a disk fault, host-fs-full or journal-crash
-        /// (default s0).
+        /// Server system of a disk fault, host-fs-full, journal-crash or
+        /// power-loss (default s0).
         #[arg(long)]
         system: Option<String>,
         /// Operations a disk-error or disk-delay applies to (default: all),
@@ -71,10 +73,20 @@ pub(super) enum FaultCommand {
         /// How long the dying process hangs first, ms (disk-crash).
         #[arg(long)]
         stall_ms: Option<u64>,
+        /// power-loss: how long the disks keep what is written in volatile
+        /// caches before the power goes, ms (default 1000; the command waits).
+        #[arg(long)]
+        after_ms: Option<u64>,
+        /// power-loss: the share of the blocks written since their disk's
+        /// last flush that the cut loses, 0 to 1 (default 0.5).
+        #[arg(long)]
+        lose: Option<f64>,
         /// The chance that one I/O on the range is hit, 0 < R ≤ 1 (default 1).
         #[arg(long)]
         rate: Option<f64>,
-        /// Seed of the fault's random choices (default: a random one, printed).
+        /// Seed of the fault's random choices (which I/Os a rate hits, which
+        /// bits flip, which blocks a power loss loses; default: a random one,
+        /// printed).
         #[arg(long)]
         seed: Option<u64>,
         /// The process of a process fault: s0/c0/driver, s0/c1/agent-a,
@@ -133,6 +145,8 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             writers,
             nth,
             stall_ms,
+            after_ms,
+            lose,
             rate,
             seed,
             process,
@@ -159,6 +173,8 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             put("writers", (!writers.is_empty()).then(|| json!(writers)));
             put("nth", nth.map(|v| json!(v)));
             put("stall_ms", stall_ms.map(|v| json!(v)));
+            put("after_ms", after_ms.map(|v| json!(v)));
+            put("lose", lose.map(|v| json!(v)));
             put("rate", rate.map(|v| json!(v)));
             put("process", process.map(|v| json!(v)));
             put("link", link.map(|v| json!(v)));

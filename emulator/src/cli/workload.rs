@@ -51,6 +51,14 @@ pub(super) enum WorkloadCommand {
         /// taken for dead (and reconnected).
         #[arg(long, value_parser = parse_duration, default_value = "30s")]
         request_timeout: Duration,
+        /// The volume's system may lose power during the run (`emulator
+        /// fault inject power-loss`): after a reconnect, read-backs accept
+        /// that writes not yet durable (no FUA, no acknowledged FLUSH since)
+        /// hold older data. Without it every acknowledged write must read
+        /// back, as after a killed process. `workload verify` checks the
+        /// durable ones either way.
+        #[arg(long)]
+        power_loss: bool,
         /// The record file to create (JSON lines; must not exist).
         #[arg(long)]
         record: PathBuf,
@@ -114,6 +122,7 @@ pub(super) fn run(command: WorkloadCommand) -> anyhow::Result<ExitCode> {
             max_blocks,
             reconnect_timeout,
             request_timeout,
+            power_loss,
             record,
             json,
         } => {
@@ -129,6 +138,8 @@ pub(super) fn run(command: WorkloadCommand) -> anyhow::Result<ExitCode> {
                 reconnect_timeout,
                 request_timeout,
                 record,
+                power_cuts: power_loss
+                    .then(|| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1))),
             };
             let summary = runtime.block_on(workload::run(config))?;
             if json {

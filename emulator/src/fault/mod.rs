@@ -14,6 +14,11 @@
 //! - **A death in a journal write** (`journal-crash`) is a crash rule of the
 //!   same book for the degraded-write journal (`journal.rs`): the process
 //!   making the nth journal write dies there. It fires once.
+//! - **A power loss** (`power-loss`) of a system (`power.rs`): a
+//!   volatile-cache rule in the same book has the fault layer keep undo
+//!   logs of what the disks' caches hold, then the supervisor kills every
+//!   process of the system, rolls a seeded share of the unflushed blocks
+//!   back and starts the processes again. It happens once.
 //! - **Link faults** are data too: a rule in the run's link book
 //!   (`RUN/links.json`, `crate::link::book`), applied by the processes at
 //!   the link's ends (an agent's link to its server, the hosts' links to a
@@ -30,6 +35,7 @@ mod disk;
 mod host;
 mod journal;
 mod link;
+pub mod power;
 
 use std::io::Write;
 
@@ -43,6 +49,7 @@ pub use disk::{DiskFault, Op, Writer};
 pub use host::HostFault;
 pub use journal::JournalFault;
 pub use link::{LinkFault, LinkName};
+pub use power::PowerFault;
 
 /// A fault to inject. In TOML and JSON the `fault` field names the kind:
 /// `{ fault = "disk-error", disk = 2, ops = ["read"], lba = 0, sectors = 2048 }`,
@@ -87,6 +94,12 @@ pub enum FaultSpec {
     /// entry saved before a degraded row is written, or one cleared after)
     /// dies there (SIGABRT), after `stall_ms`. It fires once.
     JournalCrash(JournalFault),
+    /// The system loses power: every process on its clusters dies at once
+    /// (SIGKILL), its disks lose a seeded share (`lose`) of the blocks
+    /// written since their last flush during the `after_ms` before the cut,
+    /// and the power comes back (every process starts again). It happens
+    /// once.
+    PowerLoss(PowerFault),
     /// The link is cut: an agent's connection to its server is closed and it
     /// cannot register again; a controller address's NBD connections are
     /// closed and new ones refused. Cleared: the agent registers again, hosts
@@ -188,6 +201,7 @@ impl FaultSpec {
             Self::DiskCrash(_) => "disk-crash",
             Self::HostFsFull(_) => "host-fs-full",
             Self::JournalCrash(_) => "journal-crash",
+            Self::PowerLoss(_) => "power-loss",
             Self::LinkCut(_) => "link-cut",
             Self::LinkDelay(_) => "link-delay",
             Self::ProcessKill(_) => "process-kill",
@@ -198,7 +212,7 @@ impl FaultSpec {
     }
 
     /// Every kind, for help texts and errors.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "disk-fail",
         "disk-pull",
         "disk-error",
@@ -209,6 +223,7 @@ impl FaultSpec {
         "disk-crash",
         "host-fs-full",
         "journal-crash",
+        "power-loss",
         "link-cut",
         "link-delay",
         "process-kill",
@@ -235,7 +250,13 @@ pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, 
         FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::inject(run, &id, spec)?,
         FaultSpec::HostFsFull(host) => host::inject(run, &id, host)?,
         FaultSpec::JournalCrash(journal) => journal::inject(run, &id, journal)?,
+        FaultSpec::PowerLoss(power) => power::inject(run, power, seed)?,
         disk => disk::inject(run, &id, disk, seed)?,
+    };
+    // (A power loss takes a while: other faults may have been logged since.)
+    let id = match spec {
+        FaultSpec::PowerLoss(_) => format!("f{}", read_log(run)?.len() + 1),
+        _ => id,
     };
     let record = FaultRecord {
         id,
@@ -280,7 +301,8 @@ pub fn clear(run: &RunDir, id: Option<&str>) -> Result<Vec<String>, FaultError> 
             FaultSpec::ProcessKill(_)
             | FaultSpec::ProcessHang(_)
             | FaultSpec::ProcessResume(_)
-            | FaultSpec::ProcessRestart(_) => {}
+            | FaultSpec::ProcessRestart(_)
+            | FaultSpec::PowerLoss(_) => {}
             _ => disk::clear(run, fault)?,
         }
         append(

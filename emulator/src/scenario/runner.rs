@@ -117,6 +117,9 @@ struct Runner<'a> {
     timed_out: bool,
     /// The file systems mounted for the systems' disks (`disk_space`).
     mounted: Vec<PathBuf>,
+    /// Moved before and after each power-loss fault (see
+    /// `workload::RunConfig::power_cuts`).
+    power_cuts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs `scenario`, telling `observer` what happens; the report. Never
@@ -185,6 +188,7 @@ pub fn run(scenario: &Scenario, options: &Options, observer: &mut dyn FnMut(Even
         fault_ids: BTreeMap::new(),
         timed_out: false,
         mounted: Vec::new(),
+        power_cuts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
     let error = runner.go();
     runner.finish(error, options.keep)
@@ -510,6 +514,7 @@ impl Runner<'_> {
             reconnect_timeout: w.spec.reconnect_timeout,
             request_timeout: w.spec.request_timeout,
             record: w.record.clone(),
+            power_cuts: Some(Arc::clone(&self.power_cuts)),
         };
         w.handle = Some(
             self.runtime
@@ -783,12 +788,23 @@ impl Runner<'_> {
     }
 
     fn inject(&mut self, number: usize, spec: &FaultSpec) -> Result<fault::FaultRecord, Stop> {
-        fault::inject(
+        // The workloads learn that a power cut may come (the count is odd
+        // while one may be under way), so that their read-backs after it do
+        // not expect writes that were never durable.
+        let power = matches!(spec, FaultSpec::PowerLoss(_));
+        if power {
+            self.power_cuts.fetch_add(1, Ordering::SeqCst);
+        }
+        let injected = fault::inject(
             &self.run,
             spec,
             derive_seed(self.seed, 1000 + number as u64),
-        )
-        .map_err(|err| Stop::Error(format!("step {number}: injecting {}: {err}", spec.kind())))
+        );
+        if power {
+            self.power_cuts.fetch_add(1, Ordering::SeqCst);
+        }
+        injected
+            .map_err(|err| Stop::Error(format!("step {number}: injecting {}: {err}", spec.kind())))
     }
 
     fn workload_index(&self, name: &str) -> usize {

@@ -341,6 +341,32 @@ pub fn down(run: &RunDir) -> Result<bool, SupervisorError> {
 
 /// Asks the supervisor of `run` to start process `name` again; its answer.
 pub fn restart(run: &RunDir, name: &ProcessName) -> Result<String, SupervisorError> {
+    ask(run, &format!("restart {name}"), Duration::from_secs(30))
+}
+
+/// Asks the supervisor of `run` to cut the power of system `system` and
+/// bring it back (see `crate::fault` power-loss): the system's processes
+/// killed, its disks rolled back from their undo logs, each block written
+/// since its last flush lost when a draw from `seed` falls below `lose`, the
+/// processes started again. What it did.
+pub fn power_cut(
+    run: &RunDir,
+    system: usize,
+    seed: u64,
+    lose: f64,
+) -> Result<String, SupervisorError> {
+    ask(
+        run,
+        &format!("power-cut {system} {seed} {lose}"),
+        POWER_CUT_TIMEOUT,
+    )
+}
+
+/// How long a power cut may take (killing, rolling back, starting again).
+const POWER_CUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends one request line to the supervisor of `run`; its answer.
+fn ask(run: &RunDir, request: &str, timeout: Duration) -> Result<String, SupervisorError> {
     use std::io::{BufRead, Write};
     let socket = run.supervisor_socket();
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(|err| {
@@ -351,9 +377,9 @@ pub fn restart(run: &RunDir, name: &ProcessName) -> Result<String, SupervisorErr
         ))
     })?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(timeout))
         .map_err(io("set a timeout"))?;
-    writeln!(stream, "restart {name}").map_err(io("ask the supervisor"))?;
+    writeln!(stream, "{request}").map_err(io("ask the supervisor"))?;
     let mut answer = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut answer)
@@ -569,6 +595,127 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// A power cut of one system: `args` are its index, the seed and the
+    /// share lost (see [`power_cut`]). The answer line.
+    async fn power_cut(
+        &mut self,
+        exits: &mut mpsc::UnboundedReceiver<(ProcessName, u32, String)>,
+        args: &str,
+    ) -> String {
+        let parsed = match args.split_whitespace().collect::<Vec<_>>()[..] {
+            [system, seed, lose] => system
+                .parse::<usize>()
+                .ok()
+                .zip(seed.parse::<u64>().ok())
+                .zip(lose.parse::<f64>().ok()),
+            _ => None,
+        };
+        let Some(((system, seed), lose)) = parsed else {
+            return format!("error: power-cut SYSTEM SEED LOSE, not {args:?}");
+        };
+        if system >= self.domain.systems.len() {
+            return format!("error: the domain has no system s{system}");
+        }
+        let on_system = |name: &ProcessName| name.cluster.is_some_and(|c| c.system == system);
+        // The power goes: every process of the system at once.
+        let targets: Vec<(ProcessName, u32)> = self
+            .table
+            .iter()
+            .filter(|(name, record)| on_system(name) && record.ended.is_none())
+            .map(|(name, record)| (*name, record.pid))
+            .collect();
+        for (_, pid) in &targets {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while targets
+            .iter()
+            .any(|(name, _)| self.table[name].ended.is_none())
+        {
+            match tokio::time::timeout_at(deadline, exits.recv()).await {
+                Ok(Some(exit)) => self.ended(exit),
+                _ => {
+                    return format!(
+                        "error: the processes of s{system} did not die within {} s of SIGKILL",
+                        STOP_TIMEOUT.as_secs()
+                    )
+                }
+            }
+        }
+        let killed: Vec<String> = targets
+            .iter()
+            .map(|(name, pid)| format!("{name} (pid {pid})"))
+            .collect();
+        tracing::warn!(system, processes = killed.len(), "power cut");
+        // The disks lose what their caches held.
+        let dir = self.run.disks(system);
+        let mut disks = Vec::new();
+        let (mut unflushed, mut lost) = (0u64, 0u64);
+        let logs = crate::fault::power::undo_logs(&dir);
+        if let Err(err) = crate::fault::power::disarm_rules(&dir) {
+            return format!("error: {err}");
+        }
+        for log in logs {
+            let name = log.to_string_lossy();
+            let image = std::path::PathBuf::from(
+                name.strip_suffix(controllers::volatile::SUFFIX)
+                    .unwrap_or(&name)
+                    .to_string(),
+            );
+            let file = image
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let rolled = controllers::volatile::roll_back(&image, |block| {
+                crate::fault::power::loses(seed, &file, block, lose)
+            });
+            match rolled {
+                Ok(Some(rolled)) => {
+                    tracing::warn!(disk = %file, unflushed = rolled.unflushed, lost = rolled.lost, "disk cache lost");
+                    unflushed += rolled.unflushed;
+                    lost += rolled.lost;
+                    if rolled.unflushed > 0 {
+                        disks.push(format!("{file} {} of {}", rolled.lost, rolled.unflushed));
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => return format!("error: rolling {file} back: {err}"),
+            }
+        }
+        // The power comes back: every process of the system, in order.
+        let mut started = 0;
+        for name in processes(&self.domain).into_iter().filter(on_system) {
+            if name.role == Role::Driver {
+                if let Some(cluster) = name.cluster {
+                    let _ = std::fs::remove_file(self.run.driver_socket(cluster));
+                }
+            }
+            if let Err(err) = self.start(name) {
+                return format!("error: starting {name} again after the power cut: {err}");
+            }
+            started += 1;
+            if let (Role::Driver, Some(cluster)) = (name.role, name.cluster) {
+                let socket = self.run.driver_socket(cluster);
+                let deadline = Instant::now() + DRIVER_START_TIMEOUT;
+                while !socket.exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        format!(
+            "ok: power cut to s{system}: SIGKILL to {}; the disks' caches lost {lost} of the {unflushed} \
+             blocks written since their last flush ({}; lose {lose}); power back: {started} processes \
+             started again",
+            if killed.is_empty() { "no process (none was running)".to_string() } else { killed.join(", ") },
+            if disks.is_empty() { "lost, of written, per disk: none".to_string() } else { format!("lost of written: {}", disks.join(", ")) },
+        )
+    }
+}
+
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -638,7 +785,10 @@ pub fn supervise(run: &RunDir) -> Result<(), SupervisorError> {
                     let mut line = String::new();
                     let mut reader = BufReader::new(reader);
                     if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.is_ok() {
-                        let answer = supervisor.control(line.trim());
+                        let answer = match line.trim().strip_prefix("power-cut ") {
+                            Some(args) => supervisor.power_cut(&mut exit_events, args).await,
+                            None => supervisor.control(line.trim()),
+                        };
                         let _ = writer.write_all(format!("{answer}\n").as_bytes()).await;
                     }
                 }

@@ -36,11 +36,14 @@
 //! | `{"flush_acked":ID}` | FLUSH ID was acknowledged |
 //! | `{"flush_failed":ID,"error":"…"}` | FLUSH ID failed |
 //! | `{"lost":"…"}` | the connection died |
+//! | `{"power_cut_after":N}` | the server may have lost power since the last connection (before the `connected` line of the next); N = `acked` lines before this line |
 //!
 //! A write is **durable** when it was acknowledged with FUA, or its `acked`
 //! line is among the first N of a `flush_sent` whose FLUSH was acknowledged.
 //! A FLUSH is taken to cover writes acknowledged on earlier connections too
-//! (the emulator advertises `CAN_MULTI_CONN`, and its FLUSH syncs the files).
+//! (the emulator advertises `CAN_MULTI_CONN`, and its FLUSH syncs the files),
+//! but not across a `power_cut_after` line: what was not durable at the cut
+//! may be gone, and a later FLUSH covers only the acks after it.
 //!
 //! # Read-backs during `run`
 //! A read covers blocks with no write in flight; each block whose last write
@@ -49,6 +52,9 @@
 //! to survive a reconnect (the emulator keeps them in the page cache across
 //! `kill -9`); a server that may drop unflushed writes on failover would make
 //! read-backs after a reconnect report mismatches that `verify` would allow.
+//! Told that its server may lose power (`--power-loss`, or a scenario with a
+//! `power-loss` fault), `run` writes a `power_cut_after` line at the next
+//! reconnect and stops expecting the writes that were not durable.
 
 pub mod client;
 pub mod content;

@@ -91,6 +91,14 @@ pub enum Line {
         /// Why.
         lost: String,
     },
+    /// The server may have lost power since the last connection was made
+    /// (written before the `connected` line of the new one): what was
+    /// acknowledged before it and not durable may be gone, and no later
+    /// FLUSH covers it.
+    PowerCut {
+        /// Count of `acked` lines before this one.
+        power_cut_after: u64,
+    },
 }
 
 /// Appends lines to a record file.
@@ -353,6 +361,20 @@ impl Record {
                         }
                     }
                     flushed_prefix = flushed_prefix.max(covers);
+                }
+                Line::PowerCut { power_cut_after } => {
+                    if power_cut_after > acked_order.len() as u64 {
+                        return Err(bad(
+                            number,
+                            format!(
+                                "a power cut after {power_cut_after} acks, the record has {}",
+                                acked_order.len()
+                            ),
+                        ));
+                    }
+                    // What was not durable then never will be: a FLUSH sent
+                    // after the cut covers only the acks after it.
+                    flushed_prefix = flushed_prefix.max(power_cut_after as usize);
                 }
                 Line::FlushFailed { .. } | Line::Connected { .. } | Line::Lost { .. } => {}
             }

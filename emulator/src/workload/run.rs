@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,14 @@ pub struct RunConfig {
     pub request_timeout: Duration,
     /// The record file to create.
     pub record: PathBuf,
+    /// Power cuts of the volume's system: a count its caller moves before
+    /// and after each (odd while one may be under way; a fixed odd count:
+    /// one may come at any time). After a reconnect that finds it moved, or
+    /// odd, read-backs no longer expect the writes that were not durable
+    /// (acknowledged, without FUA, and not covered by an acknowledged
+    /// FLUSH): a power cut may have lost them. None: every acknowledged
+    /// write must read back (a killed process loses none).
+    pub power_cuts: Option<Arc<AtomicU64>>,
 }
 
 /// A read-back that did not find the last acknowledged write.
@@ -195,6 +203,11 @@ struct Completion {
     mismatches: Vec<Mismatch>,
 }
 
+/// The count of [`RunConfig::power_cuts`] now (0 without one).
+fn config_power(cuts: &Option<Arc<AtomicU64>>) -> u64 {
+    cuts.as_ref().map_or(0, |cuts| cuts.load(Ordering::SeqCst))
+}
+
 struct Runner {
     /// Ends the run early when set ([`run_until`]).
     stop: Arc<AtomicBool>,
@@ -211,6 +224,12 @@ struct Runner {
     volume_blocks: u64,
     in_flight_blocks: HashSet<u64>,
     expected: HashMap<u64, Expect>,
+    /// Blocks whose last acknowledged write is not durable yet.
+    not_durable: HashSet<u64>,
+    /// Those a FLUSH in flight covers, by its id.
+    flush_covers: HashMap<u64, HashSet<u64>>,
+    /// [`RunConfig::power_cuts`] when the current connection was made.
+    power_seen: u64,
     recent_writes: VecDeque<(u64, u64)>,
     tasks: JoinSet<Completion>,
     next_seq: u64,
@@ -299,6 +318,7 @@ pub async fn run_until(
         gave_up: None,
         final_flush_acked: false,
     };
+    let config_power_cuts = config.power_cuts.clone();
     let mut runner = Runner {
         stop,
         prng: Prng::new(config.seed),
@@ -313,6 +333,9 @@ pub async fn run_until(
         volume_blocks,
         in_flight_blocks: HashSet::new(),
         expected: HashMap::new(),
+        not_durable: HashSet::new(),
+        flush_covers: HashMap::new(),
+        power_seen: config_power(&config_power_cuts),
         recent_writes: VecDeque::with_capacity(RECENT_WRITES),
         tasks: JoinSet::new(),
         next_seq: 1,
@@ -549,6 +572,8 @@ impl Runner {
             acked_before: self.record.acked_lines(),
         })?;
         self.summary.flushes_sent += 1;
+        let covered = std::mem::take(&mut self.not_durable);
+        self.flush_covers.insert(id, covered);
         Ok(Op::Flush { id })
     }
 
@@ -635,12 +660,22 @@ impl Runner {
             }
         }
         match (&op, &result) {
-            (Op::Write { seq, count, .. }, Ok(())) => {
+            (
+                Op::Write {
+                    seq, count, fua, ..
+                },
+                Ok(()),
+            ) => {
                 self.record.line(&Line::Acked { acked: *seq })?;
                 self.summary.writes_acked += 1;
                 self.bytes_written += count * self.block_size;
                 for block in op.blocks() {
                     self.expected.insert(block, Expect::Exact(*seq));
+                    if *fua {
+                        self.not_durable.remove(&block);
+                    } else {
+                        self.not_durable.insert(block);
+                    }
                 }
             }
             (Op::Write { seq, .. }, Err(err)) => {
@@ -680,6 +715,7 @@ impl Runner {
             (Op::Flush { id }, Ok(())) => {
                 self.record.line(&Line::FlushAcked { flush_acked: *id })?;
                 self.summary.flushes_acked += 1;
+                self.flush_covers.remove(id);
                 if self.final_flush_id == Some(*id) {
                     self.summary.final_flush_acked = true;
                 }
@@ -690,6 +726,9 @@ impl Runner {
                     error: err.to_string(),
                 })?;
                 self.summary.flushes_failed += 1;
+                if let Some(covered) = self.flush_covers.remove(id) {
+                    self.not_durable.extend(covered);
+                }
             }
         }
         if let Err(err) = &result {
@@ -713,6 +752,39 @@ impl Runner {
         self.stall_started.get_or_insert_with(Instant::now);
         self.record.line(&Line::Lost { lost: why })?;
         self.record.flush()
+    }
+
+    /// On a new connection: if a power cut may have come since the last
+    /// one, the blocks whose last write was not durable may hold an older
+    /// write now; read-backs stop expecting theirs.
+    fn after_power_cut(&mut self) -> Result<(), WorkloadError> {
+        let now = config_power(&self.config.power_cuts);
+        let cut = self.config.power_cuts.is_some() && (now != self.power_seen || now % 2 == 1);
+        self.power_seen = now;
+        if !cut {
+            return Ok(());
+        }
+        self.record.line(&Line::PowerCut {
+            power_cut_after: self.record.acked_lines(),
+        })?;
+        let mut forgotten = 0u64;
+        let covered = std::mem::take(&mut self.flush_covers);
+        for block in std::mem::take(&mut self.not_durable)
+            .into_iter()
+            .chain(covered.into_values().flatten())
+        {
+            if let Some(expect) = self.expected.get_mut(&block) {
+                if matches!(expect, Expect::Exact(_)) {
+                    *expect = Expect::Uncertain;
+                    forgotten += 1;
+                }
+            }
+        }
+        tracing::info!(
+            blocks = forgotten,
+            "a power cut may have come: read-backs no longer expect the writes that were not durable"
+        );
+        Ok(())
     }
 
     /// Waits for every request in flight.
@@ -747,6 +819,7 @@ impl Runner {
         self.generation += 1;
         self.connection_lost = false;
         self.summary.reconnects += 1;
+        self.after_power_cut()?;
         self.record.line(&Line::Connected {
             connected: self.config.uris[index].clone(),
             size: self.size,

@@ -557,6 +557,41 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_after_a_power_cut_does_not_cover_what_the_cut_may_have_lost() {
+        // Write 1 durable (FUA); write 2 over it acknowledged, not durable;
+        // the power goes; flush 1 after it covers only write 3.
+        let oracle = Oracle::new(&record(&[
+            r#"{"sent":1,"offset":0,"len":1024,"fua":true}"#,
+            r#"{"acked":1}"#,
+            r#"{"sent":2,"offset":0,"len":512,"fua":false}"#,
+            r#"{"acked":2}"#,
+            r#"{"lost":"connection reset"}"#,
+            r#"{"power_cut_after":2}"#,
+            r#"{"connected":"nbd://x","size":4096}"#,
+            r#"{"sent":3,"offset":512,"len":512,"fua":false}"#,
+            r#"{"acked":3}"#,
+            r#"{"flush_sent":1,"acked_before":3}"#,
+            r#"{"flush_acked":1}"#,
+        ]));
+        // Block 0 may hold write 1 (write 2 lost) or write 2.
+        assert_eq!(oracle.judge(0, &content(1, 0)), Verdict::Durable);
+        assert_eq!(oracle.judge(0, &content(2, 0)), Verdict::Later { seq: 2 });
+        // Block 1: write 3 is durable, write 1 under it is lost.
+        assert_eq!(oracle.judge(1, &content(3, 1)), Verdict::Durable);
+        assert!(matches!(oracle.judge(1, &content(1, 1)), Verdict::Lost(_)));
+        // Without the cut, the flush covers write 2 too.
+        let oracle = Oracle::new(&record(&[
+            r#"{"sent":1,"offset":0,"len":1024,"fua":true}"#,
+            r#"{"acked":1}"#,
+            r#"{"sent":2,"offset":0,"len":512,"fua":false}"#,
+            r#"{"acked":2}"#,
+            r#"{"flush_sent":1,"acked_before":2}"#,
+            r#"{"flush_acked":1}"#,
+        ]));
+        assert!(matches!(oracle.judge(0, &content(1, 0)), Verdict::Lost(_)));
+    }
+
+    #[test]
     fn unknown_content_is_lost_and_ranges_merge() {
         let oracle = three_writes();
         let mut lost = Vec::new();
