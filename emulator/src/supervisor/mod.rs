@@ -152,6 +152,14 @@ pub fn prepare(run: &RunDir, config_text: &str) -> Result<Domain, SupervisorErro
         } else {
             Array::create(&dir, geometry, system.spares, system.volumes).map_err(disks)?;
         }
+        // A power loss whose injector died before the cut left the disks
+        // keeping undo logs: not a standing fault, so not kept.
+        crate::fault::power::disarm(&dir).map_err(|err| {
+            SupervisorError::Refused(format!(
+                "{}: clearing an unfinished power loss: {err}",
+                dir.display()
+            ))
+        })?;
         // Ownership starts afresh with the domain: every volume at its home
         // controller, addresses as this configuration says.
         match std::fs::remove_file(dir.join(controllers::ownership::OWNERSHIP_FILE)) {
