@@ -1077,7 +1077,7 @@ impl RaidEngine {
         }
         tracing::warn!(
             stripes = stripes.len(),
-            "the array was being written when the host lost power (or its kernel crashed): \
+            "the array was being written when the power went (the host's, an injected power-loss's, or a kernel crash): \
              resyncing the stripes its members' write-intent records name"
         );
         let mut failed = 0usize;

@@ -797,7 +797,7 @@ impl DiskImage {
             blocks_checked = checked,
             kept,
             unreadable,
-            "the image was being written when the host lost power (or its kernel crashed): \
+            "the image was being written when the power went (the host's, an injected power-loss's, or a kernel crash): \
              blocks written since the last flush were checked; those half on the disk are \
              kept as they were left, repairs cut short read as media errors"
         );

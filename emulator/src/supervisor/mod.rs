@@ -534,18 +534,44 @@ impl Supervisor {
     ) {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
-        let targets: Vec<(ProcessName, u32)> = self
-            .table
-            .iter()
-            .filter(|(name, record)| wanted(&name.role) && record.ended.is_none())
-            .map(|(name, record)| (*name, record.pid))
-            .collect();
+        let targets = self.running_where(|name| wanted(&name.role));
         for (_, pid) in &targets {
             let pid = Pid::from_raw(*pid as i32);
             let _ = kill(pid, Signal::SIGTERM);
             // A stopped (hung) process handles SIGTERM once continued.
             let _ = kill(pid, Signal::SIGCONT);
         }
+        if self.await_ends(exits, &targets).await {
+            return;
+        }
+        for (name, pid) in &targets {
+            if self.table[name].ended.is_none() {
+                tracing::warn!(process = %name, "did not stop in time; killing it");
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+        }
+        // The kills are certain; their exits are reaped by the waiting tasks.
+        if let Ok(Some(exit)) = tokio::time::timeout(STOP_TIMEOUT, exits.recv()).await {
+            self.ended(exit);
+        }
+    }
+
+    /// The processes running now that `wanted` picks, with their pids.
+    fn running_where(&self, wanted: impl Fn(&ProcessName) -> bool) -> Vec<(ProcessName, u32)> {
+        self.table
+            .iter()
+            .filter(|(name, record)| wanted(name) && record.ended.is_none())
+            .map(|(name, record)| (*name, record.pid))
+            .collect()
+    }
+
+    /// Notes exits until every one of `targets` ended (true), or for
+    /// [`STOP_TIMEOUT`] (false).
+    async fn await_ends(
+        &mut self,
+        exits: &mut mpsc::UnboundedReceiver<(ProcessName, u32, String)>,
+        targets: &[(ProcessName, u32)],
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
         while targets
             .iter()
@@ -553,23 +579,10 @@ impl Supervisor {
         {
             match tokio::time::timeout_at(deadline, exits.recv()).await {
                 Ok(Some(exit)) => self.ended(exit),
-                Ok(None) => break,
-                Err(_) => {
-                    for (name, pid) in &targets {
-                        if self.table[name].ended.is_none() {
-                            tracing::warn!(process = %name, "did not stop in time; killing it");
-                            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
-                        }
-                    }
-                    // The kills are certain; their exits are reaped by the
-                    // waiting tasks.
-                    if let Ok(Some(exit)) = tokio::time::timeout(STOP_TIMEOUT, exits.recv()).await {
-                        self.ended(exit);
-                    }
-                    break;
-                }
+                _ => return false,
             }
         }
+        true
     }
 
     fn ended(&mut self, (name, pid, ended): (ProcessName, u32, String)) {
@@ -627,32 +640,18 @@ impl Supervisor {
         }
         let on_system = |name: &ProcessName| name.cluster.is_some_and(|c| c.system == system);
         // The power goes: every process of the system at once.
-        let targets: Vec<(ProcessName, u32)> = self
-            .table
-            .iter()
-            .filter(|(name, record)| on_system(name) && record.ended.is_none())
-            .map(|(name, record)| (*name, record.pid))
-            .collect();
+        let targets = self.running_where(on_system);
         for (_, pid) in &targets {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(*pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-        while targets
-            .iter()
-            .any(|(name, _)| self.table[name].ended.is_none())
-        {
-            match tokio::time::timeout_at(deadline, exits.recv()).await {
-                Ok(Some(exit)) => self.ended(exit),
-                _ => {
-                    return format!(
-                        "error: the processes of s{system} did not die within {} s of SIGKILL",
-                        STOP_TIMEOUT.as_secs()
-                    )
-                }
-            }
+        if !self.await_ends(exits, &targets).await {
+            return format!(
+                "error: the processes of s{system} did not die within {} s of SIGKILL",
+                STOP_TIMEOUT.as_secs()
+            );
         }
         let killed: Vec<String> = targets
             .iter()
@@ -664,8 +663,11 @@ impl Supervisor {
         let mut disks = Vec::new();
         let (mut unflushed, mut lost) = (0u64, 0u64);
         let logs = crate::fault::power::undo_logs(&dir);
+        // What went wrong with the disks: the power comes back all the same
+        // (a system left off helps nobody), and the answer says it.
+        let mut problems = Vec::new();
         if let Err(err) = crate::fault::power::disarm_rules(&dir) {
-            return format!("error: {err}");
+            problems.push(format!("the disks' caches stay on: {err}"));
         }
         for log in logs {
             let name = log.to_string_lossy();
@@ -691,7 +693,7 @@ impl Supervisor {
                     }
                 }
                 Ok(None) => {}
-                Err(err) => return format!("error: rolling {file} back: {err}"),
+                Err(err) => problems.push(format!("rolling {file} back: {err}")),
             }
         }
         // The power comes back: every process of the system, in order.
@@ -713,6 +715,12 @@ impl Supervisor {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
+        }
+        if !problems.is_empty() {
+            return format!(
+                "error: power cut to s{system} and back ({started} processes started again), but: {}",
+                problems.join("; ")
+            );
         }
         format!(
             "ok: power cut to s{system}: SIGKILL to {}; the disks' caches lost {lost} of the {unflushed} \
