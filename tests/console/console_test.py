@@ -3,7 +3,9 @@ Playwright. Starts a small domain with `emulator up --detach`, opens server B's
 login link, checks that the page shows the domain live, submits a scrub of
 s0/c1 through server B with the page's form, watches its progress rise to 100%
 (the page is never reloaded: it follows the server's events), and saves a
-screenshot. Every wait is bounded; a failure says which step.
+screenshot; then cuts the power of s0 from the Faults panel (the server
+serving the page goes with it, and the page says so) and sees every process
+of s0 come back. Every wait is bounded; a failure says which step.
 
 Usage: console_test.py EMULATOR_BIN WORK_DIR
 """
@@ -147,6 +149,29 @@ def main() -> int:
             screenshot = work / "console.png"
             page.screenshot(path=str(screenshot), full_page=True)
             step(f"screenshot saved: {screenshot}")
+            step("cut the power of s0 from the Faults panel (System and More asked): server B, on s0/c1, goes with it")
+            before = {p["name"]: p["pid"] for p in json.loads((run_dir / "processes.json").read_text())}
+            page.select_option("#g-kind", "power-loss")
+            expect(page.locator("#g-system")).to_be_visible()
+            expect(page.locator("#g-more")).to_be_visible()
+            expect(page.locator("#g-disk")).to_be_hidden()
+            assert "after_ms" in (page.get_attribute("#g-more", "placeholder") or "")
+            page.select_option("#g-system", "s0")
+            page.fill("#g-more", '{"after_ms": 200, "lose": 1}')
+            page.click("#fault-form button[type=submit]")
+            expect(page.locator("#fault-message")).to_contain_text("no answer", timeout=30_000)
+            expect(page.locator("#fault-message")).to_contain_text("lost power")
+            step("the power came back: every process of s0 runs again, and the cut is in the fault log")
+            deadline = time.monotonic() + 60
+            while True:
+                now = {p["name"]: p for p in json.loads((run_dir / "processes.json").read_text())}
+                log = (run_dir / "faults.jsonl").read_text()
+                back = all(now[name]["pid"] != pid and now[name]["ended"] is None for name, pid in before.items())
+                if back and '"power-loss"' in log and "power back: 8 processes started again" in log:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"s0 did not come back within 60 s: {now}\n{log}")
+                time.sleep(0.2)
             browser.close()
     finally:
         subprocess.run([emulator, "down", "--run-dir", run_dir], timeout=90, stdout=subprocess.DEVNULL)

@@ -236,6 +236,10 @@ impl FaultSpec {
 /// Injects `spec` into the domain running in `run`; what was done. A seed
 /// left out of a disk fault with a rate below 1 is taken from `seed`.
 pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, FaultError> {
+    if let FaultSpec::PowerLoss(power) = spec {
+        // Logged by the supervisor, which carries it out.
+        return power::inject(run, power, seed);
+    }
     let id = format!("f{}", read_log(run)?.len() + 1);
     let (effect, standing) = match spec {
         FaultSpec::ProcessKill(p) => (signal(run, p, nix::sys::signal::Signal::SIGKILL)?, false),
@@ -250,13 +254,8 @@ pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, 
         FaultSpec::LinkCut(_) | FaultSpec::LinkDelay(_) => link::inject(run, &id, spec)?,
         FaultSpec::HostFsFull(host) => host::inject(run, &id, host)?,
         FaultSpec::JournalCrash(journal) => journal::inject(run, &id, journal)?,
-        FaultSpec::PowerLoss(power) => power::inject(run, power, seed)?,
+        FaultSpec::PowerLoss(_) => unreachable!("handled above"),
         disk => disk::inject(run, &id, disk, seed)?,
-    };
-    // (A power loss takes a while: other faults may have been logged since.)
-    let id = match spec {
-        FaultSpec::PowerLoss(_) => format!("f{}", read_log(run)?.len() + 1),
-        _ => id,
     };
     let record = FaultRecord {
         id,
@@ -266,6 +265,25 @@ pub fn inject(run: &RunDir, spec: &FaultSpec, seed: u64) -> Result<FaultRecord, 
         standing,
     };
     tracing::warn!(fault = %record.id, kind = spec.kind(), effect = %record.effect, "fault injected");
+    append(run, &FaultEvent::Injected(Box::new(record.clone())))?;
+    Ok(record)
+}
+
+/// Logs a power loss the supervisor carried out (not the injector, which may
+/// have lost power with the system): its record.
+pub fn log_power_loss(
+    run: &RunDir,
+    spec: FaultSpec,
+    effect: String,
+) -> Result<FaultRecord, FaultError> {
+    let record = FaultRecord {
+        id: format!("f{}", read_log(run)?.len() + 1),
+        spec,
+        injected_ms: now_ms(),
+        effect,
+        standing: false,
+    };
+    tracing::warn!(fault = %record.id, kind = record.spec.kind(), effect = %record.effect, "fault injected");
     append(run, &FaultEvent::Injected(Box::new(record.clone())))?;
     Ok(record)
 }

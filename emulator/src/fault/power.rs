@@ -17,7 +17,8 @@
 //!    outside the system as a power switch is, kills every process of the
 //!    system with SIGKILL and waits until they are gone, takes the rule out,
 //!    rolls every disk back and starts the processes again (in FIG. 2's
-//!    order), [`crate::supervisor::power_cut`].
+//!    order), [`crate::supervisor::power_cut`]. The supervisor logs it in
+//!    the fault log: the process that asked may have died with the system.
 //!
 //! What the cut does not lose: the degraded-write journal, `array.json`, the
 //! fault book and persistent data are kept whole (they are synced where the
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use controllers::faults::{DiskRule, Effect, FaultBook, ANY_FILE};
 
-use super::{disk, FaultError};
+use super::{disk, FaultError, FaultRecord};
 use crate::rundir::RunDir;
 
 /// How long the disks keep their caches before the power goes, by default.
@@ -59,12 +60,12 @@ pub struct PowerFault {
 }
 
 /// Arms the disks' caches, waits, and has the supervisor cut the power and
-/// bring it back; what happened (it does not stand).
+/// bring it back; the record the supervisor logged.
 pub(super) fn inject(
     run: &RunDir,
     fault: &PowerFault,
     seed: u64,
-) -> Result<(String, bool), FaultError> {
+) -> Result<FaultRecord, FaultError> {
     let lose = fault.lose.unwrap_or(DEFAULT_LOSE);
     if !(0.0..=1.0).contains(&lose) {
         return Err(FaultError::Invalid(format!(
@@ -92,8 +93,12 @@ pub(super) fn inject(
     })?;
     tracing::warn!(%system, after_ms, lose, seed, "the disks keep volatile caches; the power goes in {after_ms} ms");
     std::thread::sleep(std::time::Duration::from_millis(after_ms));
-    match crate::supervisor::power_cut(run, index, seed, lose) {
-        Ok(said) => Ok((said, false)),
+    match crate::supervisor::power_cut(run, index, seed, lose, after_ms) {
+        Ok(said) => serde_json::from_str(&said).map_err(|err| {
+            FaultError::Process(format!(
+                "the power of {system} was cut, and the supervisor's answer is not a fault record ({err}): {said}"
+            ))
+        }),
         Err(err) => {
             let _ = disarm(&dir);
             Err(FaultError::Process(format!(

@@ -356,16 +356,19 @@ pub fn restart(run: &RunDir, name: &ProcessName) -> Result<String, SupervisorErr
 /// bring it back (see `crate::fault` power-loss): the system's processes
 /// killed, its disks rolled back from their undo logs, each block written
 /// since its last flush lost when a draw from `seed` falls below `lose`, the
-/// processes started again. What it did.
+/// processes started again (`after_ms`: how long the caches were kept, for
+/// the record). The fault log's record of it, which the supervisor wrote, as
+/// JSON.
 pub fn power_cut(
     run: &RunDir,
     system: usize,
     seed: u64,
     lose: f64,
+    after_ms: u64,
 ) -> Result<String, SupervisorError> {
     ask(
         run,
-        &format!("power-cut {system} {seed} {lose}"),
+        &format!("power-cut {system} {seed} {lose} {after_ms}"),
         POWER_CUT_TIMEOUT,
     )
 }
@@ -617,23 +620,25 @@ impl Supervisor {
 }
 
 impl Supervisor {
-    /// A power cut of one system: `args` are its index, the seed and the
-    /// share lost (see [`power_cut`]). The answer line.
+    /// A power cut of one system: `args` are its index, the seed, the share
+    /// lost and how long the caches were kept (see [`power_cut`]). Logged
+    /// in the fault log here. The answer line.
     async fn power_cut(
         &mut self,
         exits: &mut mpsc::UnboundedReceiver<(ProcessName, u32, String)>,
         args: &str,
     ) -> String {
         let parsed = match args.split_whitespace().collect::<Vec<_>>()[..] {
-            [system, seed, lose] => system
+            [system, seed, lose, after_ms] => system
                 .parse::<usize>()
                 .ok()
                 .zip(seed.parse::<u64>().ok())
-                .zip(lose.parse::<f64>().ok()),
+                .zip(lose.parse::<f64>().ok())
+                .zip(after_ms.parse::<u64>().ok()),
             _ => None,
         };
-        let Some(((system, seed), lose)) = parsed else {
-            return format!("error: power-cut SYSTEM SEED LOSE, not {args:?}");
+        let Some((((system, seed), lose), after_ms)) = parsed else {
+            return format!("error: power-cut SYSTEM SEED LOSE AFTER_MS, not {args:?}");
         };
         if system >= self.domain.systems.len() {
             return format!("error: the domain has no system s{system}");
@@ -716,19 +721,31 @@ impl Supervisor {
                 }
             }
         }
-        if !problems.is_empty() {
-            return format!(
-                "error: power cut to s{system} and back ({started} processes started again), but: {}",
-                problems.join("; ")
-            );
-        }
-        format!(
-            "ok: power cut to s{system}: SIGKILL to {}; the disks' caches lost {lost} of the {unflushed} \
+        let mut effect = format!(
+            "power cut to s{system}: SIGKILL to {}; the disks' caches lost {lost} of the {unflushed} \
              blocks written since their last flush ({}; lose {lose}); power back: {started} processes \
              started again",
             if killed.is_empty() { "no process (none was running)".to_string() } else { killed.join(", ") },
             if disks.is_empty() { "lost, of written, per disk: none".to_string() } else { format!("lost of written: {}", disks.join(", ")) },
-        )
+        );
+        if !problems.is_empty() {
+            effect = format!("{effect}; but: {}", problems.join("; "));
+        }
+        // Logged here: the process that asked may have lost power with the
+        // system (a server on one of its clusters).
+        let spec = crate::fault::FaultSpec::PowerLoss(crate::fault::PowerFault {
+            system: Some(format!("s{system}")),
+            after_ms: Some(after_ms),
+            lose: Some(lose),
+        });
+        match crate::fault::log_power_loss(&self.run, spec, effect.clone()) {
+            Ok(record) if problems.is_empty() => match serde_json::to_string(&record) {
+                Ok(json) => format!("ok: {json}"),
+                Err(err) => format!("error: {effect} (answer: {err})"),
+            },
+            Ok(_) => format!("error: {effect}"),
+            Err(err) => format!("error: {effect} (not logged: {err})"),
+        }
     }
 }
 

@@ -397,13 +397,19 @@ async fn connect_any(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let last_error = match Client::connect(&uris[index]).await {
-            Ok(client) => {
-                check_export(&client, config, &config.uris[index])?;
-                return Ok((client, index));
-            }
-            Err(err) => err.to_string(),
-        };
+        // A listener that accepts and never greets (a server stopped, or
+        // hung, with its socket open) is given up like a request with no
+        // reply, and the next URI tried.
+        let attempt_timeout = config.request_timeout;
+        let last_error =
+            match tokio::time::timeout(attempt_timeout, Client::connect(&uris[index])).await {
+                Ok(Ok(client)) => {
+                    check_export(&client, config, &config.uris[index])?;
+                    return Ok((client, index));
+                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no handshake within {} ms", attempt_timeout.as_millis()),
+            };
         tracing::debug!(uri = %config.uris[index], attempt, error = %last_error, "connect failed");
         let waited = since.elapsed();
         if waited >= config.reconnect_timeout {
