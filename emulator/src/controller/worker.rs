@@ -63,6 +63,9 @@ impl Pacer {
 
 /// How often a paused controller looks at the control word again.
 const PAUSE_POLL: Duration = Duration::from_millis(50);
+/// How much a partition writes between the syncs that let its resume point
+/// move (see `durable` in [`run_partitions`]).
+const DURABLE_STEP: u64 = 16 << 20;
 
 /// One controller's share of a task: claim, work, renew, complete, until every
 /// partition is COMPLETE (taking over those of a controller that died). The
@@ -170,7 +173,42 @@ pub fn run_partitions(
         let base = found_before(dir, kind, claim.partition, resume_from);
         let found_file = found_path(dir, kind, claim.partition, claim.generation());
         let mut saved = FoundSoFar::default();
+        // What this partition writes: the rebuilt disk, or every member a
+        // repairing scrub may rewrite.
+        let written: Vec<usize> = match (kind, spec.target_disk) {
+            (TaskKind::Rebuild, Some(target)) => vec![target as usize],
+            (TaskKind::Scrub, _) if spec.repair => (0..engine.geometry().disks).collect(),
+            _ => Vec::new(),
+        };
+        // The resume point recorded in the coordination object moves only
+        // over what is durable: the coordination file's pages and the
+        // disks' reach the device independently, and after a power loss a
+        // resume point past rebuilt bytes the cut lost would leave them
+        // never rebuilt (a power-loss scenario during a rebuild found it:
+        // zeros in place of durable data). So the written range is synced
+        // every [`DURABLE_STEP`], and only then recorded.
+        let mut durable = 0u64;
         let progress = |done: u64, so_far: &Findings| {
+            if done == 0 || written.is_empty() {
+                durable = done;
+            } else if done - durable >= DURABLE_STEP {
+                let synced = engine
+                    .view()
+                    .map_err(|err| err.to_string())
+                    .and_then(|view| {
+                        written.iter().try_for_each(|&index| {
+                            view.images[index]
+                                .flush_range(start + durable, done - durable)
+                                .map_err(|err| err.to_string())
+                        })
+                    });
+                match synced {
+                    Ok(()) => durable = done,
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot sync what the partition wrote: its resume point stays")
+                    }
+                }
+            }
             // Rows are counted from positions, not saved: a point is saved
             // only when something is found.
             let found = Findings {
@@ -191,7 +229,7 @@ pub fn run_partitions(
                 }
             }
             let mut renew = || {
-                task.renew(&mut claim, resume_from + done, now_ms(), lease_ms)
+                task.renew(&mut claim, resume_from + durable, now_ms(), lease_ms)
                     .is_ok()
             };
             // Renewed a few times per lease while the rate limit holds us back.
@@ -263,13 +301,7 @@ pub fn run_partitions(
                 })
             }
         };
-        // Make durable what this partition wrote before calling it COMPLETE: the
-        // rebuilt disk, or every member a repairing scrub may have rewritten.
-        let written: Vec<usize> = match (kind, spec.target_disk) {
-            (TaskKind::Rebuild, Some(target)) => vec![target as usize],
-            (TaskKind::Scrub, _) if spec.repair => (0..engine.geometry().disks).collect(),
-            _ => Vec::new(),
-        };
+        // Make durable what this partition wrote before calling it COMPLETE.
         let view = engine.view()?;
         for index in written {
             view.images[index].flush_range(start, length)?;
