@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use disk_images::intent::Kind;
@@ -173,6 +174,7 @@ pub struct RolledBack {
 struct Save {
     at: u64,
     kind: Kind,
+    crc: u32,
 }
 
 /// The power cut for `image`, whose processes are all gone: reads its undo
@@ -180,43 +182,58 @@ struct Save {
 /// `lose(block)` says so, marks every such block's region for the next
 /// opener (see `disk_images::powercut`), and removes the log. `None`: the
 /// image has no undo log (nothing was written while the cache was kept).
+/// The log is scanned record by record (it can be large: every block
+/// written, once per flush), and only the blocks put back are read whole.
 pub fn roll_back(
     image: &Path,
     mut lose: impl FnMut(u64) -> bool,
 ) -> Result<Option<RolledBack>, ImageError> {
     let path = log_path(image);
-    let log = match std::fs::read(&path) {
+    let log = match File::open(&path) {
         Ok(log) => log,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(io(&path, "read the undo log")(err)),
+        Err(err) => return Err(io(&path, "open the undo log")(err)),
     };
+    let len = log
+        .metadata()
+        .map_err(io(&path, "read the undo log"))?
+        .len();
     // Per block, the saves not yet covered by a flush, oldest first.
     let mut open: BTreeMap<u64, Vec<Save>> = BTreeMap::new();
-    let mut at = 0usize;
-    let word = |at: usize| u64::from_le_bytes(log[at..at + 8].try_into().expect("8 bytes"));
-    while at < log.len() {
-        match log[at] {
-            SAVE if at + SAVE_LEN <= log.len() => {
-                let kind = if log[at + 1] == 0 {
+    let mut at = 0u64;
+    let mut head = [0u8; FLUSH_LEN];
+    let word = |head: &[u8; FLUSH_LEN], at: usize| {
+        u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"))
+    };
+    while at < len {
+        let want = (len - at).min(FLUSH_LEN as u64) as usize;
+        log.read_exact_at(&mut head[..want], at)
+            .map_err(io(&path, "read the undo log"))?;
+        match head[0] {
+            SAVE if at + SAVE_LEN as u64 <= len => {
+                let kind = if head[1] == 0 {
                     Kind::Host
                 } else {
                     Kind::Repair
                 };
-                open.entry(word(at + 8)).or_default().push(Save {
-                    at: at as u64,
-                    kind,
-                });
-                at += SAVE_LEN;
+                let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+                open.entry(word(&head, 8))
+                    .or_default()
+                    .push(Save { at, kind, crc });
+                at += SAVE_LEN as u64;
             }
-            FLUSH if at + FLUSH_LEN <= log.len() => {
-                let (offset, len, upto) = (word(at + 8), word(at + 16), word(at + 24));
+            FLUSH if at + FLUSH_LEN as u64 <= len => {
+                let (offset, length, upto) = (word(&head, 8), word(&head, 16), word(&head, 24));
                 let block = BLOCK_BYTES as u64;
-                let (first, end) = (offset / block, offset.saturating_add(len).div_ceil(block));
+                let (first, end) = (
+                    offset / block,
+                    offset.saturating_add(length).div_ceil(block),
+                );
                 for saves in open.range_mut(first..end).map(|(_, saves)| saves) {
                     saves.retain(|save| save.at >= upto);
                 }
                 open.retain(|_, saves| !saves.is_empty());
-                at += FLUSH_LEN;
+                at += FLUSH_LEN as u64;
             }
             // A record cut short (the writer died in its `write`): the
             // write it was to precede never began.
@@ -231,18 +248,39 @@ pub fn roll_back(
         let oldest = saves[0];
         written.push((block, oldest.kind));
         if lose(block) {
-            let at = oldest.at as usize;
-            lost.push(Before {
-                block,
-                bytes: &log[at + SAVE_HEADER..at + SAVE_LEN],
-                crc: u32::from_le_bytes(log[at + 16..at + 20].try_into().expect("4 bytes")),
-            });
+            let mut bytes = vec![0u8; BLOCK_BYTES];
+            log.read_exact_at(&mut bytes, oldest.at + SAVE_HEADER as u64)
+                .map_err(io(&path, "read the undo log"))?;
+            lost.push((block, bytes, oldest.crc));
         }
     }
-    powercut::stage(image, &lost, &written)?;
+    let before: Vec<Before<'_>> = lost
+        .iter()
+        .map(|(block, bytes, crc)| Before {
+            block: *block,
+            bytes,
+            crc: *crc,
+        })
+        .collect();
+    powercut::stage(image, &before, &written)?;
     std::fs::remove_file(&path).map_err(io(&path, "remove the undo log"))?;
     Ok(Some(RolledBack {
         unflushed: written.len() as u64,
         lost: lost.len() as u64,
     }))
+}
+
+/// The images in `dir` that have an undo log.
+pub fn images_with_logs(dir: &Path) -> Vec<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            Some(dir.join(name.strip_suffix(SUFFIX)?))
+        })
+        .collect();
+    images.sort();
+    images
 }

@@ -1657,21 +1657,11 @@ impl DiskImage {
             .enumerate()
         {
             let first = first_block + (batch * BULK_BLOCKS) as u64;
-            let mut mismatched = false;
-            {
-                let _guards = self.lock_blocks_shared(first, sums.len() as u64);
-                self.data_file
-                    .read_exact_at(bytes, first * u64::from(BLOCK_SIZE))
-                    .map_err(io_error(&self.path, "read image"))?;
-                for (i, (block_bytes, sum)) in bytes
-                    .chunks_exact(BLOCK_BYTES)
-                    .zip(sums.iter_mut())
-                    .enumerate()
-                {
-                    *sum = self.stored_crc(first + i as u64);
-                    mismatched |= crc32fast::hash(block_bytes) != *sum;
-                }
-            }
+            self.read_stored_blocks(first, bytes, sums)?;
+            let mismatched = bytes
+                .chunks_exact(BLOCK_BYTES)
+                .zip(sums.iter())
+                .any(|(block_bytes, sum)| crc32fast::hash(block_bytes) != *sum);
             if mismatched {
                 // Checked again one block at a time, holding only that block's
                 // lock: waiting for another process's lock while holding a
@@ -1707,10 +1697,20 @@ impl DiskImage {
     ) -> Result<(), ImageError> {
         self.check_whole_blocks(offset, buf.len() as u64)?;
         assert_eq!(crcs.len(), buf.len() / BLOCK_BYTES, "one CRC per block");
-        let first = offset / u64::from(BLOCK_SIZE);
+        self.read_stored_blocks(offset / u64::from(BLOCK_SIZE), buf, crcs)
+    }
+
+    /// The blocks from `first` (checked to be in the image) as stored, under
+    /// this process's shared block locks: one `pread`, then the stored CRCs.
+    fn read_stored_blocks(
+        &self,
+        first: u64,
+        buf: &mut [u8],
+        crcs: &mut [u32],
+    ) -> Result<(), ImageError> {
         let _guards = self.lock_blocks_shared(first, crcs.len() as u64);
         self.data_file
-            .read_exact_at(buf, offset)
+            .read_exact_at(buf, first * u64::from(BLOCK_SIZE))
             .map_err(io_error(&self.path, "read image"))?;
         for (i, sum) in crcs.iter_mut().enumerate() {
             *sum = self.stored_crc(first + i as u64);

@@ -37,16 +37,18 @@ def wait_owner(domain: Domain, name: str, owner: str, path: str, pair: str = "B"
     return wait_until(there, timeout, f"server {pair} to report {name} owned by {owner}, path {path}")
 
 
-def start_writer(uri: str, seed: int, record, duration: str = "8s", extra=()) -> subprocess.Popen:
+def start_writer(uri: str, seed: int, record, duration: str = "8s", extra=(),
+                 fua_every: int = 7, flush_every: int = 32) -> subprocess.Popen:
     args = [str(emulator_bin()), "workload", "run", "--uri", uri, "--seed", str(seed),
-            "--duration", duration, "--qd", "16", "--fua-every", "7", "--flush-every", "32",
-            "--record", str(record), "--json", *extra]
+            "--duration", duration, "--qd", "16", "--fua-every", str(fua_every),
+            "--flush-every", str(flush_every), "--record", str(record), "--json", *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def writer_going(uri: str, seed: int, record, duration: str, extra=()) -> subprocess.Popen:
-    """A writer started and seen acknowledging writes."""
-    writer = start_writer(uri, seed, record, duration=duration, extra=extra)
+def writer_going(uri: str, seed: int, record, duration: str, extra=(), **every) -> subprocess.Popen:
+    """A writer started and seen acknowledging writes (`fua_every`,
+    `flush_every` as `start_writer` takes them)."""
+    writer = start_writer(uri, seed, record, duration=duration, extra=extra, **every)
     wait_until(lambda: acked(record) >= 300 or writer.poll() is not None, 30, "the writer to get going")
     assert writer.poll() is None, writer.communicate()
     return writer

@@ -31,13 +31,12 @@ import errno
 import json
 import os
 import re
-import subprocess
 
 import pytest
 
-from bbhelpers import BLOCK, KiB, MiB, emulator, emulator_bin, errno_of, nbd_connect, run, wait_until
+from bbhelpers import BLOCK, KiB, MiB, emulator, errno_of, nbd_connect, run, wait_until
 from test_domain import CONFIG, Domain
-from test_failover import acked, finish, scrub_is_clean, verify_nothing_lost, volumes, writer_going
+from test_failover import finish, scrub_is_clean, verify_nothing_lost, volumes, writer_going
 
 
 def inject(domain: Domain, pair: str = "A", **fault) -> dict:
@@ -226,12 +225,7 @@ def test_a_power_loss_kills_the_system_loses_what_was_not_flushed_and_brings_it_
         before = {name: p["pid"] for name, p in domain.processes().items()}
         # No FUA, a FLUSH every 200 writes: blocks not yet durable when the
         # power goes. Read-backs after the reconnect allow for their loss.
-        writer = subprocess.Popen(
-            [str(emulator_bin()), "workload", "run", "--uri", uri, "--seed", str(seed), "--duration", "8s",
-             "--qd", "16", "--flush-every", "200", "--power-loss", "--record", str(record), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: acked(record) >= 300 or writer.poll() is not None, 30, "the writer to get going")
-        assert writer.poll() is None, writer.communicate()
+        writer = writer_going(uri, seed, record, "8s", extra=["--power-loss"], fua_every=0, flush_every=200)
         result = emulator("fault", "inject", "power-loss", "--after-ms", "500", "--lose", "1",
                           "--seed", str(seed), "--run-dir", domain.run_dir, "--json", timeout=150)
         assert result.returncode == 0, result.describe()

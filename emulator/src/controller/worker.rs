@@ -67,6 +67,20 @@ const PAUSE_POLL: Duration = Duration::from_millis(50);
 /// move (see `durable` in [`run_partitions`]).
 const DURABLE_STEP: u64 = 16 << 20;
 
+/// Makes `[offset, offset+len)` of the members in `written` durable.
+fn sync_written(
+    engine: &RaidEngine,
+    written: &[usize],
+    offset: u64,
+    len: u64,
+) -> Result<(), ControllerError> {
+    let view = engine.view()?;
+    for &index in written {
+        view.images[index].flush_range(offset, len)?;
+    }
+    Ok(())
+}
+
 /// One controller's share of a task: claim, work, renew, complete, until every
 /// partition is COMPLETE (taking over those of a controller that died). The
 /// initiator then runs the completion actions, or, if it does not within a
@@ -192,17 +206,7 @@ pub fn run_partitions(
             if done == 0 || written.is_empty() {
                 durable = done;
             } else if done - durable >= DURABLE_STEP {
-                let synced = engine
-                    .view()
-                    .map_err(|err| err.to_string())
-                    .and_then(|view| {
-                        written.iter().try_for_each(|&index| {
-                            view.images[index]
-                                .flush_range(start + durable, done - durable)
-                                .map_err(|err| err.to_string())
-                        })
-                    });
-                match synced {
+                match sync_written(engine, &written, start + durable, done - durable) {
                     Ok(()) => durable = done,
                     Err(err) => {
                         tracing::warn!(%err, "cannot sync what the partition wrote: its resume point stays")
@@ -302,10 +306,7 @@ pub fn run_partitions(
             }
         };
         // Make durable what this partition wrote before calling it COMPLETE.
-        let view = engine.view()?;
-        for index in written {
-            view.images[index].flush_range(start, length)?;
-        }
+        sync_written(engine, &written, start, length)?;
         let findings_file = partition_findings_path(dir, kind, claim.partition, claim.generation());
         let bytes = serde_json::to_vec(&found).map_err(|source| ControllerError::Json {
             path: findings_file.clone(),

@@ -29,7 +29,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
 use controllers::faults::{DiskRule, Effect, FaultBook, ANY_FILE};
+use controllers::volatile;
 
 use super::{disk, FaultError, FaultRecord};
 use crate::rundir::RunDir;
@@ -110,10 +113,10 @@ pub(super) fn inject(
 
 /// Takes every volatile-cache rule out of the fault book in `dir` and
 /// removes the undo logs there.
-pub fn disarm(dir: &std::path::Path) -> Result<(), FaultError> {
+pub fn disarm(dir: &Path) -> Result<(), FaultError> {
     disarm_rules(dir)?;
-    for log in undo_logs(dir) {
-        let _ = std::fs::remove_file(log);
+    for image in volatile::images_with_logs(dir) {
+        let _ = std::fs::remove_file(volatile::log_path(&image));
     }
     Ok(())
 }
@@ -121,27 +124,54 @@ pub fn disarm(dir: &std::path::Path) -> Result<(), FaultError> {
 /// Takes every volatile-cache rule out of the fault book in `dir`: the
 /// disks' writes are durable when written again (a process that loads the
 /// book no longer logs them).
-pub fn disarm_rules(dir: &std::path::Path) -> Result<(), FaultError> {
+pub fn disarm_rules(dir: &Path) -> Result<(), FaultError> {
     FaultBook::open(dir)?
         .change(|rules| rules.retain(|rule| rule.effect != Effect::VolatileCache))?;
     Ok(())
 }
 
-/// The undo logs in `dir`.
-pub fn undo_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| name.ends_with(controllers::volatile::SUFFIX))
-        })
-        .collect();
-    logs.sort();
-    logs
+/// What the cut did to a system's disks.
+#[derive(Debug, Default)]
+pub struct DisksCut {
+    /// Blocks written since their disk's last flush, on every disk.
+    pub unflushed: u64,
+    /// Of which put back as they were at that flush.
+    pub lost: u64,
+    /// `disk0.img 12 of 40` for each disk that had any.
+    pub per_disk: Vec<String>,
+    /// What could not be done (the caches left on, a disk not rolled back).
+    pub problems: Vec<String>,
+}
+
+/// The cut, for the disks in `dir` once every process that had them open
+/// is gone: the caches off, and each disk rolled back from its undo log,
+/// a block lost when [`loses`] says so.
+pub fn roll_back_disks(dir: &Path, seed: u64, lose: f64) -> DisksCut {
+    let mut cut = DisksCut::default();
+    if let Err(err) = disarm_rules(dir) {
+        cut.problems
+            .push(format!("the disks' caches stay on: {err}"));
+    }
+    for image in volatile::images_with_logs(dir) {
+        let file = image
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match volatile::roll_back(&image, |block| loses(seed, &file, block, lose)) {
+            Ok(Some(rolled)) => {
+                tracing::warn!(disk = %file, unflushed = rolled.unflushed, lost = rolled.lost, "disk cache lost");
+                cut.unflushed += rolled.unflushed;
+                cut.lost += rolled.lost;
+                if rolled.unflushed > 0 {
+                    cut.per_disk
+                        .push(format!("{file} {} of {}", rolled.lost, rolled.unflushed));
+                }
+            }
+            Ok(None) => {}
+            Err(err) => cut.problems.push(format!("rolling {file} back: {err}")),
+        }
+    }
+    cut
 }
 
 /// Whether the cut loses `block` of disk file `file`: a draw from `seed`,

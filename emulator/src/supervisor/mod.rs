@@ -559,6 +559,32 @@ impl Supervisor {
         }
     }
 
+    /// Starts `names` in their order (FIG. 2A before 2B: a driver stores the
+    /// configuration and state before agents come to read them, so the next
+    /// process starts once the driver listens, or after
+    /// [`DRIVER_START_TIMEOUT`]: the others retry anyway). A driver's socket
+    /// left by one that was killed is removed first, so that its presence
+    /// means the new one listens.
+    async fn start_in_order(&mut self, names: &[ProcessName]) -> Result<(), SupervisorError> {
+        for &name in names {
+            let socket = match (name.role, name.cluster) {
+                (Role::Driver, Some(cluster)) => Some(self.run.driver_socket(cluster)),
+                _ => None,
+            };
+            if let Some(socket) = &socket {
+                let _ = std::fs::remove_file(socket);
+            }
+            self.start(name)?;
+            if let Some(socket) = socket {
+                let deadline = Instant::now() + DRIVER_START_TIMEOUT;
+                while !socket.exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The processes running now that `wanted` picks, with their pids.
     fn running_where(&self, wanted: impl Fn(&ProcessName) -> bool) -> Vec<(ProcessName, u32)> {
         self.table
@@ -663,64 +689,24 @@ impl Supervisor {
             .map(|(name, pid)| format!("{name} (pid {pid})"))
             .collect();
         tracing::warn!(system, processes = killed.len(), "power cut");
-        // The disks lose what their caches held.
-        let dir = self.run.disks(system);
-        let mut disks = Vec::new();
-        let (mut unflushed, mut lost) = (0u64, 0u64);
-        let logs = crate::fault::power::undo_logs(&dir);
-        // What went wrong with the disks: the power comes back all the same
-        // (a system left off helps nobody), and the answer says it.
-        let mut problems = Vec::new();
-        if let Err(err) = crate::fault::power::disarm_rules(&dir) {
-            problems.push(format!("the disks' caches stay on: {err}"));
-        }
-        for log in logs {
-            let name = log.to_string_lossy();
-            let image = std::path::PathBuf::from(
-                name.strip_suffix(controllers::volatile::SUFFIX)
-                    .unwrap_or(&name)
-                    .to_string(),
-            );
-            let file = image
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let rolled = controllers::volatile::roll_back(&image, |block| {
-                crate::fault::power::loses(seed, &file, block, lose)
-            });
-            match rolled {
-                Ok(Some(rolled)) => {
-                    tracing::warn!(disk = %file, unflushed = rolled.unflushed, lost = rolled.lost, "disk cache lost");
-                    unflushed += rolled.unflushed;
-                    lost += rolled.lost;
-                    if rolled.unflushed > 0 {
-                        disks.push(format!("{file} {} of {}", rolled.lost, rolled.unflushed));
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => problems.push(format!("rolling {file} back: {err}")),
-            }
-        }
+        // The disks lose what their caches held. What went wrong with them:
+        // the power comes back all the same (a system left off helps
+        // nobody), and the answer says it.
+        let crate::fault::power::DisksCut {
+            unflushed,
+            lost,
+            per_disk: disks,
+            problems,
+        } = crate::fault::power::roll_back_disks(&self.run.disks(system), seed, lose);
         // The power comes back: every process of the system, in order.
-        let mut started = 0;
-        for name in processes(&self.domain).into_iter().filter(on_system) {
-            if name.role == Role::Driver {
-                if let Some(cluster) = name.cluster {
-                    let _ = std::fs::remove_file(self.run.driver_socket(cluster));
-                }
-            }
-            if let Err(err) = self.start(name) {
-                return format!("error: starting {name} again after the power cut: {err}");
-            }
-            started += 1;
-            if let (Role::Driver, Some(cluster)) = (name.role, name.cluster) {
-                let socket = self.run.driver_socket(cluster);
-                let deadline = Instant::now() + DRIVER_START_TIMEOUT;
-                while !socket.exists() && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
+        let names: Vec<ProcessName> = processes(&self.domain)
+            .into_iter()
+            .filter(on_system)
+            .collect();
+        if let Err(err) = self.start_in_order(&names).await {
+            return format!("error: starting s{system} again after the power cut: {err}");
         }
+        let started = names.len();
         let mut effect = format!(
             "power cut to s{system}: SIGKILL to {}; the disks' caches lost {lost} of the {unflushed} \
              blocks written since their last flush ({}; lose {lose}); power back: {started} processes \
@@ -792,20 +778,7 @@ pub fn supervise(run: &RunDir) -> Result<(), SupervisorError> {
             exits,
         };
         let names = processes(&domain);
-        for name in &names {
-            supervisor.start(*name)?;
-            if name.role == Role::Driver {
-                // FIG. 2A before 2B: the driver stores the configuration and
-                // state before agents come to read them.
-                if let Some(cluster) = name.cluster {
-                    let socket = run.driver_socket(cluster);
-                    let deadline = Instant::now() + DRIVER_START_TIMEOUT;
-                    while !socket.exists() && Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        }
+        supervisor.start_in_order(&names).await?;
         tracing::info!(processes = names.len(), "domain started");
         loop {
             tokio::select! {

@@ -318,7 +318,7 @@ pub async fn run_until(
         gave_up: None,
         final_flush_acked: false,
     };
-    let config_power_cuts = config.power_cuts.clone();
+    let power_seen = config_power(&config.power_cuts);
     let mut runner = Runner {
         stop,
         prng: Prng::new(config.seed),
@@ -335,7 +335,7 @@ pub async fn run_until(
         expected: HashMap::new(),
         not_durable: HashSet::new(),
         flush_covers: HashMap::new(),
-        power_seen: config_power(&config_power_cuts),
+        power_seen,
         recent_writes: VecDeque::with_capacity(RECENT_WRITES),
         tasks: JoinSet::new(),
         next_seq: 1,
