@@ -504,7 +504,13 @@ mod cases {
     }
 
     pub fn writes_to_a_read_only_export_are_eperm(structured: bool) {
-        let (_server, mut conn) = session_with(structured, Options { read_only: true });
+        let (_server, mut conn) = session_with(
+            structured,
+            Options {
+                read_only: true,
+                ..Options::default()
+            },
+        );
         let data = pattern(4, 4096);
         conn.expect_error(0, CMD_WRITE, 0, 4096, &data, EPERM);
         conn.expect_error(0, CMD_TRIM, 0, 4096, &[], EPERM);
@@ -746,6 +752,81 @@ in_both_modes!(
     zero_length_requests_do_not_disconnect,
     pipelined_mixed_requests_are_all_answered,
 );
+
+/// Large writes (past the 64 KiB the request thread runs from its own
+/// buffer) pipelined with reads, a small write and FLUSH, back to back so
+/// that a large write's header arrives alone and what follows it is both a
+/// large write and a small request: on workers and in place (the server
+/// chooses by CPU count; `EMULATOR_NBD_LARGE_WRITES` makes it take each path).
+#[test]
+fn pipelined_large_writes_on_workers_and_in_place() {
+    const MIB: u64 = 1024 * 1024;
+    for (mode, in_place) in [("workers", false), ("in-place", true)] {
+        let (server, mut conn) = session_with(
+            true,
+            Options {
+                large_writes: Some(mode),
+                ..Options::default()
+            },
+        );
+        let reads_at = 10 * MIB;
+        let source = pattern(900, 2 * MIB as usize);
+        conn.write(reads_at, &source);
+        let mut expected: HashMap<u64, (u16, Vec<u8>)> = HashMap::new();
+        let mut written = Vec::new();
+        for round in 0..3u64 {
+            let slot = round * 3 * MIB;
+            let writes = [
+                (slot, MIB as usize, FLAG_FUA),
+                (slot + MIB + 123, 300_000, 0),
+                (slot + 3 * MIB / 2, 65_537, 0),
+                (slot + 7 * MIB / 4, 262_144, 0),
+                (slot + 2 * MIB + 7, 512, 0),
+                (slot + 2 * MIB + 65_536, 917_504, FLAG_FUA),
+            ];
+            for (i, &(offset, len, flags)) in writes.iter().enumerate() {
+                let data = pattern(1000 + round * 10 + i as u64, len);
+                let cookie = conn.submit(flags, CMD_WRITE, offset, len as u32, &data);
+                expected.insert(cookie, (CMD_WRITE, Vec::new()));
+                written.push((offset, data));
+                if i == 1 || i == 4 {
+                    let (at, len) = (round * 5000 + i as u64, 4096);
+                    let cookie = conn.submit(0, CMD_READ, reads_at + at, len, &[]);
+                    let data = source[at as usize..at as usize + len as usize].to_vec();
+                    expected.insert(cookie, (CMD_READ, data));
+                }
+                if i == 3 {
+                    let cookie = conn.submit(0, CMD_FLUSH, 0, 0, &[]);
+                    expected.insert(cookie, (CMD_FLUSH, Vec::new()));
+                    let at = round * 100_000;
+                    let cookie = conn.submit(0, CMD_READ, reads_at + at, MIB as u32, &[]);
+                    let data = source[at as usize..(at + MIB) as usize].to_vec();
+                    expected.insert(cookie, (CMD_READ, data));
+                }
+            }
+        }
+        while !expected.is_empty() {
+            let reply = conn.next_reply();
+            let (command, data) = expected.remove(&reply.cookie).unwrap_or_else(|| {
+                panic!("{mode}: unexpected or repeated cookie {:#x}", reply.cookie)
+            });
+            assert_success(&reply, command, &data, true);
+        }
+        for (offset, data) in written {
+            let back = conn.read(offset, data.len() as u32);
+            assert!(
+                back == data,
+                "{mode}: the write of {} bytes at {offset} did not read back",
+                data.len()
+            );
+        }
+        assert!(
+            server.log_text().contains(&format!("in_place={in_place}")),
+            "{mode}: the server did not say where large writes run:\n{}",
+            server.log_text()
+        );
+    }
+}
 
 /// The `(length, flags)` extents of a successful base:allocation reply.
 fn extents(reply: &Reply) -> Vec<(u32, u32)> {

@@ -15,7 +15,9 @@
 //! - **Workers** (up to [`OFFLOAD_SLOTS`] per connection, started on first
 //!   need) run large reads and writes, FLUSH and the flush of FUA writes, so
 //!   that receiving the next write payload overlaps copying the previous one
-//!   into the image, and several large requests use every core. Their replies
+//!   into the image, and several large requests use every core (on a machine
+//!   with two cores or fewer, large writes run on the request thread: see
+//!   [`large_writes_in_place`]). Their replies
 //!   may complete out of order. A FLUSH with nothing else in flight and no
 //!   further request received runs in place instead: the client is waiting
 //!   for it, and handing it to a worker would only add a wake-up to its wait.
@@ -35,7 +37,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{self, Scope, ScopedJoinHandle};
 
 use super::export::{BlockDevice, DeviceError};
@@ -58,10 +60,9 @@ const BATCH_START_BYTES: usize = 64 * 1024;
 const INLINE_READ_BYTES: u32 = 64 * 1024;
 /// Writes up to this length run in place, straight from the request buffer;
 /// longer ones have their payload read into a buffer of their own and go to a
-/// worker, so that the next payload is received while this one is copied.
-/// Interleaved A/B runs of 1 MiB QD8 writes on the 2-core reference machine:
-/// ~1.95-2.2 GB/s handed to a worker, ~1.75-2.0 GB/s run on the request thread
-/// (which spends ~10% less CPU per request: the payload is hot in its cache).
+/// worker, so that the next payload is received while this one is copied
+/// (unless the machine has no core to spare for that, see
+/// [`large_writes_in_place`]).
 const INLINE_WRITE_BYTES: u32 = 64 * 1024;
 /// Offloaded requests running or waiting at once per connection (and the most
 /// workers it starts); the request thread waits for a slot, which bounds
@@ -452,6 +453,14 @@ struct Requests<R> {
     buffer: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The last request was a large write whose payload was received into a
+    /// buffer of its own: the next receive into an empty buffer takes just
+    /// a request header, so that if another large write follows, its payload
+    /// goes straight from the socket into its own buffer too instead of the
+    /// first part of it into this buffer and then copied (~5% of the CPU a
+    /// stream of 1 MiB writes over TCP costs). It takes as many receives as
+    /// before: one for the header, one for the payload.
+    header_only: bool,
 }
 
 fn end_of_file() -> io::Error {
@@ -465,6 +474,7 @@ impl<R: Read> Requests<R> {
             buffer: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
             start: 0,
             end: 0,
+            header_only: false,
         }
     }
 
@@ -479,14 +489,23 @@ impl<R: Read> Requests<R> {
 
     /// Receives more after what is buffered; `Ok(false)` at end-of-file.
     fn fill(&mut self) -> io::Result<bool> {
+        self.fill_upto(self.buffer.len())
+    }
+
+    /// Like [`Self::fill`], receiving no further than `limit` bytes into the
+    /// buffer.
+    fn fill_upto(&mut self, limit: usize) -> io::Result<bool> {
         if self.start > 0 {
             self.buffer.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        debug_assert!(self.end < self.buffer.len(), "fill() on a full buffer");
+        debug_assert!(
+            self.end < limit.min(self.buffer.len()),
+            "fill() on a full buffer"
+        );
         loop {
-            match self.source.read(&mut self.buffer[self.end..]) {
+            match self.source.read(&mut self.buffer[self.end..limit]) {
                 Ok(0) => return Ok(false),
                 Ok(count) => {
                     self.end += count;
@@ -510,8 +529,12 @@ impl<R: Read> Requests<R> {
 
     /// The next request header; `None` if the client closed between requests.
     fn header(&mut self) -> Result<Option<Request>, TransmissionError> {
+        let limit = match std::mem::take(&mut self.header_only) {
+            true => proto::REQUEST_LEN,
+            false => self.buffer.len(),
+        };
         while self.end - self.start < proto::REQUEST_LEN {
-            if !self.fill()? {
+            if !self.fill_upto(limit.max(self.end - self.start + 1))? {
                 if self.start == self.end {
                     return Ok(None);
                 }
@@ -533,6 +556,7 @@ impl<R: Read> Requests<R> {
         payload[..from_buffer].copy_from_slice(&self.buffered()[..from_buffer]);
         self.consume(from_buffer);
         self.source.read_exact(&mut payload[from_buffer..])?;
+        self.header_only = self.start == self.end;
         Ok(payload)
     }
 
@@ -581,6 +605,7 @@ pub fn transmit<R: Read, W: ReplyWriter>(
             workers: Vec::new(),
             batch: Vec::with_capacity(BATCH_START_BYTES),
             stopping,
+            large_writes_in_place: large_writes_in_place(),
         };
         let outcome = connection.serve(&mut Requests::new(reader));
         if outcome.is_err() {
@@ -610,6 +635,51 @@ pub fn transmit<R: Read, W: ReplyWriter>(
     })
 }
 
+/// The fewest CPUs this process may run on for large writes to go to workers.
+const OFFLOAD_WRITES_MIN_CPUS: usize = 3;
+
+/// Whether writes longer than [`INLINE_WRITE_BYTES`] run on the request
+/// thread too (their payload still received into a buffer of its own), instead
+/// of going to a worker. A worker lets receiving the next payload overlap
+/// storing the last one, which pays when a core is free to run it; with two
+/// cores or fewer, one of them busy with the client, the worker only takes
+/// turns with the request thread, and each hand-off costs a wake-up and moves
+/// the payload to another core's cache. Interleaved runs on the 2-core
+/// reference machine, 1 MiB writes at QD8 over TCP, images on ext4: in place
+/// 3,850-3,970 MiB/s, handed off 3,350-3,460 (nbdkit 3,200-3,930), and less
+/// CPU per MiB in place on tmpfs and over Unix sockets too. Large reads stay
+/// with the workers: in place they measured ~8% slower.
+///
+/// [`LARGE_WRITES_VAR`] set to `workers` or `in-place` overrides the choice,
+/// so that tests run both paths on any machine (and for measuring them).
+fn large_writes_in_place() -> bool {
+    static IN_PLACE: OnceLock<bool> = OnceLock::new();
+    *IN_PLACE.get_or_init(|| {
+        let by_cpus = || {
+            thread::available_parallelism()
+                .map_or(true, |cpus| cpus.get() < OFFLOAD_WRITES_MIN_CPUS)
+        };
+        let in_place = match std::env::var(LARGE_WRITES_VAR).as_deref() {
+            Ok("workers") => false,
+            Ok("in-place") => true,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "{LARGE_WRITES_VAR} takes 'workers' or 'in-place'; choosing by CPU count"
+                );
+                by_cpus()
+            }
+            Err(_) => by_cpus(),
+        };
+        tracing::debug!(in_place, "large NBD writes");
+        in_place
+    })
+}
+
+/// Environment variable that chooses where large writes run (see
+/// [`large_writes_in_place`]).
+pub const LARGE_WRITES_VAR: &str = "EMULATOR_NBD_LARGE_WRITES";
+
 fn spawn<'scope, 'env>(
     scope: &'scope Scope<'scope, 'env>,
     name: &str,
@@ -638,6 +708,8 @@ struct Connection<'scope, 'env, 'a, W> {
     /// Replies of requests run in place, not yet sent.
     batch: Vec<u8>,
     stopping: &'a AtomicBool,
+    /// See [`large_writes_in_place`].
+    large_writes_in_place: bool,
 }
 
 impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
@@ -773,6 +845,12 @@ impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
                 let length = request.length as usize;
                 let result = device.write_at(offset, requests.buffer_at_least(length)?);
                 requests.consume(length);
+                result
+            }
+            cmd::WRITE if self.large_writes_in_place => {
+                let payload = requests.payload(request.length as usize, pool.take())?;
+                let result = device.write_at(offset, &payload);
+                pool.give(payload);
                 result
             }
             cmd::WRITE => {

@@ -108,6 +108,9 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     pub read_only: bool,
+    /// `EMULATOR_NBD_LARGE_WRITES` for the server: `workers` or `in-place`
+    /// (unset: the server chooses by CPU count).
+    pub large_writes: Option<&'static str>,
 }
 
 /// A running `emulator serve` process on a private Unix socket. Dropping it sends
@@ -169,6 +172,9 @@ impl Server {
             .stderr(File::create(&log).expect("create server log"));
         if options.read_only {
             command.arg("--read-only");
+        }
+        if let Some(mode) = options.large_writes {
+            command.env("EMULATOR_NBD_LARGE_WRITES", mode);
         }
         let child = command.spawn().expect("spawn emulator serve");
         Self {
