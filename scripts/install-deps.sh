@@ -8,6 +8,7 @@ declare -A need=(
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
   [fio]=fio
+  [ss]=iproute2
 )
 if [ "$want" = bench ]; then
   need[nbdkit]=nbdkit

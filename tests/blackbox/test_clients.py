@@ -183,3 +183,33 @@ def test_nbdinfo_map_holes_and_data(server, need_tools):
         (MiB, size - MiB, "hole,zero"),
     ]
     qemu_io(server.uri(), "read -P 0x00 256k 256k", "read -P 0x11 512k 512k")
+
+
+def _congestion_control_of_server_side(port):
+    """The congestion control `ss` reports for the server's end of the one
+    established connection on `port`."""
+    known = open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().split()
+    result = run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"])
+    assert result.returncode == 0, result.describe()
+    names = [word for word in result.stdout.split() if word in known]
+    assert len(names) == 1, f"one congestion control expected in:\n{result.stdout}"
+    return names[0]
+
+
+def test_a_loopback_tcp_connection_is_not_paced(serve, image, need_tools):
+    """A connection from this host leaves a pacing congestion control (BBR) for
+    cubic or reno; with any other default, the connection keeps it."""
+    need_tools("ss")
+    server = serve(image, "tcp")
+    default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    handle = nbd_connect(server.uri())
+    try:
+        handle.pread(4096, 0)
+        chosen = _congestion_control_of_server_side(server.port)
+    finally:
+        handle.shutdown()
+    print(f"system default {default}, server side {chosen}")
+    if default.startswith("bbr"):
+        assert chosen in ("cubic", "reno"), chosen
+    else:
+        assert chosen == default, (chosen, default)

@@ -295,7 +295,10 @@ fn serve(stream: &[u8], exports: &ExportSet) {
     // What the handshake's reader buffered, then the rest: as the server does.
     let requests = io::Cursor::new(reader.buffer().to_vec()).chain(reader.into_inner());
     let never_stopping = AtomicBool::new(false);
-    let ending = transmission::transmit(requests, &io::sink(), &session, &never_stopping);
+    // Large writes on workers and in place, one or the other per input.
+    let in_place = stream.len() % 2 == 0;
+    let ending =
+        transmission::transmit(requests, &io::sink(), &session, &never_stopping, in_place);
     assert!(
         !matches!(ending, Ok(Ending::Shutdown)),
         "transmission reported a shutdown nobody asked for"

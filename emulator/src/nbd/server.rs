@@ -649,7 +649,10 @@ async fn serve_connection(
                     socket: &socket,
                     tap: tap.as_deref(),
                 };
-                let ending = transmission::transmit(requests, &wire, &negotiated, &stopping);
+                let tcp = matches!(socket, Socket::Tcp(_));
+                let in_place = transmission::large_writes_in_place(tcp);
+                let ending =
+                    transmission::transmit(requests, &wire, &negotiated, &stopping, in_place);
                 let _ = done.send(ending);
             })
     };

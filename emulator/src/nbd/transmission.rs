@@ -15,9 +15,9 @@
 //! - **Workers** (up to [`OFFLOAD_SLOTS`] per connection, started on first
 //!   need) run large reads and writes, FLUSH and the flush of FUA writes, so
 //!   that receiving the next write payload overlaps copying the previous one
-//!   into the image, and several large requests use every core (on a machine
-//!   with two cores or fewer, large writes run on the request thread: see
-//!   [`large_writes_in_place`]). Their replies
+//!   into the image, and several large requests use every core (over TCP on
+//!   a machine with two cores or fewer, large writes run on the request
+//!   thread: see [`large_writes_in_place`]). Their replies
 //!   may complete out of order. A FLUSH with nothing else in flight and no
 //!   further request received runs in place instead: the client is waiting
 //!   for it, and handing it to a worker would only add a wake-up to its wait.
@@ -582,11 +582,15 @@ impl<R: Read> Requests<R> {
 /// Every request read is answered before this returns (unless the socket
 /// itself fails). `stopping` set means the server is shutting down; see the
 /// module docs.
+///
+/// `large_writes_in_place`: run writes longer than [`INLINE_WRITE_BYTES`] on
+/// the request thread instead of a worker (see [`large_writes_in_place`]).
 pub fn transmit<R: Read, W: ReplyWriter>(
     reader: R,
     writer: &W,
     session: &Negotiated,
     stopping: &AtomicBool,
+    large_writes_in_place: bool,
 ) -> Result<Ending, TransmissionError> {
     let span = tracing::Span::current();
     let pool = BufferPool::default();
@@ -605,7 +609,7 @@ pub fn transmit<R: Read, W: ReplyWriter>(
             workers: Vec::new(),
             batch: Vec::with_capacity(BATCH_START_BYTES),
             stopping,
-            large_writes_in_place: large_writes_in_place(),
+            large_writes_in_place,
         };
         let outcome = connection.serve(&mut Requests::new(reader));
         if outcome.is_err() {
@@ -635,45 +639,51 @@ pub fn transmit<R: Read, W: ReplyWriter>(
     })
 }
 
-/// The fewest CPUs this process may run on for large writes to go to workers.
+/// The fewest CPUs this process may run on for large writes over TCP to go
+/// to workers.
 const OFFLOAD_WRITES_MIN_CPUS: usize = 3;
 
-/// Whether writes longer than [`INLINE_WRITE_BYTES`] run on the request
-/// thread too (their payload still received into a buffer of its own), instead
-/// of going to a worker. A worker lets receiving the next payload overlap
-/// storing the last one, which pays when a core is free to run it; with two
-/// cores or fewer, one of them busy with the client, the worker only takes
-/// turns with the request thread, and each hand-off costs a wake-up and moves
-/// the payload to another core's cache. Interleaved runs on the 2-core
-/// reference machine, 1 MiB writes at QD8 over TCP, images on ext4: in place
-/// 3,850-3,970 MiB/s, handed off 3,350-3,460 (nbdkit 3,200-3,930), and less
-/// CPU per MiB in place on tmpfs and over Unix sockets too. Large reads stay
-/// with the workers: in place they measured ~8% slower.
+/// Whether writes longer than [`INLINE_WRITE_BYTES`] on a connection (`tcp`:
+/// over TCP, else a Unix socket) should run on the request thread too (their
+/// payload still received into a buffer of its own) instead of going to a
+/// worker. A worker lets receiving the next payload overlap storing the last
+/// one, which pays when a core is free to run it, or when the client cannot
+/// send on while the request thread stores.
+///
+/// - Over TCP with two cores or fewer, one of them busy with the client, the
+///   worker only takes turns with the request thread, each hand-off costs a
+///   wake-up and moves the payload to another core's cache, and the socket's
+///   receive buffer (megabytes) takes the next payloads meanwhile: in place.
+///   Interleaved runs on the 2-core reference machine, 1 MiB writes at QD8,
+///   images on ext4: in place 3,850-3,970 MiB/s, handed off 3,350-3,460
+///   (nbdkit 3,200-3,930); on tmpfs 4,810-5,490 against 3,450-5,300.
+/// - Over a Unix socket the client can have no more in flight than its own
+///   send buffer (~200 KiB by default), so it stalls while the request thread
+///   stores a payload: workers (2,080-2,530 MiB/s against 1,760-2,140 in
+///   place, ext4).
 ///
 /// [`LARGE_WRITES_VAR`] set to `workers` or `in-place` overrides the choice,
 /// so that tests run both paths on any machine (and for measuring them).
-fn large_writes_in_place() -> bool {
-    static IN_PLACE: OnceLock<bool> = OnceLock::new();
-    *IN_PLACE.get_or_init(|| {
-        let by_cpus = || {
-            thread::available_parallelism()
-                .map_or(true, |cpus| cpus.get() < OFFLOAD_WRITES_MIN_CPUS)
-        };
-        let in_place = match std::env::var(LARGE_WRITES_VAR).as_deref() {
-            Ok("workers") => false,
-            Ok("in-place") => true,
-            Ok(other) => {
-                tracing::warn!(
-                    value = other,
-                    "{LARGE_WRITES_VAR} takes 'workers' or 'in-place'; choosing by CPU count"
-                );
-                by_cpus()
-            }
-            Err(_) => by_cpus(),
-        };
-        tracing::debug!(in_place, "large NBD writes");
-        in_place
-    })
+pub fn large_writes_in_place(tcp: bool) -> bool {
+    static CHOSEN: OnceLock<Option<bool>> = OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| match std::env::var(LARGE_WRITES_VAR).as_deref() {
+        Ok("workers") => Some(false),
+        Ok("in-place") => Some(true),
+        Ok(other) => {
+            tracing::warn!(
+                value = other,
+                "{LARGE_WRITES_VAR} takes 'workers' or 'in-place'; choosing by transport and CPU count"
+            );
+            None
+        }
+        Err(_) => None,
+    });
+    let in_place = chosen.unwrap_or_else(|| {
+        tcp && thread::available_parallelism()
+            .map_or(true, |cpus| cpus.get() < OFFLOAD_WRITES_MIN_CPUS)
+    });
+    tracing::debug!(in_place, tcp, "large NBD writes");
+    in_place
 }
 
 /// Environment variable that chooses where large writes run (see
