@@ -457,9 +457,10 @@ struct Requests<R> {
     /// buffer of its own: the next receive into an empty buffer takes just
     /// a request header, so that if another large write follows, its payload
     /// goes straight from the socket into its own buffer too instead of the
-    /// first part of it into this buffer and then copied (~5% of the CPU a
-    /// stream of 1 MiB writes over TCP costs). It takes as many receives as
-    /// before: one for the header, one for the payload.
+    /// first part of it into this buffer and then copied (the server's user
+    /// time per MiB of 1 MiB writes over TCP went from ~50 to ~41 µs, of
+    /// ~290 µs in all). It takes as many receives as before: one for the
+    /// header, one for the payload.
     header_only: bool,
 }
 
