@@ -12,6 +12,10 @@
 # Environment:
 #   BENCH_RUNTIME        seconds measured per row (default 10)
 #   BENCH_RAMP           seconds of unmeasured ramp per row (default 2)
+#   BENCH_ROUNDS         rounds per row (default 1): each round runs the row on
+#                        every server in turn; the table shows each server's
+#                        median and, as the ratio, the median of the rounds'
+#                        ratios (each taken between runs next to each other)
 #   BENCH_FS             which file systems: "tmpfs disk" (default), or one
 #   BENCH_TRANSPORTS     which transports: "unix tcp" (default), or one
 #   BENCH_DIR            directory for the disk file system's images (default:
@@ -38,6 +42,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNTIME=${BENCH_RUNTIME:-10}
 RAMP=${BENCH_RAMP:-2}
+ROUNDS=${BENCH_ROUNDS:-1}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
 OUT=${BENCH_OUT:-$REPO/run/bench-nbd.md}
 FILE_SYSTEMS=${BENCH_FS:-tmpfs disk}
@@ -50,9 +55,10 @@ die() {
 }
 log() { echo "bench-nbd: $*" >&2; }
 
-for var in RUNTIME RAMP START_TIMEOUT; do
-    [[ ${!var} =~ ^[0-9]+$ ]] || die "BENCH_${var} must be a whole number of seconds, got '${!var}'"
+for var in RUNTIME RAMP START_TIMEOUT ROUNDS; do
+    [[ ${!var} =~ ^[0-9]+$ ]] || die "BENCH_${var} must be a whole number, got '${!var}'"
 done
+((ROUNDS > 0)) || die "BENCH_ROUNDS must be at least 1"
 ((RUNTIME > 0)) || die "BENCH_RUNTIME must be at least 1"
 ((START_TIMEOUT > 0)) || die "BENCH_START_TIMEOUT must be at least 1"
 for fs in $FILE_SYSTEMS; do
@@ -305,29 +311,31 @@ run_fio() {
 measure() {
     local fs=$1 transport=$2
     shift 2
-    local servers=("$@") row name args metric flush ddir s json value n=0
+    local servers=("$@") row name args metric flush ddir s json value round n=0
     for row in "${ROWS[@]}"; do
         IFS='|' read -r name args metric flush <<<"$row"
         case $args in *--rw=*read*) ddir=read ;; *) ddir=write ;; esac
-        for s in "${servers[@]}"; do
-            [[ $s == raid5 && -z $flush ]] && continue
-            n=$((n + 1))
-            json=$SCRATCH/$fs-$transport-$n.json
-            value=
-            # shellcheck disable=SC2086 # the row's fio arguments are words
-            if run_fio "$s" "${name// /-}" "$json" $args --time_based --runtime="$RUNTIME" \
-                --ramp_time="$RAMP"; then
-                if ! value=$(extract "$json" "$ddir" "$metric" 2>"$json.err"); then
-                    log "could not read fio's result for $s ($name): $(cat "$json.err")"
-                    value=
+        for ((round = 1; round <= ROUNDS; round++)); do
+            for s in "${servers[@]}"; do
+                [[ $s == raid5 && -z $flush ]] && continue
+                n=$((n + 1))
+                json=$SCRATCH/$fs-$transport-$n.json
+                value=
+                # shellcheck disable=SC2086 # the row's fio arguments are words
+                if run_fio "$s" "${name// /-}" "$json" $args --time_based --runtime="$RUNTIME" \
+                    --ramp_time="$RAMP"; then
+                    if ! value=$(extract "$json" "$ddir" "$metric" 2>"$json.err"); then
+                        log "could not read fio's result for $s ($name): $(cat "$json.err")"
+                        value=
+                    fi
                 fi
-            fi
-            if [[ -z $value ]]; then
-                FAILURES=$((FAILURES + 1))
-                value=FAIL
-            fi
-            log "[$fs/$transport] $name on $s: $value $([[ $metric == iops ]] && echo IOPS || echo MiB/s)"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$fs" "$transport" "$name" "$metric" "$s" "$value" >>"$RESULTS"
+                if [[ -z $value ]]; then
+                    FAILURES=$((FAILURES + 1))
+                    value=FAIL
+                fi
+                log "[$fs/$transport] $name on $s$( ((ROUNDS > 1)) && echo " (round $round)"): $value $([[ $metric == iops ]] && echo IOPS || echo MiB/s)"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fs" "$transport" "$name" "$metric" "$s" "$value" "$round" >>"$RESULTS"
+            done
         done
     done
 }
@@ -398,7 +406,7 @@ BENCH_NPROC=$(nproc)
 BENCH_CPU=$cpu_model
 BENCH_KERNEL=$(uname -r)
 export BENCH_DATE BENCH_NPROC BENCH_CPU BENCH_KERNEL BENCH_LOAD
-export BENCH_RUNTIME_S=$RUNTIME BENCH_RAMP_S=$RAMP
+export BENCH_RUNTIME_S=$RUNTIME BENCH_RAMP_S=$RAMP BENCH_ROUNDS_N=$ROUNDS
 export BENCH_VERSIONS="fio $(fio --version | sed 's/^fio-//'), $(nbdkit --version), $(qemu-nbd --version | head -n1 | sed 's/ (.*//'), emulator $emu_rev"
 export BENCH_FIO="fio --ioengine=nbd --uri=URI --numjobs=1 --size=1GiB --time_based --runtime=$RUNTIME --ramp_time=$RAMP --output-format=json ROW-ARGUMENTS"
 
@@ -406,16 +414,22 @@ python3 - "$RESULTS" "$SETUPS" "$OUT" <<'EOF'
 import os, sys
 
 results_path, setups_path, out_path = sys.argv[1:4]
-rows, metric, value, tables = [], {}, {}, []
+import statistics
+
+rows, metric, runs, tables = [], {}, {}, []
 with open(results_path, encoding="utf-8") as f:
     for line in f:
-        fs, transport, name, m, server, v = line.rstrip("\n").split("\t")
+        fs, transport, name, m, server, v, round_ = line.rstrip("\n").split("\t")
         if (fs, transport) not in tables:
             tables.append((fs, transport))
         if name not in metric:
             rows.append(name)
             metric[name] = m
-        value[(fs, transport, name, server)] = None if v == "FAIL" else float(v)
+        runs.setdefault((fs, transport, name, server), {})[round_] = (
+            None if v == "FAIL" else float(v))
+# A server's figure for a row: the median of its rounds (None if any failed).
+value = {key: None if None in by_round.values() else statistics.median(by_round.values())
+         for key, by_round in runs.items()}
 setups = {}
 with open(setups_path, encoding="utf-8") as f:
     for line in f:
@@ -428,15 +442,23 @@ def fmt(key):
         return "FAIL" if key in value else "-"
     return f"{v:,.0f}" if metric[key[2]] == "iops" else f"{v:,.1f}"
 
+def ratio_of(a_key, b_key):
+    """The median over rounds of a's figure over b's in the same round."""
+    a, b = runs.get(a_key, {}), runs.get(b_key, {})
+    ratios = [a[r] / b[r] for r in a if a[r] is not None and b.get(r)]
+    return statistics.median(ratios) if ratios and len(ratios) == len(a) else None
+
 def ratio(a_key, b_key):
-    a, b = value.get(a_key), value.get(b_key)
-    return "-" if a is None or not b else f"{a / b:.2f}x"
+    r = ratio_of(a_key, b_key)
+    return "-" if r is None else f"{r:.2f}x"
 
 env = os.environ
 header = (f"{env['BENCH_DATE']} | nproc {env['BENCH_NPROC']} | CPU {env['BENCH_CPU']} | "
           f"kernel {env['BENCH_KERNEL']} | load at start {env['BENCH_LOAD']}")
 common = [
-    f"runtime {env['BENCH_RUNTIME_S']} s + ramp {env['BENCH_RAMP_S']} s per row, one fio job, 1 GiB, pre-filled",
+    f"runtime {env['BENCH_RUNTIME_S']} s + ramp {env['BENCH_RAMP_S']} s per row, one fio job, 1 GiB, pre-filled"
+    + (f"; {env['BENCH_ROUNDS_N']} rounds per row: medians, and the median of the rounds' ratios"
+       if env['BENCH_ROUNDS_N'] != "1" else ""),
     f"versions: {env['BENCH_VERSIONS']}",
     f"fio: {env['BENCH_FIO']}",
 ]
@@ -459,9 +481,9 @@ for fs, transport in tables:
                       ratio(k("emulator"), k("nbdkit")), ratio(k("emulator"), k("qemu-nbd")),
                       fmt(k("raid5")), ratio(k("raid5"), k("emulator"))])
         for other in ("nbdkit", "qemu-nbd"):
-            a, b = value.get(k("emulator")), value.get(k(other))
-            if a is not None and b and a < b:
-                below.append(f"{title}: {name}: {a / b:.2f}x {other}")
+            r = ratio_of(k("emulator"), k(other))
+            if r is not None and r < 1:
+                below.append(f"{title}: {name}: {r:.2f}x {other}")
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
     def line(cells):
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
