@@ -4,6 +4,7 @@ Unix socket and on TCP loopback."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -188,7 +189,7 @@ def test_nbdinfo_map_holes_and_data(server, need_tools):
 def _congestion_control_of_server_side(port):
     """The congestion control `ss` reports for the server's end of the one
     established connection on `port`."""
-    known = open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().split()
+    known = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
     result = run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"])
     assert result.returncode == 0, result.describe()
     names = [word for word in result.stdout.split() if word in known]
@@ -201,7 +202,7 @@ def test_a_loopback_tcp_connection_is_not_paced(serve, image, need_tools):
     cubic or reno; with any other default, the connection keeps it."""
     need_tools("ss")
     server = serve(image, "tcp")
-    default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     handle = nbd_connect(server.uri())
     try:
         handle.pread(4096, 0)
