@@ -260,7 +260,8 @@ SETUPS=$SCRATCH/setups.tsv
 : >"$SETUPS"
 FAILURES=0
 
-# Prints the figure (IOPS or MiB/s) from fio's JSON output, or fails.
+# Prints the figure (IOPS or MiB/s) from fio's JSON output and, after a tab,
+# the share of one CPU fio itself used (user + system, percent), or fails.
 extract() {
     python3 - "$@" <<'EOF'
 import json, sys
@@ -277,10 +278,8 @@ if job.get("error", 0):
 side = job[ddir]
 if side["total_ios"] <= 0:
     sys.exit("fio completed no I/O")
-if metric == "iops":
-    print(f"{side['iops']:.0f}")
-else:
-    print(f"{side['bw_bytes'] / 1048576:.1f}")
+figure = f"{side['iops']:.0f}" if metric == "iops" else f"{side['bw_bytes'] / 1048576:.1f}"
+print(f"{figure}\t{job['usr_cpu'] + job['sys_cpu']:.0f}")
 EOF
 }
 
@@ -311,7 +310,7 @@ run_fio() {
 measure() {
     local fs=$1 transport=$2
     shift 2
-    local servers=("$@") row name args metric flush ddir s json value round n=0
+    local servers=("$@") row name args metric flush ddir s json value fio_cpu round n=0
     for row in "${ROWS[@]}"; do
         IFS='|' read -r name args metric flush <<<"$row"
         case $args in *--rw=*read*) ddir=read ;; *) ddir=write ;; esac
@@ -320,21 +319,23 @@ measure() {
                 [[ $s == raid5 && -z $flush ]] && continue
                 n=$((n + 1))
                 json=$SCRATCH/$fs-$transport-$n.json
-                value=
+                value= fio_cpu=
                 # shellcheck disable=SC2086 # the row's fio arguments are words
                 if run_fio "$s" "${name// /-}" "$json" $args --time_based --runtime="$RUNTIME" \
                     --ramp_time="$RAMP"; then
-                    if ! value=$(extract "$json" "$ddir" "$metric" 2>"$json.err"); then
+                    if ! IFS=$'\t' read -r value fio_cpu < <(extract "$json" "$ddir" "$metric" 2>"$json.err") ||
+                        [[ -z $value ]]; then
                         log "could not read fio's result for $s ($name): $(cat "$json.err")"
                         value=
                     fi
                 fi
                 if [[ -z $value ]]; then
                     FAILURES=$((FAILURES + 1))
-                    value=FAIL
+                    value=FAIL fio_cpu=
                 fi
                 log "[$fs/$transport] $name on $s$( ((ROUNDS > 1)) && echo " (round $round)"): $value $([[ $metric == iops ]] && echo IOPS || echo MiB/s)"
-                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fs" "$transport" "$name" "$metric" "$s" "$value" "$round" >>"$RESULTS"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fs" "$transport" "$name" "$metric" "$s" "$value" \
+                    "$round" "${fio_cpu:--}" >>"$RESULTS"
             done
         done
     done
@@ -416,10 +417,14 @@ import os, sys
 results_path, setups_path, out_path = sys.argv[1:4]
 import statistics
 
-rows, metric, runs, tables = [], {}, {}, []
+# fio's own CPU use (percent of one CPU) at or above which a row is marked
+# client-bound: fio's one thread, not the server, sets its pace.
+CLIENT_BOUND_CPU = 95
+
+rows, metric, runs, cpus, tables = [], {}, {}, {}, []
 with open(results_path, encoding="utf-8") as f:
     for line in f:
-        fs, transport, name, m, server, v, round_ = line.rstrip("\n").split("\t")
+        fs, transport, name, m, server, v, round_, cpu = line.rstrip("\n").split("\t")
         if (fs, transport) not in tables:
             tables.append((fs, transport))
         if name not in metric:
@@ -427,6 +432,8 @@ with open(results_path, encoding="utf-8") as f:
             metric[name] = m
         runs.setdefault((fs, transport, name, server), {})[round_] = (
             None if v == "FAIL" else float(v))
+        if cpu != "-":
+            cpus.setdefault((fs, transport, name, server), []).append(float(cpu))
 # A server's figure for a row: the median of its rounds (None if any failed).
 value = {key: None if None in by_round.values() else statistics.median(by_round.values())
          for key, by_round in runs.items()}
@@ -442,11 +449,36 @@ def fmt(key):
         return "FAIL" if key in value else "-"
     return f"{v:,.0f}" if metric[key[2]] == "iops" else f"{v:,.1f}"
 
-def ratio_of(a_key, b_key):
-    """The median over rounds of a's figure over b's in the same round."""
+def round_ratios(a_key, b_key):
+    """a's figure over b's in each round, or None if a round is missing one."""
     a, b = runs.get(a_key, {}), runs.get(b_key, {})
     ratios = [a[r] / b[r] for r in a if a[r] is not None and b.get(r)]
-    return statistics.median(ratios) if ratios and len(ratios) == len(a) else None
+    return ratios if ratios and len(ratios) == len(a) else None
+
+def ratio_of(a_key, b_key):
+    """The median over rounds of a's figure over b's in the same round."""
+    ratios = round_ratios(a_key, b_key)
+    return None if ratios is None else statistics.median(ratios)
+
+def fio_cpu(key):
+    """fio's CPU use in the server's runs of a row (median of rounds), or None."""
+    return statistics.median(cpus[key]) if key in cpus else None
+
+def cpu_cell(a_key, b_key):
+    a, b = fio_cpu(a_key), fio_cpu(b_key)
+    return "-" if a is None or b is None else f"{a:.0f}% / {b:.0f}%"
+
+def below_note(a_key, b_key):
+    """What a reader needs beside a ratio below 1: the rounds' spread, and
+    whether fio was the bottleneck in both runs."""
+    notes = []
+    ratios = round_ratios(a_key, b_key)
+    if ratios and len(ratios) > 1:
+        notes.append(f"rounds {min(ratios):.2f}-{max(ratios):.2f}x")
+    a, b = fio_cpu(a_key), fio_cpu(b_key)
+    if a is not None and b is not None and min(a, b) >= CLIENT_BOUND_CPU:
+        notes.append(f"client-bound: fio at {a:.0f}% / {b:.0f}% of a CPU")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 def ratio(a_key, b_key):
     r = ratio_of(a_key, b_key)
@@ -461,9 +493,13 @@ common = [
        if env['BENCH_ROUNDS_N'] != "1" else ""),
     f"versions: {env['BENCH_VERSIONS']}",
     f"fio: {env['BENCH_FIO']}",
+    "fio CPU: the share of one CPU the fio job itself used (user + system) in the emulator's "
+    f"run / nbdkit's run; at {CLIENT_BOUND_CPU}% or more in both, fio's one thread sets the pace "
+    "(client-bound) and the ratio says more about how fast the machine ran fio in each run than "
+    "about the servers",
 ]
 headers = ["row", "unit", "emulator", "nbdkit", "qemu-nbd", "emu/nbdkit", "emu/qemu-nbd",
-           "RAID-5 volume", "RAID-5/emu"]
+           "fio CPU emu / nbdkit", "RAID-5 volume", "RAID-5/emu"]
 md = ["# NBD server benchmark", "", header, ""] + [f"- {d}" for d in common]
 print()
 print(header)
@@ -479,11 +515,13 @@ for fs, transport in tables:
         table.append([name, "IOPS" if metric[name] == "iops" else "MiB/s",
                       fmt(k("emulator")), fmt(k("nbdkit")), fmt(k("qemu-nbd")),
                       ratio(k("emulator"), k("nbdkit")), ratio(k("emulator"), k("qemu-nbd")),
+                      cpu_cell(k("emulator"), k("nbdkit")),
                       fmt(k("raid5")), ratio(k("raid5"), k("emulator"))])
         for other in ("nbdkit", "qemu-nbd"):
             r = ratio_of(k("emulator"), k(other))
             if r is not None and r < 1:
-                below.append(f"{title}: {name}: {r:.2f}x {other}")
+                below.append(f"{title}: {name}: {r:.2f}x {other}"
+                             + below_note(k("emulator"), k(other)))
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
     def line(cells):
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
