@@ -233,6 +233,7 @@ def test_a_power_loss_kills_the_system_loses_what_was_not_flushed_and_brings_it_
         assert cut["fault"] == "power-loss" and cut["lose"] == 1 and not cut["standing"], cut
         effect = cut["effect"]
         assert "power cut to s0: SIGKILL to " in effect and "8 processes started again" in effect, effect
+        assert f"lose 1, seed {seed})" in effect, effect
         lost, written = map(int, re.search(r"lost (\d+) of the (\d+) blocks", effect).groups())
         assert lost == written > 0, effect
         after = domain.processes()

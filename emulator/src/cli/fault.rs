@@ -185,12 +185,8 @@ pub(super) fn run(command: FaultCommand) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&record)?);
             } else {
-                println!(
-                    "{} {}: {} (seed {seed})",
-                    record.id,
-                    record.spec.kind(),
-                    record.effect
-                );
+                // The effect names the seed where the fault drew from it.
+                println!("{} {}: {}", record.id, record.spec.kind(), record.effect);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -709,7 +709,7 @@ impl Supervisor {
         let started = names.len();
         let mut effect = format!(
             "power cut to s{system}: SIGKILL to {}; the disks' caches lost {lost} of the {unflushed} \
-             blocks written since their last flush ({}; lose {lose}); power back: {started} processes \
+             blocks written since their last flush ({}; lose {lose}, seed {seed}); power back: {started} processes \
              started again",
             if killed.is_empty() { "no process (none was running)".to_string() } else { killed.join(", ") },
             if disks.is_empty() { "lost, of written, per disk: none".to_string() } else { format!("lost of written: {}", disks.join(", ")) },
