@@ -6,6 +6,10 @@
 #
 # This is a benchmark, not a test: it prints figures and ratios and fails only
 # when it cannot measure (missing tool, server that does not come up, fio error).
+# Beside the ratios it prints how much of a CPU fio itself used in the
+# emulator's and nbdkit's runs: a row where fio's one thread is at 95% or more in
+# both is client-bound, and its ratio then measures the client as much as the
+# servers (the rows below nbdkit say so, and give the rounds' spread).
 #
 # Usage: scripts/bench-nbd.sh
 #
