@@ -416,10 +416,9 @@ export BENCH_VERSIONS="fio $(fio --version | sed 's/^fio-//'), $(nbdkit --versio
 export BENCH_FIO="fio --ioengine=nbd --uri=URI --numjobs=1 --size=1GiB --time_based --runtime=$RUNTIME --ramp_time=$RAMP --output-format=json ROW-ARGUMENTS"
 
 python3 - "$RESULTS" "$SETUPS" "$OUT" <<'EOF'
-import os, sys
+import os, statistics, sys
 
 results_path, setups_path, out_path = sys.argv[1:4]
-import statistics
 
 # fio's own CPU use (percent of one CPU) at or above which a row is marked
 # client-bound: fio's one thread, not the server, sets its pace.
