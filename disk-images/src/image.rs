@@ -448,6 +448,15 @@ enum Trust {
     NewBytesOnly,
 }
 
+/// Whether a write's bytes come at once or in pieces as they arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// All of them, in one call.
+    Whole,
+    /// One piece of a large host write ([`DiskImage::write_piece_at`]).
+    Piece { first: bool },
+}
+
 /// A stripe's cross-process lock, released on drop.
 struct SharedLockGuard<'a> {
     locks: &'a CrossLocks,
@@ -1455,7 +1464,17 @@ impl DiskImage {
     /// block it was changing is kept as it was left (each byte old or new), see
     /// [`Self::rewrite_at`] for repairs.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.write_with(offset, data, Trust::OldBytes)
+        self.write_with(offset, data, Trust::OldBytes, Part::Whole)
+    }
+
+    /// Stores one piece of a large host write whose payload is stored as it
+    /// arrives, piece by piece (`first`: its first piece), as [`Self::write_at`]
+    /// does, except that only the first piece counts as a host write for the
+    /// write-back heuristics (which count writes between flushes), and whole
+    /// blocks go in with streaming stores whatever the piece's size: the write
+    /// as a whole is large (see `STREAMING_WRITE_BYTES`).
+    pub fn write_piece_at(&self, offset: u64, data: &[u8], first: bool) -> Result<(), ImageError> {
+        self.write_with(offset, data, Trust::OldBytes, Part::Piece { first })
     }
 
     /// Writes whole blocks over bytes that are not trusted (a repair, or a
@@ -1465,10 +1484,16 @@ impl DiskImage {
     /// blessed with a fresh CRC.
     pub fn rewrite_at(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
         self.check_whole_blocks(offset, data.len() as u64)?;
-        self.write_with(offset, data, Trust::NewBytesOnly)
+        self.write_with(offset, data, Trust::NewBytesOnly, Part::Whole)
     }
 
-    fn write_with(&self, offset: u64, data: &[u8], trust: Trust) -> Result<(), ImageError> {
+    fn write_with(
+        &self,
+        offset: u64,
+        data: &[u8],
+        trust: Trust,
+        part: Part,
+    ) -> Result<(), ImageError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let kind = match trust {
@@ -1495,7 +1520,10 @@ impl DiskImage {
             let whole = &data[at(whole_start)..at(whole_end)];
             match self.stores {
                 Stores::Mapping => {
-                    let streaming = data.len() >= STREAMING_WRITE_BYTES;
+                    let streaming = match part {
+                        Part::Whole => data.len() >= STREAMING_WRITE_BYTES,
+                        Part::Piece { .. } => true,
+                    };
                     self.write_blocks_mapped(whole_start, whole, trust, streaming)?;
                 }
                 Stores::File => {
@@ -1513,7 +1541,8 @@ impl DiskImage {
         let result = write();
         // Counted even when it failed part-way: some blocks may have changed.
         self.note_write();
-        self.maybe_start_writeback(offset, data.len() as u64);
+        let counted = !matches!(part, Part::Piece { first: false });
+        self.maybe_start_writeback(offset, data.len() as u64, counted);
         result
     }
 
@@ -1523,11 +1552,16 @@ impl DiskImage {
     /// already. Otherwise pages are left to the flush or the kernel: a write
     /// that is not followed by a flush soon may be written again before it is
     /// needed on disk, and starting its write-back costs two system calls.
-    fn maybe_start_writeback(&self, offset: u64, len: u64) {
+    /// `counted`: a host write of its own, not a later piece of one (whose
+    /// write-back is started as its first piece's was).
+    fn maybe_start_writeback(&self, offset: u64, len: u64, counted: bool) {
         if self.stores != Stores::File || len == 0 {
             return;
         }
-        let writes = self.writes_since_flush.fetch_add(1, Ordering::Relaxed);
+        let writes = match counted {
+            true => self.writes_since_flush.fetch_add(1, Ordering::Relaxed),
+            false => (self.writes_since_flush.load(Ordering::Relaxed)).saturating_sub(1),
+        };
         if writes < EAGER_WRITEBACK_WRITES && self.flushes_often.load(Ordering::Relaxed) {
             let (crc_offset, crc_len) = self.crc_entries(offset, len);
             let _ = start_writeback(&self.data_file, offset, len);

@@ -67,9 +67,22 @@ fn poke(path: &Path, offset: u64, bytes: &[u8]) {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { offset: u64, data: Vec<u8> },
-    Read { offset: u64, len: usize },
-    Zero { offset: u64, len: u64, punch: bool },
+    /// `pieces`: stored with `write_piece_at`, a piece ending on every
+    /// `pieces`-th block boundary (0: whole, with `write_at`).
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        pieces: u64,
+    },
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        punch: bool,
+    },
 }
 
 const MODEL_SIZE: u64 = 64 * 1024;
@@ -79,9 +92,14 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (
             offset.clone(),
-            proptest::collection::vec(any::<u8>(), 1..9000)
+            proptest::collection::vec(any::<u8>(), 1..20000),
+            0u64..3,
         )
-            .prop_map(|(offset, data)| Op::Write { offset, data }),
+            .prop_map(|(offset, data, pieces)| Op::Write {
+                offset,
+                data,
+                pieces
+            }),
         (offset.clone(), 1usize..12000).prop_map(|(offset, len)| Op::Read { offset, len }),
         (offset, 1u64..20000, any::<bool>()).prop_map(|(offset, len, punch)| Op::Zero {
             offset,
@@ -105,7 +123,33 @@ proptest! {
     }
 }
 
-/// Random writes, reads and zeroing at arbitrary offsets and lengths behave
+/// Writes `data` at `offset` as a server storing a payload as it arrives
+/// does: in pieces ending on every `every`-th block boundary of the image,
+/// stopping at the first that fails. (A server refuses a write past the end
+/// before it stores anything: here, the whole of it as one piece.)
+fn write_in_pieces(
+    image: &DiskImage,
+    offset: u64,
+    data: &[u8],
+    every: u64,
+) -> Result<(), ImageError> {
+    if offset + data.len() as u64 > image.size() {
+        return image.write_piece_at(offset, data, true);
+    }
+    let step = every * BLOCK_BYTES as u64;
+    let end = offset + data.len() as u64;
+    let mut at = offset;
+    while at < end {
+        let next = ((at / step + 1) * step).min(end);
+        let piece = &data[(at - offset) as usize..(next - offset) as usize];
+        image.write_piece_at(at, piece, at == offset)?;
+        at = next;
+    }
+    Ok(())
+}
+
+/// Random writes (whole and in pieces), reads and zeroing at arbitrary offsets
+/// and lengths behave
 /// exactly like a plain byte array; out-of-range accesses are refused and
 /// change nothing; the image verifies clean at the end and after reopening.
 fn behaves_like_a_byte_array(ops: Vec<Op>, stores: Stores) -> Result<(), TestCaseError> {
@@ -114,9 +158,16 @@ fn behaves_like_a_byte_array(ops: Vec<Op>, stores: Stores) -> Result<(), TestCas
         let mut model = vec![0u8; MODEL_SIZE as usize];
         for op in ops {
             match op {
-                Op::Write { offset, data } => {
+                Op::Write {
+                    offset,
+                    data,
+                    pieces,
+                } => {
                     let fits = offset + data.len() as u64 <= MODEL_SIZE;
-                    let result = image.write_at(offset, &data);
+                    let result = match pieces {
+                        0 => image.write_at(offset, &data),
+                        every => write_in_pieces(&image, offset, &data, every),
+                    };
                     prop_assert_eq!(result.is_ok(), fits, "write {}+{}", offset, data.len());
                     if fits {
                         model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);

@@ -39,7 +39,7 @@ use disk_images::Extent;
 use emulator::nbd::export::{BlockDevice, DeviceError, Export, ExportSet};
 use emulator::nbd::handshake;
 use emulator::nbd::proto::{self, cmd, Request};
-use emulator::nbd::transmission::{self, Ending};
+use emulator::nbd::transmission::{self, Ending, LargeWrites};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::BufReader;
 use tokio::runtime::{Builder, Runtime};
@@ -295,10 +295,11 @@ fn serve(stream: &[u8], exports: &ExportSet) {
     // What the handshake's reader buffered, then the rest: as the server does.
     let requests = io::Cursor::new(reader.buffer().to_vec()).chain(reader.into_inner());
     let never_stopping = AtomicBool::new(false);
-    // Large writes on workers and in place, one or the other per input.
-    let in_place = stream.len() % 2 == 0;
+    // Large writes on workers, in place or in pieces: one of them per input.
+    let modes = [LargeWrites::Workers, LargeWrites::InPlace, LargeWrites::Pieces];
+    let large_writes = modes[stream.len() % modes.len()];
     let ending =
-        transmission::transmit(requests, &io::sink(), &session, &never_stopping, in_place);
+        transmission::transmit(requests, &io::sink(), &session, &never_stopping, large_writes);
     assert!(
         !matches!(ending, Ok(Ending::Shutdown)),
         "transmission reported a shutdown nobody asked for"

@@ -87,6 +87,20 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Writes `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    /// Whether this device takes a large write in pieces, stored as its payload
+    /// arrives ([`Self::write_piece_at`]), and if so the boundary (a power of
+    /// two) each piece but the last ends on. `None`: each write whole (an array
+    /// volume, where pieces would turn full-stripe writes into
+    /// read-modify-writes).
+    fn piece_alignment(&self) -> Option<u64> {
+        None
+    }
+    /// Writes one piece of a large write (`first`: its first piece); called
+    /// only when [`Self::piece_alignment`] says the device takes pieces.
+    fn write_piece_at(&self, offset: u64, data: &[u8], first: bool) -> Result<(), DeviceError> {
+        let _ = first;
+        self.write_at(offset, data)
+    }
     /// Zeroes a range, deallocating it when `punch_hole` is set.
     fn write_zeroes(&self, offset: u64, len: u64, punch_hole: bool) -> Result<(), DeviceError>;
     /// Whether zeroing with `punch_hole` is faster than writing zeros (NBD's
@@ -114,6 +128,14 @@ impl BlockDevice for DiskImage {
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         Ok(DiskImage::write_at(self, offset, data)?)
+    }
+    /// A checksum block: no block is stored in two parts (each would be a
+    /// read-modify-write of the block).
+    fn piece_alignment(&self) -> Option<u64> {
+        Some(disk_images::BLOCK_BYTES as u64)
+    }
+    fn write_piece_at(&self, offset: u64, data: &[u8], first: bool) -> Result<(), DeviceError> {
+        Ok(DiskImage::write_piece_at(self, offset, data, first)?)
     }
     fn write_zeroes(&self, offset: u64, len: u64, punch_hole: bool) -> Result<(), DeviceError> {
         Ok(DiskImage::write_zeroes(self, offset, len, punch_hole)?)

@@ -650,9 +650,9 @@ async fn serve_connection(
                     tap: tap.as_deref(),
                 };
                 let tcp = matches!(socket, Socket::Tcp(_));
-                let in_place = transmission::large_writes_in_place(tcp);
+                let large_writes = transmission::LargeWrites::choose(tcp);
                 let ending =
-                    transmission::transmit(requests, &wire, &negotiated, &stopping, in_place);
+                    transmission::transmit(requests, &wire, &negotiated, &stopping, large_writes);
                 let _ = done.send(ending);
             })
     };

@@ -15,9 +15,9 @@
 //! - **Workers** (up to [`OFFLOAD_SLOTS`] per connection, started on first
 //!   need) run large reads and writes, FLUSH and the flush of FUA writes, so
 //!   that receiving the next write payload overlaps copying the previous one
-//!   into the image, and several large requests use every core (over TCP on
-//!   a machine with two cores or fewer, large writes run on the request
-//!   thread: see [`large_writes_in_place`]). Their replies
+//!   into the image, and several large requests use every core. Large writes
+//!   may run on the request thread instead, received whole or stored piece
+//!   by piece as they arrive (see [`LargeWrites::choose`]). Their replies
 //!   may complete out of order. A FLUSH with nothing else in flight and no
 //!   further request received runs in place instead: the client is waiting
 //!   for it, and handing it to a worker would only add a wake-up to its wait.
@@ -32,7 +32,9 @@
 //! Shutdown is the caller's to signal: it sets `stopping` and then makes reads
 //! of the socket see end-of-file once what the client already sent is read
 //! (`shutdown(SHUT_RD)`). Requests read after that are answered `ESHUTDOWN`,
-//! and a request cut off part-way was never accepted.
+//! and a request cut off part-way is never answered (a large write stored in
+//! pieces has stored the whole blocks that arrived; every other request cut
+//! off has changed nothing).
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -59,10 +61,7 @@ const BATCH_START_BYTES: usize = 64 * 1024;
 /// to a worker and get a buffer of their own.
 const INLINE_READ_BYTES: u32 = 64 * 1024;
 /// Writes up to this length run in place, straight from the request buffer;
-/// longer ones have their payload read into a buffer of their own and go to a
-/// worker, so that the next payload is received while this one is copied
-/// (unless the machine has no core to spare for that, see
-/// [`large_writes_in_place`]).
+/// longer ones run as [`LargeWrites`] says.
 const INLINE_WRITE_BYTES: u32 = 64 * 1024;
 /// Offloaded requests running or waiting at once per connection (and the most
 /// workers it starts); the request thread waits for a slot, which bounds
@@ -561,6 +560,52 @@ impl<R: Read> Requests<R> {
         Ok(payload)
     }
 
+    /// Stores a write's payload of `length` bytes at `offset` on `device` as
+    /// it arrives: each piece received into the request buffer is stored
+    /// (except a last partial `alignment` unit of the image, which waits for
+    /// the rest of it) before more is received. Once the device fails, the
+    /// rest of the payload is read and dropped. The outer result is the
+    /// socket's, the inner one the device's.
+    ///
+    /// A payload cut off part-way has had its first pieces stored: as with a
+    /// disk that loses power during a write, a write never acknowledged may
+    /// have happened in part.
+    fn store_in_pieces(
+        &mut self,
+        device: &dyn BlockDevice,
+        offset: u64,
+        length: u64,
+        alignment: u64,
+    ) -> io::Result<Result<(), DeviceError>> {
+        let mut done = 0;
+        while done < length {
+            let left = length - done;
+            let have = ((self.end - self.start) as u64).min(left);
+            let take = if have == left {
+                have
+            } else {
+                let at = offset + done;
+                ((at + have) & !(alignment - 1)).saturating_sub(at)
+            };
+            if take == 0 {
+                if !self.fill()? {
+                    return Err(end_of_file());
+                }
+                continue;
+            }
+            let piece = &self.buffer[self.start..self.start + take as usize];
+            let stored = device.write_piece_at(offset + done, piece, done == 0);
+            self.consume(take as usize);
+            done += take;
+            if let Err(err) = stored {
+                // `length` is a request's, so the rest fits in a u32.
+                self.skip((length - done) as u32)?;
+                return Ok(Err(err));
+            }
+        }
+        Ok(Ok(()))
+    }
+
     /// Reads and drops `length` bytes of payload.
     fn skip(&mut self, length: u32) -> io::Result<()> {
         let mut left = length as usize;
@@ -584,14 +629,13 @@ impl<R: Read> Requests<R> {
 /// itself fails). `stopping` set means the server is shutting down; see the
 /// module docs.
 ///
-/// `large_writes_in_place`: run writes longer than [`INLINE_WRITE_BYTES`] on
-/// the request thread instead of a worker (see [`large_writes_in_place`]).
+/// `large_writes`: where writes longer than [`INLINE_WRITE_BYTES`] run.
 pub fn transmit<R: Read, W: ReplyWriter>(
     reader: R,
     writer: &W,
     session: &Negotiated,
     stopping: &AtomicBool,
-    large_writes_in_place: bool,
+    large_writes: LargeWrites,
 ) -> Result<Ending, TransmissionError> {
     let span = tracing::Span::current();
     let pool = BufferPool::default();
@@ -610,7 +654,7 @@ pub fn transmit<R: Read, W: ReplyWriter>(
             workers: Vec::new(),
             batch: Vec::with_capacity(BATCH_START_BYTES),
             stopping,
-            large_writes_in_place,
+            large_writes,
         };
         let outcome = connection.serve(&mut Requests::new(reader));
         if outcome.is_err() {
@@ -644,51 +688,86 @@ pub fn transmit<R: Read, W: ReplyWriter>(
 /// to workers.
 const OFFLOAD_WRITES_MIN_CPUS: usize = 3;
 
-/// Whether writes longer than [`INLINE_WRITE_BYTES`] on a connection (`tcp`:
-/// over TCP, else a Unix socket) should run on the request thread too (their
-/// payload still received into a buffer of its own) instead of going to a
-/// worker. A worker lets receiving the next payload overlap storing the last
-/// one, which pays when a core is free to run it, or when the client cannot
-/// send on while the request thread stores.
-///
-/// - Over TCP with two cores or fewer, one of them busy with the client, the
-///   worker only takes turns with the request thread, each hand-off costs a
-///   wake-up and moves the payload to another core's cache, and the socket's
-///   receive buffer (megabytes) takes the next payloads meanwhile: in place.
-///   Interleaved runs on the 2-core reference machine, 1 MiB writes at QD8,
-///   images on ext4: in place 3,850-3,970 MiB/s, handed off 3,350-3,460
-///   (nbdkit 3,200-3,930); on tmpfs 4,810-5,490 against 3,450-5,300.
-/// - Over a Unix socket the client can have no more in flight than its own
-///   send buffer (~200 KiB by default), so it stalls while the request thread
-///   stores a payload: workers (2,080-2,530 MiB/s against 1,760-2,140 in
-///   place, ext4).
-///
-/// [`LARGE_WRITES_VAR`] set to `workers` or `in-place` overrides the choice,
-/// so that tests run both paths on any machine (and for measuring them).
-pub fn large_writes_in_place(tcp: bool) -> bool {
-    static CHOSEN: OnceLock<Option<bool>> = OnceLock::new();
-    let chosen = CHOSEN.get_or_init(|| match std::env::var(LARGE_WRITES_VAR).as_deref() {
-        Ok("workers") => Some(false),
-        Ok("in-place") => Some(true),
-        Ok(other) => {
-            tracing::warn!(
-                value = other,
-                "{LARGE_WRITES_VAR} takes 'workers' or 'in-place'; choosing by transport and CPU count"
-            );
-            None
+/// Where writes longer than [`INLINE_WRITE_BYTES`] run on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LargeWrites {
+    /// The payload is received into a buffer of its own, then a worker stores
+    /// it while the request thread receives the next.
+    Workers,
+    /// The payload is received into a buffer of its own, then stored on the
+    /// request thread.
+    InPlace,
+    /// Stored on the request thread a piece at a time as it arrives, straight
+    /// from the request buffer, when the device takes pieces
+    /// ([`BlockDevice::piece_alignment`]; else as [`Self::Workers`]).
+    Pieces,
+}
+
+impl LargeWrites {
+    /// The name [`LARGE_WRITES_VAR`] takes and the log shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Workers => "workers",
+            Self::InPlace => "in-place",
+            Self::Pieces => "pieces",
         }
-        Err(_) => None,
-    });
-    let in_place = chosen.unwrap_or_else(|| {
-        tcp && thread::available_parallelism()
-            .map_or(true, |cpus| cpus.get() < OFFLOAD_WRITES_MIN_CPUS)
-    });
-    tracing::debug!(in_place, tcp, "large NBD writes");
-    in_place
+    }
+
+    /// Where large writes run on a connection (`tcp`: over TCP, else a Unix
+    /// socket). Measured on the 2-core reference machine, 1 MiB writes at QD8,
+    /// interleaved runs:
+    ///
+    /// - Over a Unix socket the client can have no more in flight than its
+    ///   own send buffer (~200 KiB by default), and it stalls whenever the
+    ///   server stops receiving. Pieces keep the server receiving: each piece
+    ///   is what one `recv` brought (at most the 256 KiB request buffer), stored
+    ///   while the client refills the socket, from a buffer still in cache,
+    ///   with no hand-off between threads. tmpfs: pieces 3,330-3,740 MiB/s,
+    ///   workers 2,450-2,760, nbdkit 2,420-2,550; ext4: pieces 2,710-3,610,
+    ///   workers 1,850-2,790, nbdkit 2,430-2,590.
+    /// - Over TCP the socket's receive buffer (megabytes) takes the next
+    ///   payloads while one is stored, and a whole payload comes in one
+    ///   `recv` (`MSG_WAITALL`) where pieces would cost one per segment burst
+    ///   (tmpfs: in place 4,180-4,350 MiB/s, pieces 3,340-4,170). With two
+    ///   cores or fewer, one of them busy with the client, a worker only takes
+    ///   turns with the request thread, each hand-off costs a wake-up and
+    ///   moves the payload to another core's cache: in place (ext4: in place
+    ///   3,850-3,970 MiB/s, handed off 3,350-3,460, nbdkit 3,200-3,930; tmpfs
+    ///   4,810-5,490 against 3,450-5,300). With more cores, workers.
+    ///
+    /// [`LARGE_WRITES_VAR`] set to `workers`, `in-place` or `pieces`
+    /// overrides the choice, so that tests run every path on any machine (and
+    /// for measuring them).
+    pub fn choose(tcp: bool) -> Self {
+        static CHOSEN: OnceLock<Option<LargeWrites>> = OnceLock::new();
+        let chosen = CHOSEN.get_or_init(|| {
+            let value = std::env::var(LARGE_WRITES_VAR).ok()?;
+            let all = [Self::Workers, Self::InPlace, Self::Pieces];
+            let found = all.into_iter().find(|mode| mode.name() == value);
+            if found.is_none() {
+                tracing::warn!(
+                    value,
+                    "{LARGE_WRITES_VAR} takes 'workers', 'in-place' or 'pieces'; choosing by transport and CPU count"
+                );
+            }
+            found
+        });
+        let mode = chosen.unwrap_or_else(|| {
+            let few_cpus = thread::available_parallelism()
+                .map_or(true, |cpus| cpus.get() < OFFLOAD_WRITES_MIN_CPUS);
+            match (tcp, few_cpus) {
+                (false, _) => Self::Pieces,
+                (true, true) => Self::InPlace,
+                (true, false) => Self::Workers,
+            }
+        });
+        tracing::debug!(large_writes = mode.name(), tcp, "large NBD writes");
+        mode
+    }
 }
 
 /// Environment variable that chooses where large writes run (see
-/// [`large_writes_in_place`]).
+/// [`LargeWrites::choose`]).
 pub const LARGE_WRITES_VAR: &str = "EMULATOR_NBD_LARGE_WRITES";
 
 fn spawn<'scope, 'env>(
@@ -719,8 +798,7 @@ struct Connection<'scope, 'env, 'a, W> {
     /// Replies of requests run in place, not yet sent.
     batch: Vec<u8>,
     stopping: &'a AtomicBool,
-    /// See [`large_writes_in_place`].
-    large_writes_in_place: bool,
+    large_writes: LargeWrites,
 }
 
 impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
@@ -801,6 +879,35 @@ impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
         }
     }
 
+    /// Receives a large write's payload into a buffer of its own and hands
+    /// the write (and the flush of a FUA write) to a worker.
+    fn offload_write<R: Read>(
+        &mut self,
+        request: Request,
+        requests: &mut Requests<R>,
+    ) -> Result<(), TransmissionError> {
+        let (session, outbox, pool) = (self.session, self.outbox, self.pool);
+        let device = &session.export.device;
+        let (offset, length) = (request.offset, u64::from(request.length));
+        let fua = request.flags & cflag::FUA != 0;
+        let payload = requests.payload(request.length as usize, pool.take())?;
+        self.offload(payload.len(), move || {
+            let mut reply = Vec::new();
+            let result = device.write_at(offset, &payload);
+            pool.give(payload);
+            let result = result.and_then(|()| match fua {
+                true => device.flush_range(offset, length),
+                false => Ok(()),
+            });
+            match result {
+                Ok(()) => ok_reply(&mut reply, &request),
+                Err(err) => device_error_reply(&mut reply, session, &request, &err),
+            }
+            send_from_worker(outbox, &mut reply, &request);
+        });
+        Ok(())
+    }
+
     fn execute<R: Read>(
         &mut self,
         request: Request,
@@ -858,30 +965,21 @@ impl<'scope, 'env, 'a: 'env, W: ReplyWriter> Connection<'scope, 'env, 'a, W> {
                 requests.consume(length);
                 result
             }
-            cmd::WRITE if self.large_writes_in_place => {
+            cmd::WRITE if self.large_writes == LargeWrites::Pieces => {
+                match device.piece_alignment() {
+                    Some(alignment) => {
+                        requests.store_in_pieces(device.as_ref(), offset, length, alignment)?
+                    }
+                    None => return self.offload_write(request, requests),
+                }
+            }
+            cmd::WRITE if self.large_writes == LargeWrites::InPlace => {
                 let payload = requests.payload(request.length as usize, pool.take())?;
                 let result = device.write_at(offset, &payload);
                 pool.give(payload);
                 result
             }
-            cmd::WRITE => {
-                let payload = requests.payload(request.length as usize, pool.take())?;
-                self.offload(payload.len(), move || {
-                    let mut reply = Vec::new();
-                    let result = device.write_at(offset, &payload);
-                    pool.give(payload);
-                    let result = result.and_then(|()| match fua {
-                        true => device.flush_range(offset, length),
-                        false => Ok(()),
-                    });
-                    match result {
-                        Ok(()) => ok_reply(&mut reply, &request),
-                        Err(err) => device_error_reply(&mut reply, session, &request, &err),
-                    }
-                    send_from_worker(outbox, &mut reply, &request);
-                });
-                return Ok(());
-            }
+            cmd::WRITE => return self.offload_write(request, requests),
             cmd::WRITE_ZEROES => {
                 let no_hole = request.flags & cflag::NO_HOLE != 0;
                 if request.flags & cflag::FAST_ZERO != 0 && (no_hole || !device.zeroes_fast()) {

@@ -108,8 +108,8 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     pub read_only: bool,
-    /// `EMULATOR_NBD_LARGE_WRITES` for the server: `workers` or `in-place`
-    /// (unset: the server chooses by transport and CPU count).
+    /// `EMULATOR_NBD_LARGE_WRITES` for the server: `workers`, `in-place` or
+    /// `pieces` (unset: the server chooses by transport and CPU count).
     pub large_writes: Option<&'static str>,
 }
 
