@@ -14,12 +14,14 @@
 # Usage: scripts/bench-nbd.sh
 #
 # Environment:
-#   BENCH_RUNTIME        seconds measured per row (default 10)
+#   BENCH_RUNTIME        seconds measured per row (default 5)
 #   BENCH_RAMP           seconds of unmeasured ramp per row (default 2)
-#   BENCH_ROUNDS         rounds per row (default 1): each round runs the row on
+#   BENCH_ROUNDS         rounds per row (default 3): each round runs the row on
 #                        every server in turn; the table shows each server's
 #                        median and, as the ratio, the median of the rounds'
-#                        ratios (each taken between runs next to each other)
+#                        ratios (each taken between runs next to each other).
+#                        One round of a few seconds cannot decide a row near
+#                        1.0x on a noisy VM; 1 gives a quick look.
 #   BENCH_FS             which file systems: "tmpfs disk" (default), or one
 #   BENCH_TRANSPORTS     which transports: "unix tcp" (default), or one
 #   BENCH_DIR            directory for the disk file system's images (default:
@@ -44,9 +46,9 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RUNTIME=${BENCH_RUNTIME:-10}
+RUNTIME=${BENCH_RUNTIME:-5}
 RAMP=${BENCH_RAMP:-2}
-ROUNDS=${BENCH_ROUNDS:-1}
+ROUNDS=${BENCH_ROUNDS:-3}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
 OUT=${BENCH_OUT:-$REPO/run/bench-nbd.md}
 FILE_SYSTEMS=${BENCH_FS:-tmpfs disk}
