@@ -1560,7 +1560,10 @@ impl DiskImage {
         }
         let writes = match counted {
             true => self.writes_since_flush.fetch_add(1, Ordering::Relaxed),
-            false => (self.writes_since_flush.load(Ordering::Relaxed)).saturating_sub(1),
+            false => self
+                .writes_since_flush
+                .load(Ordering::Relaxed)
+                .saturating_sub(1),
         };
         if writes < EAGER_WRITEBACK_WRITES && self.flushes_often.load(Ordering::Relaxed) {
             let (crc_offset, crc_len) = self.crc_entries(offset, len);

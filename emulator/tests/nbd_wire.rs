@@ -753,6 +753,20 @@ in_both_modes!(
     pipelined_mixed_requests_are_all_answered,
 );
 
+/// Every value `EMULATOR_NBD_LARGE_WRITES` takes.
+const LARGE_WRITE_MODES: [&str; 3] = ["workers", "in-place", "pieces"];
+
+/// A structured session with a server whose large writes run as `mode` says.
+fn session_with_large_writes(mode: &'static str) -> (Server, Conn) {
+    session_with(
+        true,
+        Options {
+            large_writes: Some(mode),
+            ..Options::default()
+        },
+    )
+}
+
 /// Large writes (past the 64 KiB the request thread runs from its own
 /// buffer) pipelined with reads, a small write and FLUSH, back to back so
 /// that a large write's header arrives alone and what follows it is both a
@@ -762,14 +776,8 @@ in_both_modes!(
 #[test]
 fn pipelined_large_writes_on_workers_in_place_and_in_pieces() {
     const MIB: u64 = 1024 * 1024;
-    for mode in ["workers", "in-place", "pieces"] {
-        let (server, mut conn) = session_with(
-            true,
-            Options {
-                large_writes: Some(mode),
-                ..Options::default()
-            },
-        );
+    for mode in LARGE_WRITE_MODES {
+        let (server, mut conn) = session_with_large_writes(mode);
         let reads_at = 10 * MIB;
         let source = pattern(900, 2 * MIB as usize);
         conn.write(reads_at, &source);
@@ -843,14 +851,8 @@ fn a_large_write_cut_off_part_way_leaves_whole_blocks() {
     const LEN: usize = 1024 * 1024;
     // Not on a block boundary: block `CUT / BLOCK` arrives in part.
     const CUT: usize = 300_123;
-    for mode in ["workers", "in-place", "pieces"] {
-        let (server, mut conn) = session_with(
-            true,
-            Options {
-                large_writes: Some(mode),
-                ..Options::default()
-            },
-        );
+    for mode in LARGE_WRITE_MODES {
+        let (server, mut conn) = session_with_large_writes(mode);
         let old = pattern(7, LEN);
         conn.write(0, &old);
         let new = pattern(8, LEN);
